@@ -1,0 +1,53 @@
+//! The balancer's maps. User space (the loader, later the agent) writes all of them but the
+//! connection table and the counters, which this program writes.
+
+use aya_ebpf::{
+    btf_maps,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AddrKey, BPF_F_INNER_MAP, Backend, CONNTRACK_SIZE, Config, ConnEntry, Counter,
+    DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta, stat,
+};
+
+/// VIPs by (address, port, protocol); port 0 is the port-wildcard entry.
+/// Written by user space, read here.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Per address: `proto` 0 says "this address is a VIP" (ICMP echo); `proto` TCP/UDP names the
+/// VIP whose backends take that protocol's IPv4 fragments. Written by user space.
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 3, 0);
+
+/// One Maglev ring per VIP index: an inner array of backend indices. User space builds a ring
+/// in a spare inner map and swaps the outer slot, so a packet never sees a half-written ring.
+/// `BPF_F_INNER_MAP` lets each VIP's ring have its own (prime) size.
+#[btf_map]
+pub static RINGS: btf_maps::ArrayOfMaps<
+    btf_maps::Array<u32, { DEFAULT_RING_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    { MAX_VIPS as usize },
+> = btf_maps::ArrayOfMaps::new();
+
+/// Backends by index. Written by user space.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Connection table: flow -> backend. Written here on a miss, read on every packet.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// Slot 0: the balancer's configuration. Written by user space.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU counters per VIP index, per backend index, and global by reason (`stat::*`).
+/// Written here, summed over CPUs by user space.
+#[map]
+pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);

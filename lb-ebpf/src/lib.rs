@@ -1,0 +1,9 @@
+//! Pieces shared by maglb's XDP programs: packet parsing, checksums, the flow hash.
+//!
+//! Compiled for the BPF target as part of the programs, and for the host only as an (empty in
+//! effect) build dependency of `lb-userspace`.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+pub mod parse;

@@ -1,0 +1,229 @@
+//! Packet parsing: Ethernet (one 802.1Q tag), IPv4 (with options), IPv6, then TCP/UDP ports.
+//!
+//! The result is a [`Packet`]: offsets of the layers, the lengths from the IP header and a
+//! [`FlowKey`] for the lookup. Nothing is written here.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+/// IPv4 `frag_off` bits (host order).
+pub const IP_DF: u16 = 0x4000;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFMASK: u16 = 0x1fff;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network order.
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: u16,
+    pub proto: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class, flow label (network order).
+    pub vtcfl: u32,
+    pub payload_len: u16,
+    pub nexthdr: u8,
+    pub hop_limit: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+#[repr(C)]
+pub struct IcmpHdr {
+    pub ty: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: u32,
+}
+
+#[repr(C)]
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
+}
+
+/// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// Where the layers of a parsed IP packet are and what its flow is.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    /// Offset of the IP header, i.e. the length of the L2 header (14, or 18 with a VLAN tag).
+    pub l3_off: usize,
+    /// Offset of the L4 header.
+    pub l4_off: usize,
+    /// Length of the IP packet as its header says (header included).
+    pub l3_len: usize,
+    /// IPv4 TOS or IPv6 traffic class.
+    pub tos: u8,
+    /// IPv4 "don't fragment" set (always true for IPv6, which routers never fragment).
+    pub df: bool,
+    /// IPv4 fragment (first or later): ports are not used.
+    pub fragment: bool,
+    /// The flow; ports are 0 for ICMP and for fragments.
+    pub flow: FlowKey,
+}
+
+pub enum Parsed {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...), or an L2/L3 header too short to read: the kernel's.
+    NotIp,
+    /// The IP header is readable (so is `flow`'s addresses and protocol) but something after
+    /// it is inconsistent: bad IHL or lengths, truncated TCP/UDP header.
+    Malformed(Packet),
+    Ok(Packet),
+}
+
+/// Parses Ethernet, an optional 802.1Q tag, IPv4 or IPv6, and TCP/UDP ports.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::NotIp;
+    };
+    let mut proto = u16::from_be(unsafe { (*eth).proto });
+    let mut l3_off = ETH_HLEN;
+    if proto == ETH_P_8021Q {
+        let Some(vlan) = ptr_at::<VlanHdr>(ctx, ETH_HLEN) else {
+            return Parsed::NotIp;
+        };
+        proto = u16::from_be(unsafe { (*vlan).proto });
+        l3_off = ETH_HLEN + VLAN_HLEN;
+    }
+    match proto {
+        ETH_P_IP => parse_v4(ctx, l3_off),
+        ETH_P_IPV6 => parse_v6(ctx, l3_off),
+        _ => Parsed::NotIp,
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+        return Parsed::NotIp;
+    };
+    let ip = unsafe { *ip };
+    let mut pkt = Packet {
+        l3_off,
+        l4_off: 0,
+        l3_len: u16::from_be(ip.tot_len) as usize,
+        tos: ip.tos,
+        df: false,
+        fragment: false,
+        flow: FlowKey {
+            src: [ip.src, 0, 0, 0],
+            dst: [ip.dst, 0, 0, 0],
+            proto: ip.proto,
+            family: FAMILY_V4,
+            ..FlowKey::default()
+        },
+    };
+    let ihl = (ip.vihl & 0x0f) as usize;
+    if ip.vihl >> 4 != 4 || ihl < 5 {
+        return Parsed::Malformed(pkt);
+    }
+    let hlen = ihl * 4;
+    pkt.l4_off = l3_off + hlen;
+    let avail = ctx.data_end() - ctx.data() - l3_off;
+    if pkt.l3_len < hlen || pkt.l3_len > avail {
+        return Parsed::Malformed(pkt);
+    }
+    let frag = u16::from_be(ip.frag_off);
+    pkt.df = frag & IP_DF != 0;
+    pkt.fragment = frag & (IP_MF | IP_OFFMASK) != 0;
+    if pkt.fragment {
+        return Parsed::Ok(pkt);
+    }
+    l4_ports(ctx, pkt)
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
+        return Parsed::NotIp;
+    };
+    let ip = unsafe { *ip };
+    let vtcfl = u32::from_be(ip.vtcfl);
+    let pkt = Packet {
+        l3_off,
+        l4_off: l3_off + IPV6_HLEN,
+        l3_len: IPV6_HLEN + u16::from_be(ip.payload_len) as usize,
+        tos: (vtcfl >> 20) as u8,
+        df: true,
+        fragment: false,
+        flow: FlowKey {
+            src: ip.src,
+            dst: ip.dst,
+            proto: ip.nexthdr,
+            family: FAMILY_V6,
+            ..FlowKey::default()
+        },
+    };
+    let avail = ctx.data_end() - ctx.data() - l3_off;
+    if vtcfl >> 28 != 6 || pkt.l3_len > avail {
+        return Parsed::Malformed(pkt);
+    }
+    l4_ports(ctx, pkt)
+}
+
+/// Fills the ports of TCP and UDP flows; other protocols keep port 0.
+#[inline(always)]
+fn l4_ports(ctx: &XdpContext, mut pkt: Packet) -> Parsed {
+    let need = match pkt.flow.proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        PROTO_ICMP | PROTO_ICMPV6 => 8,
+        _ => return Parsed::Ok(pkt),
+    };
+    if pkt.l4_off + need > pkt.l3_off + pkt.l3_len {
+        return Parsed::Malformed(pkt);
+    }
+    if pkt.flow.proto == PROTO_TCP || pkt.flow.proto == PROTO_UDP {
+        let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4_off) else {
+            return Parsed::Malformed(pkt);
+        };
+        pkt.flow.sport = unsafe { (*ports).src };
+        pkt.flow.dport = unsafe { (*ports).dst };
+    }
+    Parsed::Ok(pkt)
+}

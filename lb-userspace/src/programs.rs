@@ -1,0 +1,8 @@
+//! The XDP objects built from `lb-ebpf` by `build.rs`, embedded in the binary.
+
+/// The balancer (`maglb_balancer`).
+pub static BALANCER: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/maglb-balancer"));
+
+/// The backend programs (`maglb_decap`, and `maglb_pass`, which passes everything).
+pub static DECAP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/maglb-decap"));

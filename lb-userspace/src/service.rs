@@ -1,0 +1,472 @@
+//! VIPs and their backends, turned into the balancer's map contents.
+//!
+//! This owns the index assignment (a VIP index per VIP, a backend index per backend address,
+//! shared by the VIPs that use it) and writes through [`Balancer`]. Every request is checked
+//! whole before anything is written.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
+
+use lb_common::{
+    AddrKey, BACKEND_F_IN_USE, Backend, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS,
+    PROTO_TCP, PROTO_UDP, VIP_F_AFFINITY_SRC_IP, VipKey, VipMeta,
+};
+
+use crate::{
+    addr,
+    balancer::{Balancer, BalancerError},
+    maglev,
+};
+
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 65_535;
+
+/// Transport protocol of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+}
+
+/// A VIP's identity: `ADDR:PORT/tcp|udp` (IPv6 as `[ADDR]:PORT/tcp`); port 0 is all ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipId {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for VipId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
+        }
+    }
+}
+
+impl FromStr for VipId {
+    type Err = ServiceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| ServiceError::BadVip {
+            input: s.into(),
+            why: why.into(),
+        };
+        let (hostport, proto) = s
+            .rsplit_once('/')
+            .ok_or_else(|| bad("missing /tcp or /udp"))?;
+        let proto = match proto {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            _ => return Err(bad("protocol must be tcp or udp")),
+        };
+        let sa: std::net::SocketAddr = hostport
+            .parse()
+            .map_err(|_| bad("expected ADDR:PORT (IPv6 as [ADDR]:PORT), port 0-65535"))?;
+        Ok(VipId {
+            addr: sa.ip(),
+            port: sa.port(),
+            proto,
+        })
+    }
+}
+
+/// A backend of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: IpAddr,
+    pub weight: u32,
+}
+
+/// Everything about one VIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipSpec {
+    pub id: VipId,
+    /// Hash on the client address only.
+    pub affinity_src_ip: bool,
+    /// Maglev ring size (prime).
+    pub ring_size: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl VipSpec {
+    pub fn new(id: VipId) -> Self {
+        Self {
+            id,
+            affinity_src_ip: false,
+            ring_size: DEFAULT_RING_SIZE,
+            backends: Vec::new(),
+        }
+    }
+}
+
+/// A request that cannot be applied, or a write that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid VIP {input:?}: {why}")]
+    BadVip { input: String, why: String },
+    #[error("VIP {0} already exists")]
+    DuplicateVip(VipId),
+    #[error("VIP {0} does not exist: list VIPs first")]
+    UnknownVip(VipId),
+    #[error("VIP {vip}: backend {backend} is listed twice")]
+    DuplicateBackend { vip: VipId, backend: IpAddr },
+    #[error("VIP {vip}: weight {weight} of backend {backend} is out of range 0-{MAX_WEIGHT}")]
+    BadWeight {
+        vip: VipId,
+        backend: IpAddr,
+        weight: u32,
+    },
+    #[error(
+        "VIP {vip}: backend {backend} is IPv4 and cannot carry IPv6 traffic; use an IPv6 backend address"
+    )]
+    FamilyMismatch { vip: VipId, backend: IpAddr },
+    #[error(
+        "VIP {vip}: ring size {size} must be a prime between 3 and {MAX_RING_SIZE} (e.g. 65537)"
+    )]
+    BadRingSize { vip: VipId, size: u32 },
+    #[error("VIP {0}: the address must be a unicast address")]
+    BadVipAddr(VipId),
+    #[error("too many VIPs (at most {MAX_VIPS})")]
+    TooManyVips,
+    #[error("too many backends (at most {MAX_BACKENDS} distinct addresses)")]
+    TooManyBackends,
+    #[error(transparent)]
+    Datapath(#[from] BalancerError),
+}
+
+struct VipState {
+    index: u32,
+    spec: VipSpec,
+}
+
+/// The VIPs and backends the balancer carries, and their indices.
+#[derive(Default)]
+pub struct Services {
+    vips: BTreeMap<VipId, VipState>,
+    backends: BTreeMap<IpAddr, BackendSlot>,
+}
+
+#[derive(Clone, Copy)]
+struct BackendSlot {
+    index: u32,
+    generation: u32,
+    in_use: bool,
+}
+
+impl Services {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The VIP index of a VIP (for its counters).
+    pub fn vip_index(&self, id: &VipId) -> Option<u32> {
+        self.vips.get(id).map(|v| v.index)
+    }
+
+    /// The backend index of an address (for its counters).
+    pub fn backend_index(&self, addr: &IpAddr) -> Option<u32> {
+        self.backends.get(addr).map(|b| b.index)
+    }
+
+    pub fn vip(&self, id: &VipId) -> Option<&VipSpec> {
+        self.vips.get(id).map(|v| &v.spec)
+    }
+
+    fn check(spec: &VipSpec) -> Result<(), ServiceError> {
+        let vip = spec.id;
+        if spec.id.addr.is_unspecified() || spec.id.addr.is_multicast() {
+            return Err(ServiceError::BadVipAddr(vip));
+        }
+        if spec.ring_size < 3 || spec.ring_size > MAX_RING_SIZE || !maglev::is_prime(spec.ring_size)
+        {
+            return Err(ServiceError::BadRingSize {
+                vip,
+                size: spec.ring_size,
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for b in &spec.backends {
+            if !seen.insert(b.addr) {
+                return Err(ServiceError::DuplicateBackend {
+                    vip,
+                    backend: b.addr,
+                });
+            }
+            if b.weight > MAX_WEIGHT {
+                return Err(ServiceError::BadWeight {
+                    vip,
+                    backend: b.addr,
+                    weight: b.weight,
+                });
+            }
+            if vip.addr.is_ipv6() && b.addr.is_ipv4() {
+                return Err(ServiceError::FamilyMismatch {
+                    vip,
+                    backend: b.addr,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces a VIP with its backend list: validated whole, then written (backends,
+    /// ring, then the VIP key, so the VIP is never visible without its ring).
+    pub fn set_vip(&mut self, bal: &mut Balancer, spec: VipSpec) -> Result<(), ServiceError> {
+        Self::check(&spec)?;
+        let index = match self.vips.get(&spec.id) {
+            Some(v) => v.index,
+            None => {
+                let used: BTreeSet<u32> = self.vips.values().map(|v| v.index).collect();
+                (0..MAX_VIPS)
+                    .find(|i| !used.contains(i))
+                    .ok_or(ServiceError::TooManyVips)?
+            }
+        };
+        let new_addrs = spec
+            .backends
+            .iter()
+            .filter(|b| !self.backends.contains_key(&b.addr))
+            .count();
+        if self.backends.len() + new_addrs > MAX_BACKENDS as usize {
+            return Err(ServiceError::TooManyBackends);
+        }
+        // Backends first: a ring must never point at an empty slot.
+        let mut entries = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let slot = self.backend_slot(bal, b.addr)?;
+            entries.push(maglev::Entry {
+                id: addr::bytes(b.addr),
+                weight: b.weight,
+                value: slot.index,
+            });
+        }
+        let table = maglev::build(&entries, spec.ring_size);
+        bal.set_ring(index, &table)?;
+        let (words, family) = addr::to_words(spec.id.addr);
+        let meta = VipMeta {
+            index,
+            flags: if spec.affinity_src_ip {
+                VIP_F_AFFINITY_SRC_IP
+            } else {
+                0
+            },
+            ring_size: spec.ring_size,
+            _pad: 0,
+        };
+        let key = VipKey {
+            addr: words,
+            port: spec.id.port.to_be(),
+            proto: spec.id.proto.number(),
+            family,
+        };
+        bal.set_vip(&key, &meta)?;
+        let addr = spec.id.addr;
+        self.vips.insert(spec.id, VipState { index, spec });
+        self.sync_addr(bal, addr)?;
+        Ok(())
+    }
+
+    /// Removes a VIP. Its backends stay valid for the flows of other VIPs.
+    pub fn del_vip(&mut self, bal: &mut Balancer, id: &VipId) -> Result<(), ServiceError> {
+        let state = self.vips.get(id).ok_or(ServiceError::UnknownVip(*id))?;
+        let (words, family) = addr::to_words(id.addr);
+        bal.del_vip(&VipKey {
+            addr: words,
+            port: id.port.to_be(),
+            proto: id.proto.number(),
+            family,
+        })?;
+        bal.drop_ring(state.index);
+        self.vips.remove(id);
+        self.sync_addr(bal, id.addr)?;
+        Ok(())
+    }
+
+    /// Sets a VIP's backend list (validated whole first).
+    pub fn set_backends(
+        &mut self,
+        bal: &mut Balancer,
+        id: &VipId,
+        backends: Vec<BackendSpec>,
+    ) -> Result<(), ServiceError> {
+        let mut spec = self.vip(id).ok_or(ServiceError::UnknownVip(*id))?.clone();
+        spec.backends = backends;
+        self.set_vip(bal, spec)
+    }
+
+    /// Ends the established flows of a backend: its connection-table entries stop being
+    /// honoured (new generation), so they move to whatever the rings say now.
+    pub fn reset_flows(&mut self, bal: &mut Balancer, addr: IpAddr) -> Result<(), ServiceError> {
+        let Some(slot) = self.backends.get_mut(&addr) else {
+            return Ok(());
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        let slot = *slot;
+        bal.set_backend(slot.index, &backend(addr, slot))?;
+        Ok(())
+    }
+
+    fn backend_slot(&mut self, bal: &mut Balancer, a: IpAddr) -> Result<BackendSlot, ServiceError> {
+        if let Some(s) = self.backends.get(&a).filter(|s| s.in_use) {
+            return Ok(*s);
+        }
+        let index = match self.backends.get(&a) {
+            Some(s) => s.index,
+            None => {
+                let used: BTreeSet<u32> = self.backends.values().map(|b| b.index).collect();
+                (0..MAX_BACKENDS)
+                    .find(|i| !used.contains(i))
+                    .ok_or(ServiceError::TooManyBackends)?
+            }
+        };
+        let slot = BackendSlot {
+            index,
+            generation: 1,
+            in_use: true,
+        };
+        bal.set_backend(index, &backend(a, slot))?;
+        self.backends.insert(a, slot);
+        Ok(slot)
+    }
+
+    /// Rewrites the address-level entries of `a`: "is a VIP" (proto 0), and per protocol the
+    /// VIP that takes fragments (the port-wildcard VIP if any, else the lowest port).
+    fn sync_addr(&mut self, bal: &mut Balancer, a: IpAddr) -> Result<(), ServiceError> {
+        let (words, family) = addr::to_words(a);
+        let key = |proto| AddrKey {
+            addr: words,
+            family,
+            proto,
+            _pad: [0; 2],
+        };
+        let on_addr: Vec<&VipState> = self.vips.values().filter(|v| v.spec.id.addr == a).collect();
+        match on_addr.first() {
+            Some(first) => bal.set_vip_addr(&key(0), &meta(first))?,
+            None => ignore_missing(bal.del_vip_addr(&key(0)))?,
+        }
+        for proto in [Proto::Tcp, Proto::Udp] {
+            // BTreeMap order: by port, so port 0 (wildcard) comes first.
+            match on_addr.iter().find(|v| v.spec.id.proto == proto) {
+                Some(v) => bal.set_vip_addr(&key(proto.number()), &meta(v))?,
+                None => ignore_missing(bal.del_vip_addr(&key(proto.number())))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn meta(v: &VipState) -> VipMeta {
+    VipMeta {
+        index: v.index,
+        flags: if v.spec.affinity_src_ip {
+            VIP_F_AFFINITY_SRC_IP
+        } else {
+            0
+        },
+        ring_size: v.spec.ring_size,
+        _pad: 0,
+    }
+}
+
+fn backend(a: IpAddr, slot: BackendSlot) -> Backend {
+    let (addr, family) = addr::to_words(a);
+    Backend {
+        addr,
+        family,
+        flags: if slot.in_use { BACKEND_F_IN_USE } else { 0 },
+        _pad: [0; 2],
+        generation: slot.generation,
+    }
+}
+
+/// Deleting a key that is not there is not an error here.
+fn ignore_missing(r: Result<(), BalancerError>) -> Result<(), BalancerError> {
+    match r {
+        Err(BalancerError::Map {
+            source: aya::maps::MapError::KeyNotFound,
+            ..
+        }) => Ok(()),
+        Err(BalancerError::Map {
+            source: aya::maps::MapError::SyscallError(e),
+            ..
+        }) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_ids_parse_and_print() {
+        let v: VipId = "10.0.0.1:80/tcp".parse().unwrap();
+        assert_eq!(v.port, 80);
+        assert_eq!(v.proto, Proto::Tcp);
+        assert_eq!(v.to_string(), "10.0.0.1:80/tcp");
+        let v: VipId = "[fd00::1]:0/udp".parse().unwrap();
+        assert_eq!(v.to_string(), "[fd00::1]:0/udp");
+        for bad in [
+            "10.0.0.1:80",
+            "10.0.0.1:80/sctp",
+            "10.0.0.1/tcp",
+            "10.0.0.1:70000/tcp",
+            "fd00::1:80/tcp",
+            "host:80/tcp",
+        ] {
+            assert!(bad.parse::<VipId>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn bad_specs_are_refused_whole() {
+        let id: VipId = "10.0.0.1:80/tcp".parse().unwrap();
+        let b = |a: &str, w| BackendSpec {
+            addr: a.parse().unwrap(),
+            weight: w,
+        };
+        let mut s = VipSpec::new(id);
+        s.backends = vec![b("10.1.0.1", 1), b("10.1.0.1", 2)];
+        assert!(matches!(
+            Services::check(&s),
+            Err(ServiceError::DuplicateBackend { .. })
+        ));
+        s.backends = vec![b("10.1.0.1", MAX_WEIGHT + 1)];
+        assert!(matches!(
+            Services::check(&s),
+            Err(ServiceError::BadWeight { .. })
+        ));
+        s.backends = vec![];
+        s.ring_size = 65536;
+        assert!(matches!(
+            Services::check(&s),
+            Err(ServiceError::BadRingSize { .. })
+        ));
+        let mut s6 = VipSpec::new("[fd00::1]:80/tcp".parse().unwrap());
+        s6.backends = vec![b("10.1.0.1", 1)];
+        assert!(matches!(
+            Services::check(&s6),
+            Err(ServiceError::FamilyMismatch { .. })
+        ));
+        s6.backends = vec![b("fd00:1::1", 1)];
+        assert!(Services::check(&s6).is_ok());
+    }
+}
