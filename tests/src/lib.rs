@@ -1,1 +1,3 @@
-
+//! Helpers for maglb's integration tests, demo and benchmarks.
+pub mod fixture;
+pub mod packet;

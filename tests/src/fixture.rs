@@ -1,0 +1,114 @@
+//! A balancer loaded with a known set of VIPs, for `BPF_PROG_TEST_RUN` fixtures and the
+//! per-packet benchmark. Nothing is attached to an interface.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{TestRun, TestRunOptions};
+use lb_common::Config;
+use lb_userspace::{
+    addr,
+    balancer::Balancer,
+    service::{BackendSpec, Services, VipId, VipSpec},
+};
+
+pub const IF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+pub const MTU: u16 = 1500;
+pub const SRC_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+pub const SRC_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+/// 80/tcp -> B1 only; 53/udp -> B2 only; 443/tcp -> no backends.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+/// 0/tcp (all ports) -> B6_2 (IPv4 in IPv6).
+pub const VIP_ANY: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
+/// 80/tcp with source-IP affinity -> B1, B2, B3.
+pub const VIP_AFF: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 3);
+/// 80/tcp -> B6_1 only.
+/// 5000/udp -> B1, B2, B3 (the only UDP VIP on its address, so it takes its fragments).
+pub const VIP_UDP3: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 4);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+pub const B1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+pub const B2: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+pub const B3: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
+pub const B6_1: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+pub const B6_2: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
+
+pub struct Lab {
+    pub bal: Balancer,
+    pub svc: Services,
+}
+
+pub fn vip(addr: impl Into<IpAddr>, port: u16, proto: &str) -> VipId {
+    let addr: IpAddr = addr.into();
+    let s = match addr {
+        IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+    };
+    s.parse().expect("valid VIP")
+}
+
+pub fn backends(addrs: &[IpAddr]) -> Vec<BackendSpec> {
+    addrs
+        .iter()
+        .map(|&addr| BackendSpec { addr, weight: 1 })
+        .collect()
+}
+
+pub fn config() -> Config {
+    Config {
+        src_v6: addr::to_words(SRC_V6.into()).0,
+        src_v4: addr::to_words(SRC_V4.into()).0[0],
+        mtu: MTU,
+        ready: 1,
+        if_mac: IF_MAC,
+        nh_mac: NH_MAC,
+    }
+}
+
+impl Lab {
+    /// Loads the balancer and configures the VIPs above. Ring size 251 keeps set-up fast.
+    pub fn new() -> anyhow::Result<Self> {
+        let mut bal = Balancer::load()?;
+        bal.set_config(&config())?;
+        let mut svc = Services::new();
+        let three = [B1.into(), B2.into(), B3.into()];
+        let specs = [
+            (vip(VIP, 80, "tcp"), vec![B1.into()], false),
+            (vip(VIP, 53, "udp"), vec![B2.into()], false),
+            (vip(VIP_UDP3, 5000, "udp"), three.to_vec(), false),
+            (vip(VIP, 443, "tcp"), vec![], false),
+            (vip(VIP_ANY, 0, "tcp"), vec![B6_2.into()], false),
+            (vip(VIP_AFF, 80, "tcp"), three.to_vec(), true),
+            (vip(VIP6, 80, "tcp"), vec![B6_1.into()], false),
+        ];
+        for (id, addrs, affinity) in specs {
+            let mut spec = VipSpec::new(id);
+            spec.ring_size = 251;
+            spec.affinity_src_ip = affinity;
+            spec.backends = backends(&addrs);
+            svc.set_vip(&mut bal, spec)?;
+        }
+        Ok(Self { bal, svc })
+    }
+
+    /// Runs the balancer once on `frame`: (XDP action, output frame).
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run(self.bal.program(), frame)
+    }
+}
+
+/// Runs an XDP program once on `frame` through `BPF_PROG_TEST_RUN`.
+pub fn run(prog: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 512];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
