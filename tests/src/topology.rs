@@ -1,0 +1,372 @@
+//! The test and demo topology, all in namespaces this process creates:
+//!
+//! ```text
+//!  client ns          router ns                      lb ns
+//!  c0 10.10.1.2 ---- r0 10.10.1.1
+//!                    r1 10.10.2.1 ------------------ l0 10.10.2.2  (maglb balancer, XDP native)
+//!                    br0 10.10.3.1
+//!                     |-- rb0 ---- e0 10.10.3.11  backend ns b0 (decap XDP, VIP on lo)
+//!                     |-- rb1 ---- e0 10.10.3.12  backend ns b1
+//!                     `-- rb2 ---- e0 10.10.3.13  backend ns b2
+//! ```
+//! The router sends VIP traffic to the balancer, the balancer sends it encapsulated back to
+//! the router (XDP_TX), the router forwards it to the backend, the backend's decap program
+//! strips the outer header and its kernel answers the client directly (DSR).
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use lb_common::Config;
+use lb_userspace::{
+    addr,
+    balancer::{Balancer, Mode},
+    decap::{self, Decap},
+    netdev,
+};
+
+use crate::netns::{Netns, ip, unique_prefix};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+pub const TCP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 53;
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);
+pub const LB_IF: &str = "l0";
+
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 10, 3, 11 + i as u8)
+}
+
+/// Network namespaces and links of the topology; servers; the backends' decap programs.
+pub struct Topology {
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    /// Decap programs on the backends and the pass program on the router (kept attached).
+    _programs: Vec<Decap>,
+    pub client: Netns,
+    pub router: Netns,
+    pub lb: Netns,
+    pub backends: Vec<Netns>,
+}
+
+/// Turns off checksum and segmentation offloads: frames then carry real checksums and are
+/// never bigger than the MTU when they reach an XDP program.
+fn no_offloads(ns: &Netns, dev: &str) -> anyhow::Result<()> {
+    ns.exec(
+        "ethtool",
+        &[
+            "-K", dev, "tx", "off", "tso", "off", "gso", "off", "gro", "off",
+        ],
+    )?;
+    Ok(())
+}
+
+impl Topology {
+    /// Builds the namespaces and links, starts a TCP and a UDP server on each backend and
+    /// attaches the decap programs. The balancer is attached separately.
+    pub fn build(tag: &str, n_backends: usize) -> anyhow::Result<Self> {
+        let p = unique_prefix(tag);
+        let mut t = Topology {
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+            _programs: Vec::new(),
+            client: Netns::new(&format!("{p}-cl"))?,
+            router: Netns::new(&format!("{p}-rt"))?,
+            lb: Netns::new(&format!("{p}-lb"))?,
+            backends: Vec::new(),
+        };
+        for i in 0..n_backends {
+            t.backends.push(Netns::new(&format!("{p}-b{i}"))?);
+        }
+        let (cl, rt, lb) = (&t.client.name, &t.router.name, &t.lb.name);
+        ip(&[
+            "link", "add", "c0", "netns", cl, "type", "veth", "peer", "name", "r0", "netns", rt,
+        ])?;
+        ip(&[
+            "link", "add", "r1", "netns", rt, "type", "veth", "peer", "name", LB_IF, "netns", lb,
+        ])?;
+        t.router.ip(&["link", "add", "br0", "type", "bridge"])?;
+        t.client.ip(&["addr", "add", "10.10.1.2/24", "dev", "c0"])?;
+        t.router.ip(&["addr", "add", "10.10.1.1/24", "dev", "r0"])?;
+        t.router.ip(&["addr", "add", "10.10.2.1/24", "dev", "r1"])?;
+        t.router
+            .ip(&["addr", "add", "10.10.3.1/24", "dev", "br0"])?;
+        t.lb.ip(&["addr", "add", "10.10.2.2/24", "dev", LB_IF])?;
+        for (ns, dev) in [
+            (&t.client, "c0"),
+            (&t.router, "r0"),
+            (&t.router, "r1"),
+            (&t.lb, LB_IF),
+        ] {
+            no_offloads(ns, dev)?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        t.router.ip(&["link", "set", "br0", "up"])?;
+        t.client
+            .ip(&["route", "add", "default", "via", "10.10.1.1"])?;
+        t.router.ip(&[
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            &LB_ADDR.to_string(),
+        ])?;
+        t.router.sysctl("net.ipv4.ip_forward=1")?;
+        for k in ["all", "default", "r0", "r1", "br0"] {
+            t.router.sysctl(&format!("net.ipv4.conf.{k}.rp_filter=0"))?;
+        }
+        // Frames the balancer sends back with XDP_TX reach the router only if r1 runs XDP.
+        let pass = t.router.run(|| -> anyhow::Result<Decap> {
+            let mut d = Decap::load()?;
+            d.attach(decap::PASS_PROGRAM, "r1", Mode::Native)?;
+            Ok(d)
+        })??;
+        t._programs.push(pass);
+        for i in 0..n_backends {
+            t.add_backend_links(i)?;
+        }
+        Ok(t)
+    }
+
+    fn add_backend_links(&mut self, i: usize) -> anyhow::Result<()> {
+        let b = &self.backends[i];
+        let rb = format!("rb{i}");
+        ip(&[
+            "link",
+            "add",
+            "e0",
+            "netns",
+            &b.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &rb,
+            "netns",
+            &self.router.name,
+        ])?;
+        self.router.ip(&["link", "set", &rb, "master", "br0"])?;
+        no_offloads(&self.router, &rb)?;
+        self.router.ip(&["link", "set", &rb, "up"])?;
+        let a = backend_addr(i);
+        b.ip(&["addr", "add", &format!("{a}/24"), "dev", "e0"])?;
+        b.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        no_offloads(b, "e0")?;
+        b.ip(&["link", "set", "e0", "up"])?;
+        b.ip(&["route", "add", "default", "via", "10.10.3.1"])?;
+        // Direct server return: the VIP lives on lo and is never announced with ARP.
+        for kv in [
+            "net.ipv4.conf.all.arp_ignore=1",
+            "net.ipv4.conf.all.arp_announce=2",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv4.conf.e0.rp_filter=0",
+        ] {
+            b.sysctl(kv)?;
+        }
+        let d = b.run(move || -> anyhow::Result<Decap> {
+            let mut d = Decap::load()?;
+            d.attach(decap::PROGRAM, "e0", Mode::Native)?;
+            d.add_addr(a.into())?;
+            Ok(d)
+        })??;
+        self._programs.push(d);
+        let name = format!("b{i}");
+        self.servers.push(tcp_server(
+            b,
+            &name,
+            SocketAddr::new(VIP.into(), TCP_PORT),
+            &self.stop,
+        )?);
+        self.servers.push(udp_server(
+            b,
+            &name,
+            SocketAddr::new(VIP.into(), UDP_PORT),
+            &self.stop,
+        )?);
+        Ok(())
+    }
+
+    /// The balancer configuration for this topology: l0's MAC, the router's r1 as next hop.
+    pub fn balancer_config(&self) -> anyhow::Result<Config> {
+        let if_mac = self.lb.run(|| netdev::mac(LB_IF))??;
+        let nh_mac = self.router.run(|| netdev::mac("r1"))??;
+        Ok(Config {
+            src_v6: [0; 4],
+            src_v4: addr::to_words(LB_ADDR.into()).0[0],
+            mtu: 1500,
+            ready: 1,
+            if_mac,
+            nh_mac,
+        })
+    }
+
+    /// Loads the balancer, configures it and attaches it to l0 in native mode.
+    pub fn attach_balancer(&self) -> anyhow::Result<Balancer> {
+        let cfg = self.balancer_config()?;
+        self.lb.run(move || -> anyhow::Result<Balancer> {
+            let mut bal = Balancer::load()?;
+            bal.set_config(&cfg)?;
+            bal.attach(LB_IF, Mode::Native)?;
+            Ok(bal)
+        })?
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+    }
+}
+
+/// A TCP server: answers every line with its backend name.
+fn tcp_server(
+    ns: &Netns,
+    name: &str,
+    at: SocketAddr,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let (name, stop) = (name.to_owned(), stop.clone());
+    let listener = ns.run(move || TcpListener::bind(at))??;
+    listener.set_nonblocking(true)?;
+    ns.spawn(move || {
+        let mut conns = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let (name, stop) = (name.clone(), stop.clone());
+                    conns.push(std::thread::spawn(move || serve_lines(s, &name, &stop)));
+                    conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+    })
+}
+
+fn serve_lines(s: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A UDP server: answers every datagram with its backend name.
+fn udp_server(
+    ns: &Netns,
+    name: &str,
+    at: SocketAddr,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let (name, stop) = (name.to_owned(), stop.clone());
+    let sock = ns.run(move || UdpSocket::bind(at))??;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    ns.spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(name.as_bytes(), peer);
+            }
+        }
+    })
+}
+
+/// One request on a new TCP connection to the VIP: the name of the backend that answered.
+pub fn tcp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let mut c = LongConn::open(to, timeout)?;
+    c.ask()
+}
+
+/// One UDP exchange with the VIP from a new socket (a new source port).
+pub fn udp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"hello", to)?;
+    let mut buf = [0u8; 64];
+    let (n, from) = s.recv_from(&mut buf).context("UDP reply")?;
+    if from != to {
+        bail!("reply from {from}, expected {to}");
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A TCP connection kept open across requests.
+pub struct LongConn {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl LongConn {
+    pub fn open(to: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let s =
+            TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect {to}"))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            w: s.try_clone()?,
+            r: BufReader::new(s),
+        })
+    }
+
+    /// Sends a line, returns the backend's name.
+    pub fn ask(&mut self) -> anyhow::Result<String> {
+        self.w.write_all(b"hello\n")?;
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_owned())
+    }
+}
+
+/// Waits until `f` is true, at most `limit`.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+pub fn vip_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP), port)
+}

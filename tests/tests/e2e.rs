@@ -1,0 +1,192 @@
+//! End to end, as root, in namespaces this test creates: real TCP connections and UDP
+//! exchanges from a client through the router and the XDP balancer to three backends, whose
+//! kernels answer the client directly. See `maglb_tests::topology` for the picture.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use lb_common::stat;
+use lb_userspace::service::{BackendSpec, Services, VipSpec};
+use maglb_tests::{
+    fixture::vip,
+    netns::require_root,
+    topology::{self, LongConn, TCP_PORT, Topology, UDP_PORT, VIP, backend_addr, vip_addr},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn specs(weights: &[u32]) -> Vec<BackendSpec> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| BackendSpec {
+            addr: backend_addr(i).into(),
+            weight: w,
+        })
+        .collect()
+}
+
+/// Runs `total` requests from `threads` client threads; returns answers per backend and the
+/// failures.
+fn spread(
+    t: &Topology,
+    total: usize,
+    threads: usize,
+    request: fn() -> anyhow::Result<String>,
+) -> (BTreeMap<String, usize>, Vec<String>) {
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            t.client
+                .spawn(move || {
+                    let mut seen = BTreeMap::new();
+                    let mut failed = Vec::new();
+                    for _ in 0..total / threads {
+                        match request() {
+                            Ok(b) => *seen.entry(b).or_insert(0) += 1,
+                            Err(e) => failed.push(format!("{e:#}")),
+                        }
+                    }
+                    (seen, failed)
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut seen = BTreeMap::new();
+    let mut failed = Vec::new();
+    for h in handles {
+        let (s, f) = h.join().unwrap();
+        for (k, v) in s {
+            *seen.entry(k).or_insert(0) += v;
+        }
+        failed.extend(f);
+    }
+    (seen, failed)
+}
+
+fn assert_shares(seen: &BTreeMap<String, usize>, weights: &[u32], what: &str) {
+    let total: usize = seen.values().sum();
+    let wsum: u32 = weights.iter().sum();
+    for (i, &w) in weights.iter().enumerate() {
+        let got = *seen.get(&format!("b{i}")).unwrap_or(&0) as f64 / total as f64;
+        let want = w as f64 / wsum as f64;
+        assert!(
+            (got - want).abs() < 0.05,
+            "{what}: b{i} got {:.1}% of {total}, weight share {:.1}% ({seen:?})",
+            got * 100.0,
+            want * 100.0
+        );
+    }
+}
+
+#[test]
+fn real_tcp_and_udp_through_the_balancer() {
+    require_root();
+    let t = Topology::build("e2e", 3).expect("topology");
+    let mut bal = t.attach_balancer().expect("attach balancer");
+    let mut svc = Services::new();
+    let weights = [1, 2, 1];
+    for (port, proto) in [(TCP_PORT, "tcp"), (UDP_PORT, "udp")] {
+        let mut spec = VipSpec::new(vip(VIP, port, proto));
+        spec.backends = specs(&weights);
+        svc.set_vip(&mut bal, spec).expect("set VIP");
+    }
+
+    // Thousands of real TCP connections: all succeed, spread by weight.
+    let (seen, failed) = spread(&t, 3000, 4, || {
+        topology::tcp_request(vip_addr(TCP_PORT), TIMEOUT)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} TCP requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    println!("TCP spread over backends (weights {weights:?}): {seen:?}");
+    assert_shares(&seen, &weights, "TCP");
+
+    // Thousands of UDP exchanges, each from a new source port.
+    let (seen, failed) = spread(&t, 2000, 2, || {
+        topology::udp_request(vip_addr(UDP_PORT), TIMEOUT)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} UDP exchanges failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    println!("UDP spread over backends: {seen:?}");
+    assert_shares(&seen, &weights, "UDP");
+
+    // The datapath counted what it forwarded.
+    let tx = bal.global_stat(stat::TX_ENCAP).packets;
+    assert!(tx >= 3000 * 4 + 2000, "only {tx} packets encapsulated");
+    let vi = svc.vip_index(&vip(VIP, TCP_PORT, "tcp")).unwrap();
+    assert!(bal.vip_stats(vi).packets >= 3000 * 4);
+}
+
+#[test]
+fn removing_a_backend_keeps_established_connections() {
+    require_root();
+    let t = Topology::build("e2r", 3).expect("topology");
+    let mut bal = t.attach_balancer().expect("attach balancer");
+    let mut svc = Services::new();
+    let id = vip(VIP, TCP_PORT, "tcp");
+    let mut spec = VipSpec::new(id);
+    spec.backends = specs(&[1, 1, 1]);
+    svc.set_vip(&mut bal, spec).unwrap();
+
+    // 60 long-lived connections, spread over all three backends.
+    let conns = t
+        .client
+        .run(|| -> anyhow::Result<Vec<(LongConn, String)>> {
+            (0..60)
+                .map(|_| {
+                    let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT)?;
+                    let b = c.ask()?;
+                    Ok((c, b))
+                })
+                .collect()
+        })
+        .unwrap()
+        .expect("open connections");
+    let on_b2 = conns.iter().filter(|(_, b)| b == "b2").count();
+    assert!(
+        on_b2 > 0 && on_b2 < 60,
+        "connections not spread: {on_b2} on b2"
+    );
+
+    // Take b2 out of the table.
+    svc.set_backends(&mut bal, &id, specs(&[1, 1])).unwrap();
+
+    // New connections avoid it ...
+    let (seen, failed) = spread(&t, 300, 2, || {
+        topology::tcp_request(vip_addr(TCP_PORT), TIMEOUT)
+    });
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        !seen.contains_key("b2"),
+        "new connections still reach b2: {seen:?}"
+    );
+
+    // ... and every established connection keeps its backend and keeps working.
+    let conns = Arc::new(std::sync::Mutex::new(conns));
+    let c2 = conns.clone();
+    let broken = t
+        .client
+        .run(move || {
+            let mut broken = Vec::new();
+            for (i, (c, b)) in c2.lock().unwrap().iter_mut().enumerate() {
+                for _ in 0..3 {
+                    match c.ask() {
+                        Ok(now) if &now == b => {}
+                        other => broken.push(format!("conn {i} on {b}: {other:?}")),
+                    }
+                }
+            }
+            broken
+        })
+        .unwrap();
+    assert!(
+        broken.is_empty(),
+        "established connections broke: {broken:?}"
+    );
+}
