@@ -1,1 +1,102 @@
-fn main() {}
+//! maglb's tasks: `cargo xtask setup | build | test | demo | bench`.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "maglb development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: nightly rust-src, bpf-linker built against nightly's
+    /// LLVM, Debian packages. Idempotent.
+    Setup,
+    /// Build everything, the XDP programs included.
+    Build,
+    /// Run every test: unit tests, packet fixtures (BPF_PROG_TEST_RUN) and the end-to-end
+    /// namespace tests. Needs root; fails (never skips) when it cannot run them.
+    Test,
+    /// Show the datapath at work in namespaces: real traffic to a VIP, the spread over
+    /// backends, the counters. Needs root.
+    Demo,
+    /// Per-packet cost of the XDP program and Maglev build times; prints medians.
+    Bench,
+}
+
+/// Runs a command, failing if it fails.
+pub fn cmd(prog: &str, args: &[&str]) -> anyhow::Result<()> {
+    let ok = Command::new(prog)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {prog}"))?
+        .success();
+    if !ok {
+        bail!("`{prog} {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its standard output.
+pub fn output(prog: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(prog).args(args).output()?;
+    if !out.status.success() {
+        bail!("`{prog} {}` failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_setup() -> anyhow::Result<()> {
+    let missing = setup::missing();
+    if !missing.is_empty() {
+        println!("xtask: missing {}; running setup", missing.join(", "));
+        setup::run()?;
+    }
+    Ok(())
+}
+
+fn require_root(task: &str) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "`cargo xtask {task}` needs root (it loads XDP programs and creates network namespaces); run it with sudo"
+        );
+    }
+    if !std::path::Path::new("/sys/fs/bpf").exists() {
+        bail!("/sys/fs/bpf is missing: this kernel has no BPF filesystem");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            ensure_setup()?;
+            cmd("cargo", &["build", "--release", "--locked", "--workspace", "--exclude", "lb-ebpf"])
+        }
+        Task::Test => {
+            ensure_setup()?;
+            require_root("test")?;
+            // Unit tests, then the root tests one at a time (each builds its own namespaces).
+            cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "lb-ebpf", "--exclude", "maglb-tests"])?;
+            cmd("cargo", &["test", "--locked", "--package", "maglb-tests", "--", "--test-threads=1"])
+        }
+        Task::Demo => {
+            ensure_setup()?;
+            require_root("demo")?;
+            cmd("cargo", &["run", "--release", "--locked", "--package", "maglb-tests", "--bin", "maglb-demo"])
+        }
+        Task::Bench => {
+            ensure_setup()?;
+            require_root("bench")?;
+            cmd("cargo", &["run", "--release", "--locked", "--package", "maglb-tests", "--bin", "maglb-bench"])
+        }
+    }
+}
