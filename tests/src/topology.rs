@@ -5,6 +5,7 @@
 //!  c0 10.10.1.2 ---- r0 10.10.1.1
 //!                    r1 10.10.2.1 ------------------ l0 10.10.2.2  (maglb balancer, XDP native)
 //!                    br0 10.10.3.1
+//! (and the same in IPv6: fd10:1::/64, fd10:2::/64, fd10:3::/64, VIP fd20::1)
 //!                     |-- rb0 ---- e0 10.10.3.11  backend ns b0 (decap XDP, VIP on lo)
 //!                     |-- rb1 ---- e0 10.10.3.12  backend ns b1
 //!                     `-- rb2 ---- e0 10.10.3.13  backend ns b2
@@ -15,7 +16,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -36,6 +37,8 @@ use lb_userspace::{
 use crate::netns::{Netns, ip, unique_prefix};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd20, 0, 0, 0, 0, 0, 0, 1);
+pub const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd10, 2, 0, 0, 0, 0, 0, 2);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 53;
 pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 2);
@@ -43,6 +46,10 @@ pub const LB_IF: &str = "l0";
 
 pub fn backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 10, 3, 11 + i as u8)
+}
+
+pub fn backend_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd10, 3, 0, 0, 0, 0, 0, 0x11 + i as u16)
 }
 
 /// Network namespaces and links of the topology; servers; the backends' decap programs.
@@ -100,11 +107,20 @@ impl Topology {
         t.router
             .ip(&["addr", "add", "10.10.3.1/24", "dev", "br0"])?;
         t.lb.ip(&["addr", "add", "10.10.2.2/24", "dev", LB_IF])?;
+        for (ns, a, dev) in [
+            (&t.client, "fd10:1::2/64", "c0"),
+            (&t.router, "fd10:1::1/64", "r0"),
+            (&t.router, "fd10:2::1/64", "r1"),
+            (&t.router, "fd10:3::1/64", "br0"),
+            (&t.lb, "fd10:2::2/64", LB_IF),
+        ] {
+            ns.ip(&["addr", "add", a, "dev", dev, "nodad"])?;
+        }
         for (ns, dev) in [
-            (&t.client, "c0"),
             (&t.router, "r0"),
-            (&t.router, "r1"),
+            (&t.client, "c0"),
             (&t.lb, LB_IF),
+            (&t.router, "r1"),
         ] {
             no_offloads(ns, dev)?;
             ns.ip(&["link", "set", dev, "up"])?;
@@ -119,7 +135,18 @@ impl Topology {
             "via",
             &LB_ADDR.to_string(),
         ])?;
+        t.client
+            .ip(&["-6", "route", "add", "default", "via", "fd10:1::1"])?;
+        t.router.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            &LB_ADDR6.to_string(),
+        ])?;
         t.router.sysctl("net.ipv4.ip_forward=1")?;
+        t.router.sysctl("net.ipv6.conf.all.forwarding=1")?;
         for k in ["all", "default", "r0", "r1", "br0"] {
             t.router.sysctl(&format!("net.ipv4.conf.{k}.rp_filter=0"))?;
         }
@@ -157,11 +184,15 @@ impl Topology {
         no_offloads(&self.router, &rb)?;
         self.router.ip(&["link", "set", &rb, "up"])?;
         let a = backend_addr(i);
+        let a6 = backend_addr6(i);
         b.ip(&["addr", "add", &format!("{a}/24"), "dev", "e0"])?;
+        b.ip(&["addr", "add", &format!("{a6}/64"), "dev", "e0", "nodad"])?;
         b.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+        b.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
         no_offloads(b, "e0")?;
         b.ip(&["link", "set", "e0", "up"])?;
         b.ip(&["route", "add", "default", "via", "10.10.3.1"])?;
+        b.ip(&["-6", "route", "add", "default", "via", "fd10:3::1"])?;
         // Direct server return: the VIP lives on lo and is never announced with ARP.
         for kv in [
             "net.ipv4.conf.all.arp_ignore=1",
@@ -176,22 +207,18 @@ impl Topology {
             let mut d = Decap::load()?;
             d.attach(decap::PROGRAM, "e0", Mode::Native)?;
             d.add_addr(a.into())?;
+            d.add_addr(a6.into())?;
             Ok(d)
         })??;
         self._programs.push(d);
         let name = format!("b{i}");
-        self.servers.push(tcp_server(
-            b,
-            &name,
-            SocketAddr::new(VIP.into(), TCP_PORT),
-            &self.stop,
-        )?);
-        self.servers.push(udp_server(
-            b,
-            &name,
-            SocketAddr::new(VIP.into(), UDP_PORT),
-            &self.stop,
-        )?);
+        for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+            let stop = &self.stop;
+            self.servers
+                .push(tcp_server(b, &name, SocketAddr::new(vip, TCP_PORT), stop)?);
+            self.servers
+                .push(udp_server(b, &name, SocketAddr::new(vip, UDP_PORT), stop)?);
+        }
         Ok(())
     }
 
@@ -200,7 +227,7 @@ impl Topology {
         let if_mac = self.lb.run(|| netdev::mac(LB_IF))??;
         let nh_mac = self.router.run(|| netdev::mac("r1"))??;
         Ok(Config {
-            src_v6: [0; 4],
+            src_v6: addr::to_words(LB_ADDR6.into()).0,
             src_v4: addr::to_words(LB_ADDR.into()).0[0],
             mtu: 1500,
             ready: 1,
@@ -314,7 +341,7 @@ pub fn tcp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<String> 
 
 /// One UDP exchange with the VIP from a new socket (a new source port).
 pub fn udp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"hello", to)?;
     let mut buf = [0u8; 64];
@@ -346,7 +373,14 @@ impl LongConn {
 
     /// Sends a line, returns the backend's name.
     pub fn ask(&mut self) -> anyhow::Result<String> {
-        self.w.write_all(b"hello\n")?;
+        self.ask_with(b"hello")
+    }
+
+    /// Sends `body` as one line (it may span many segments), returns the backend's name.
+    pub fn ask_with(&mut self, body: &[u8]) -> anyhow::Result<String> {
+        let mut line = body.to_vec();
+        line.push(b'\n');
+        self.w.write_all(&line)?;
         let mut line = String::new();
         if self.r.read_line(&mut line)? == 0 {
             bail!("connection closed");
@@ -369,4 +403,8 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 pub fn vip_addr(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(VIP), port)
+}
+
+pub fn vip6_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(VIP6), port)
 }

@@ -9,7 +9,10 @@ use lb_userspace::service::{BackendSpec, Services, VipSpec};
 use maglb_tests::{
     fixture::vip,
     netns::require_root,
-    topology::{self, LongConn, TCP_PORT, Topology, UDP_PORT, VIP, backend_addr, vip_addr},
+    topology::{
+        self, LongConn, TCP_PORT, Topology, UDP_PORT, VIP, VIP6, backend_addr, backend_addr6,
+        vip_addr, vip6_addr,
+    },
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -189,4 +192,75 @@ fn removing_a_backend_keeps_established_connections() {
         broken.is_empty(),
         "established connections broke: {broken:?}"
     );
+}
+
+#[test]
+fn path_mtu_discovery_works_through_the_balancer() {
+    require_root();
+    let t = Topology::build("e2m", 1).expect("topology");
+    let mut bal = t.attach_balancer().expect("attach balancer");
+    let mut svc = Services::new();
+    let mut spec = VipSpec::new(vip(VIP, TCP_PORT, "tcp"));
+    spec.backends = specs(&[1]);
+    svc.set_vip(&mut bal, spec).unwrap();
+    // Full-sized segments (1500 bytes) cannot be encapsulated within the 1500-byte MTU: the
+    // balancer answers with fragmentation-needed (MTU 1480), the client's kernel lowers its
+    // path MTU and resends, and the request gets through.
+    let answers = t
+        .client
+        .run(|| -> anyhow::Result<Vec<String>> {
+            let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT)?;
+            (0..3).map(|_| c.ask_with(&[b'x'; 20_000])).collect()
+        })
+        .unwrap()
+        .expect("large requests");
+    assert_eq!(answers, ["b0", "b0", "b0"]);
+    assert!(bal.global_stat(stat::ICMP_TOO_BIG_SENT).packets >= 1);
+    let route = t.client.ip(&["route", "get", &VIP.to_string()]).unwrap();
+    assert!(
+        route.contains("mtu 1480"),
+        "client did not learn the path MTU: {route}"
+    );
+}
+
+#[test]
+fn real_ipv6_tcp_and_udp_6in6() {
+    require_root();
+    let t = Topology::build("e26", 3).expect("topology");
+    let mut bal = t.attach_balancer().expect("attach balancer");
+    let mut svc = Services::new();
+    let weights = [2, 1, 1];
+    for (port, proto) in [(TCP_PORT, "tcp"), (UDP_PORT, "udp")] {
+        let mut spec = VipSpec::new(vip(VIP6, port, proto));
+        spec.backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| BackendSpec {
+                addr: backend_addr6(i).into(),
+                weight: w,
+            })
+            .collect();
+        svc.set_vip(&mut bal, spec).expect("set VIP");
+    }
+    let (seen, failed) = spread(&t, 1200, 2, || {
+        topology::tcp_request(vip6_addr(TCP_PORT), TIMEOUT)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} IPv6 TCP requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    println!("IPv6 TCP spread (weights {weights:?}): {seen:?}");
+    assert_shares(&seen, &weights, "IPv6 TCP");
+    let (seen, failed) = spread(&t, 800, 2, || {
+        topology::udp_request(vip6_addr(UDP_PORT), TIMEOUT)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} IPv6 UDP exchanges failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_shares(&seen, &weights, "IPv6 UDP");
 }

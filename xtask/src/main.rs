@@ -79,24 +79,77 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Build => {
             ensure_setup()?;
-            cmd("cargo", &["build", "--release", "--locked", "--workspace", "--exclude", "lb-ebpf"])
+            cmd(
+                "cargo",
+                &[
+                    "build",
+                    "--release",
+                    "--locked",
+                    "--workspace",
+                    "--exclude",
+                    "lb-ebpf",
+                ],
+            )
         }
         Task::Test => {
             ensure_setup()?;
             require_root("test")?;
             // Unit tests, then the root tests one at a time (each builds its own namespaces).
-            cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "lb-ebpf", "--exclude", "maglb-tests"])?;
-            cmd("cargo", &["test", "--locked", "--package", "maglb-tests", "--", "--test-threads=1"])
+            cmd(
+                "cargo",
+                &[
+                    "test",
+                    "--locked",
+                    "--workspace",
+                    "--exclude",
+                    "lb-ebpf",
+                    "--exclude",
+                    "maglb-tests",
+                ],
+            )?;
+            cmd(
+                "cargo",
+                &[
+                    "test",
+                    "--locked",
+                    "--package",
+                    "maglb-tests",
+                    "--",
+                    "--test-threads=1",
+                ],
+            )
         }
         Task::Demo => {
             ensure_setup()?;
             require_root("demo")?;
-            cmd("cargo", &["run", "--release", "--locked", "--package", "maglb-tests", "--bin", "maglb-demo"])
+            cmd(
+                "cargo",
+                &[
+                    "run",
+                    "--release",
+                    "--locked",
+                    "--package",
+                    "maglb-tests",
+                    "--bin",
+                    "maglb-demo",
+                ],
+            )
         }
         Task::Bench => {
             ensure_setup()?;
             require_root("bench")?;
-            cmd("cargo", &["run", "--release", "--locked", "--package", "maglb-tests", "--bin", "maglb-bench"])
+            cmd(
+                "cargo",
+                &[
+                    "run",
+                    "--release",
+                    "--locked",
+                    "--package",
+                    "maglb-tests",
+                    "--bin",
+                    "maglb-bench",
+                ],
+            )
         }
     }
 }

@@ -20,9 +20,9 @@ pub fn missing() -> Vec<String> {
     }
     match (bpf_linker_llvm(), nightly_llvm_major()) {
         (None, _) => m.push("bpf-linker".into()),
-        (Some(l), Some(n)) if l != n => {
-            m.push(format!("bpf-linker for LLVM {n} (the installed one uses LLVM {l})"))
-        }
+        (Some(l), Some(n)) if l != n => m.push(format!(
+            "bpf-linker for LLVM {n} (the installed one uses LLVM {l})"
+        )),
         _ => {}
     }
     for p in missing_packages() {
@@ -32,12 +32,16 @@ pub fn missing() -> Vec<String> {
 }
 
 fn has_nightly() -> bool {
-    output("rustup", &["toolchain", "list"]).is_ok_and(|o| o.lines().any(|l| l.starts_with("nightly")))
+    output("rustup", &["toolchain", "list"])
+        .is_ok_and(|o| o.lines().any(|l| l.starts_with("nightly")))
 }
 
 fn has_rust_src() -> bool {
-    output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])
-        .is_ok_and(|o| o.lines().any(|l| l.starts_with("rust-src")))
+    output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .is_ok_and(|o| o.lines().any(|l| l.starts_with("rust-src")))
 }
 
 /// The LLVM major version of nightly rustc.
@@ -55,7 +59,9 @@ fn bpf_linker_llvm() -> Option<String> {
     if ldd.contains("not found") {
         return None;
     }
-    let lib = ldd.lines().find_map(|l| l.trim().strip_prefix("libLLVM.so."))?;
+    let lib = ldd
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("libLLVM.so."))?;
     Some(lib.split(['.', '-', ' ']).next()?.to_owned())
 }
 
@@ -72,10 +78,16 @@ fn missing_packages() -> Vec<&'static str> {
 
 pub fn run() -> anyhow::Result<()> {
     if !has_nightly() {
-        cmd("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        cmd(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
     }
     if !has_rust_src() {
-        cmd("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+        cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
     }
     let want = nightly_llvm_major().context("reading nightly rustc's LLVM version")?;
     if bpf_linker_llvm().as_deref() != Some(want.as_str()) {

@@ -15,7 +15,7 @@ use lb_userspace::{
     maglev,
 };
 use maglb_tests::{
-    fixture::{CLIENT, CLIENT6, CLIENT_MAC, IF_MAC, Lab, VIP, VIP6},
+    fixture::{CLIENT, CLIENT_MAC, CLIENT6, IF_MAC, Lab, VIP, VIP6},
     netns::require_root,
     packet::*,
 };
@@ -47,11 +47,23 @@ fn time(prog: &Xdp, frames: &[Vec<u8>]) -> f64 {
 
 fn frame4(sport: u16, dport: u16, proto: u8) -> Vec<u8> {
     let l4 = if proto == TCP {
-        tcp4(CLIENT, VIP, sport, dport, if dport == 80 { SYN } else { ACK }, &[0; 64])
+        tcp4(
+            CLIENT,
+            VIP,
+            sport,
+            dport,
+            if dport == 80 { SYN } else { ACK },
+            &[0; 64],
+        )
     } else {
         udp4(CLIENT, VIP, sport, dport, &[0; 64])
     };
-    eth(IF_MAC, CLIENT_MAC, ETH_IP, &ipv4(V4::new(CLIENT, VIP, proto), &[], &l4))
+    eth(
+        IF_MAC,
+        CLIENT_MAC,
+        ETH_IP,
+        &ipv4(V4::new(CLIENT, VIP, proto), &[], &l4),
+    )
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,21 +72,34 @@ fn main() -> anyhow::Result<()> {
     let mut empty = Decap::load()?;
 
     // New flows: a different source port every run, so every run misses the connection table.
-    let syns: Vec<Vec<u8>> = (0..RUNS).map(|i| frame4(1024 + (i % 60000) as u16, 80, TCP)).collect();
+    let syns: Vec<Vec<u8>> = (0..RUNS)
+        .map(|i| frame4(1024 + (i % 60000) as u16, 80, TCP))
+        .collect();
     let established = vec![frame4(40000, 80, TCP)];
     let udp = vec![frame4(40001, 53, UDP)];
     let v6 = vec![eth(
         IF_MAC,
         CLIENT_MAC,
         ETH_IPV6,
-        &ipv6(CLIENT6, VIP6, TCP, 0, 0, &tcp6(CLIENT6, VIP6, 40000, 80, ACK, &[0; 64])),
+        &ipv6(
+            CLIENT6,
+            VIP6,
+            TCP,
+            0,
+            0,
+            &tcp6(CLIENT6, VIP6, 40000, 80, ACK, &[0; 64]),
+        ),
     )];
     let other = Ipv4Addr::new(10, 0, 0, 7);
     let pass = vec![eth(
         IF_MAC,
         CLIENT_MAC,
         ETH_IP,
-        &ipv4(V4::new(CLIENT, other, TCP), &[], &tcp4(CLIENT, other, 1, 80, ACK, &[0; 64])),
+        &ipv4(
+            V4::new(CLIENT, other, TCP),
+            &[],
+            &tcp4(CLIENT, other, 1, 80, ACK, &[0; 64]),
+        ),
     )];
     let _ = Ipv6Addr::LOCALHOST;
 
@@ -85,8 +110,13 @@ fn main() -> anyhow::Result<()> {
         ("IPv6 TCP (established)", &v6),
         ("not for a VIP (pass)", &pass),
     ];
-    println!("XDP per-packet cost, BPF_PROG_TEST_RUN, one packet per run, {RUNS} runs x {ROUNDS} rounds");
-    println!("{:<26} {:>12} {:>12} {:>14}", "case", "median ns", "empty ns", "maglb - empty");
+    println!(
+        "XDP per-packet cost, BPF_PROG_TEST_RUN, one packet per run, {RUNS} runs x {ROUNDS} rounds"
+    );
+    println!(
+        "{:<26} {:>12} {:>12} {:>14}",
+        "case", "median ns", "empty ns", "maglb - empty"
+    );
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = cases
         .iter()
         .map(|(n, _)| (n.to_string(), Vec::new(), Vec::new()))
@@ -105,8 +135,14 @@ fn main() -> anyhow::Result<()> {
         println!("{name:<26} {m:>12.1} {e:>12.1} {:>14.1}", m - e);
     }
 
-    println!("\nMaglev table build, {} slots", lb_common::DEFAULT_RING_SIZE);
-    println!("{:<12} {:>12} {:>16}", "backends", "median ms", "slots changed*");
+    println!(
+        "\nMaglev table build, {} slots",
+        lb_common::DEFAULT_RING_SIZE
+    );
+    println!(
+        "{:<12} {:>12} {:>16}",
+        "backends", "median ms", "slots changed*"
+    );
     for n in [10u32, 100, 1000] {
         let entries: Vec<maglev::Entry> = (0..n)
             .map(|i| maglev::Entry {

@@ -35,7 +35,9 @@ fn cleanup_on_signal() {
             libc::sigwait(&set, &mut sig);
             eprintln!("\ninterrupted: removing the demo's namespaces");
             for ns in NAMESPACES.lock().unwrap().iter() {
-                let _ = std::process::Command::new("ip").args(["netns", "del", ns]).status();
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .status();
             }
             std::process::exit(130);
         });
@@ -75,7 +77,10 @@ fn show(title: &str, seen: &BTreeMap<String, usize>) {
     println!("  {title}");
     for (b, n) in seen {
         let pct = 100.0 * *n as f64 / total as f64;
-        println!("    {b:<8} {n:>5}  {pct:5.1}%  {}", "#".repeat((pct / 2.0) as usize));
+        println!(
+            "    {b:<8} {n:>5}  {pct:5.1}%  {}",
+            "#".repeat((pct / 2.0) as usize)
+        );
     }
 }
 
@@ -83,13 +88,19 @@ fn counters(bal: &Balancer, svc: &Services, ids: &[VipId]) {
     println!("  datapath counters (per-CPU maps, summed):");
     for id in ids {
         let c = bal.vip_stats(svc.vip_index(id).unwrap());
-        println!("    VIP {id:<18} {:>7} packets {:>9} bytes", c.packets, c.bytes);
+        println!(
+            "    VIP {id:<18} {:>7} packets {:>9} bytes",
+            c.packets, c.bytes
+        );
     }
     for i in 0..3 {
         let a = backend_addr(i).into();
         if let Some(idx) = svc.backend_index(&a) {
             let c = bal.backend_stats(idx);
-            println!("    backend b{i} {a:<12} {:>7} packets {:>9} bytes", c.packets, c.bytes);
+            println!(
+                "    backend b{i} {a:<12} {:>7} packets {:>9} bytes",
+                c.packets, c.bytes
+            );
         }
     }
     for (name, c) in bal.global_stats() {
@@ -103,7 +114,9 @@ fn main() -> anyhow::Result<()> {
     require_root();
     cleanup_on_signal();
     let started = Instant::now();
-    println!("maglb demo: an XDP Maglev balancer with direct server return, in network namespaces\n");
+    println!(
+        "maglb demo: an XDP Maglev balancer with direct server return, in network namespaces\n"
+    );
     let t = Topology::build("demo", 3)?;
     {
         let mut ns = NAMESPACES.lock().unwrap();
@@ -111,9 +124,15 @@ fn main() -> anyhow::Result<()> {
             ns.push(n.name.clone());
         }
     }
-    println!("topology: client -> router -> balancer (XDP native on veth l0) -> router -> 3 backends");
-    println!("  client 10.10.1.2, VIP {VIP}, backends {} {} {} (decap XDP, VIP on lo)",
-        backend_addr(0), backend_addr(1), backend_addr(2));
+    println!(
+        "topology: client -> router -> balancer (XDP native on veth l0) -> router -> 3 backends"
+    );
+    println!(
+        "  client 10.10.1.2, VIP {VIP}, backends {} {} {} (decap XDP, VIP on lo)",
+        backend_addr(0),
+        backend_addr(1),
+        backend_addr(2)
+    );
     println!("  backends answer the client directly (direct server return)\n");
 
     let mut bal = t.attach_balancer()?;
@@ -141,9 +160,15 @@ fn main() -> anyhow::Result<()> {
     show("answers per backend:", &udp_seen);
 
     println!("\n3. ping the VIP: the XDP program answers echo requests itself");
-    let ping = t.client.exec("ping", &["-c", "3", "-i", "0.2", "-W", "1", &VIP.to_string()]);
+    let ping = t.client.exec(
+        "ping",
+        &["-c", "3", "-i", "0.2", "-W", "1", &VIP.to_string()],
+    );
     match ping {
-        Ok(out) => out.lines().filter(|l| l.contains("bytes from") || l.contains("loss")).for_each(|l| println!("    {l}")),
+        Ok(out) => out
+            .lines()
+            .filter(|l| l.contains("bytes from") || l.contains("loss"))
+            .for_each(|l| println!("    {l}")),
         Err(e) => println!("    ping failed: {e}"),
     }
 
@@ -152,15 +177,17 @@ fn main() -> anyhow::Result<()> {
     show("answers per backend:", &requests(&t, 600));
 
     println!("\n5. 30 long-lived connections open, then b0 leaves the table");
-    let mut conns = t.client.run(|| -> anyhow::Result<Vec<(LongConn, String)>> {
-        (0..30)
-            .map(|_| {
-                let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT)?;
-                let b = c.ask()?;
-                Ok((c, b))
-            })
-            .collect()
-    })??;
+    let mut conns = t
+        .client
+        .run(|| -> anyhow::Result<Vec<(LongConn, String)>> {
+            (0..30)
+                .map(|_| {
+                    let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT)?;
+                    let b = c.ask()?;
+                    Ok((c, b))
+                })
+                .collect()
+        })??;
     let on_b0 = conns.iter().filter(|(_, b)| b == "b0").count();
     svc.set_backends(&mut bal, &tcp, specs(&[0, 1, 3]))?;
     show("new connections after the change:", &requests(&t, 300));
@@ -173,9 +200,14 @@ fn main() -> anyhow::Result<()> {
         }
         kept
     })?;
-    println!("  established connections still on their backend: {kept}/30 ({on_b0} of them on b0)\n");
+    println!(
+        "  established connections still on their backend: {kept}/30 ({on_b0} of them on b0)\n"
+    );
 
     counters(&bal, &svc, &[tcp, udp]);
-    println!("\ndone in {:.1} s; removing the namespaces", started.elapsed().as_secs_f64());
+    println!(
+        "\ndone in {:.1} s; removing the namespaces",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
