@@ -19,6 +19,19 @@ pub fn to_words(ip: IpAddr) -> ([u32; 4], u8) {
     }
 }
 
+/// The `std::net` address of a datapath address field.
+pub fn from_words(w: [u32; 4], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::V4(std::net::Ipv4Addr::from(w[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in w.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    }
+}
+
 /// The network-order bytes of an address (its Maglev identity).
 pub fn bytes(ip: IpAddr) -> Vec<u8> {
     match ip {
@@ -40,5 +53,10 @@ mod tests {
         assert_eq!(f, FAMILY_V6);
         assert_eq!(w[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
         assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);
+        for a in ["10.1.2.3", "fd00::1", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = a.parse().unwrap();
+            let (w, f) = to_words(ip);
+            assert_eq!(from_words(w, f), ip);
+        }
     }
 }

@@ -3,12 +3,20 @@
 //! `Balancer` is a thin typed front of the BPF maps. What to write (indices, tables) is
 //! decided by [`crate::service`]; this module only knows how.
 
-use std::collections::HashMap as StdHashMap;
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     AddrKey, BPF_F_INNER_MAP, Backend, Config, ConnEntry, Counter, FlowKey, VipKey, VipMeta, stat,
@@ -45,6 +53,17 @@ pub enum BalancerError {
         #[source]
         source: MapError,
     },
+    #[error("pinned objects under {dir}")]
+    Pin {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{dir} holds maps of another maglb map layout ({found}); this maglb uses {LAYOUT}. \
+         Detach the old balancer and remove {dir}/{found}, or point --bpffs elsewhere"
+    )]
+    Layout { dir: PathBuf, found: String },
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> BalancerError {
@@ -89,6 +108,8 @@ struct Ring {
 pub struct Balancer {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
+    /// Where maps and the XDP link are pinned, if they are (the agent pins; tests do not).
+    pin_dir: Option<PathBuf>,
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_addrs: HashMap<MapData, AddrKey, VipMeta>,
     rings: ArrayOfMaps<MapData, Array<MapData, u32>>,
@@ -103,10 +124,84 @@ pub struct Balancer {
 
 pub const PROGRAM: &str = "maglb_balancer";
 
+/// The maps, by the names the object gives them.
+pub const MAPS: [&str; 9] = [
+    "VIPS",
+    "VIP_ADDRS",
+    "RINGS",
+    "BACKENDS",
+    "CONNTRACK",
+    "CONFIG",
+    "VIP_STATS",
+    "BACKEND_STATS",
+    "GLOBAL_STATS",
+];
+
+/// Version of the map layout. Pins live in a directory of that name under the BPF filesystem
+/// directory (bpffs holds no regular files to write a marker in), so a maglb with other maps
+/// never adopts them. Bump it whenever a map's key, value or size changes.
+pub const LAYOUT: &str = "maps-v1";
+const LINK_FILE: &str = "link";
+
+fn pin_error(dir: &Path, e: impl std::fmt::Display) -> BalancerError {
+    BalancerError::Pin {
+        dir: dir.to_owned(),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
 impl Balancer {
-    /// Loads the balancer program and creates its maps (nothing is attached yet).
+    /// Loads the balancer program with fresh, unpinned maps (nothing is attached yet).
     pub fn load() -> Result<Self, BalancerError> {
-        let mut ebpf = Ebpf::load(programs::BALANCER).map_err(BalancerError::Load)?;
+        Self::open(None)
+    }
+
+    /// Loads the balancer program with its maps pinned under `dir`: maps already pinned there
+    /// are reused (their contents survive), missing ones are created and pinned. If an XDP
+    /// link is pinned there, the new program replaces the old one on it atomically, so
+    /// forwarding never stops.
+    pub fn load_pinned(bpffs: &Path) -> Result<Self, BalancerError> {
+        std::fs::create_dir_all(bpffs).map_err(|e| pin_error(bpffs, e))?;
+        for e in std::fs::read_dir(bpffs)
+            .map_err(|e| pin_error(bpffs, e))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("maps-v") && name != LAYOUT {
+                return Err(BalancerError::Layout {
+                    dir: bpffs.to_owned(),
+                    found: name,
+                });
+            }
+        }
+        let dir = &bpffs.join(LAYOUT);
+        std::fs::create_dir_all(dir).map_err(|e| pin_error(dir, e))?;
+        let mut bal = Self::open(Some(dir))?;
+        let link = dir.join(LINK_FILE);
+        if link.exists() {
+            let pinned = PinnedLink::from_pin(&link).map_err(|e| pin_error(dir, e))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(dir, e))?;
+            let id = bal
+                .program()
+                .attach_to_link(link)
+                .map_err(|e| pin_error(dir, e))?;
+            bal.link = Some(id);
+        }
+        Ok(bal)
+    }
+
+    fn open(pin_dir: Option<&Path>) -> Result<Self, BalancerError> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(programs::BALANCER)
+            .map_err(BalancerError::Load)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or(BalancerError::Missing(PROGRAM))?
@@ -139,8 +234,14 @@ impl Balancer {
             global_stats: take!("GLOBAL_STATS"),
             ebpf,
             link: None,
+            pin_dir: pin_dir.map(Path::to_owned),
             ring_maps: StdHashMap::new(),
         })
+    }
+
+    /// Whether the program is attached (by this process or through a pinned link).
+    pub fn is_attached(&self) -> bool {
+        self.link.is_some()
     }
 
     /// The program, for attaching elsewhere or for `BPF_PROG_TEST_RUN`.
@@ -151,7 +252,8 @@ impl Balancer {
             .expect("loaded in Balancer::load")
     }
 
-    /// Attaches the program to `iface` (in the calling thread's network namespace).
+    /// Attaches the program to `iface` (in the calling thread's network namespace). With a
+    /// pin directory, the link is pinned: it outlives this process.
     pub fn attach(&mut self, iface: &str, mode: Mode) -> Result<(), BalancerError> {
         let link =
             self.program()
@@ -161,8 +263,46 @@ impl Balancer {
                     mode: mode.name(),
                     source,
                 })?;
-        self.link = Some(link);
+        let Some(dir) = self.pin_dir.clone() else {
+            self.link = Some(link);
+            return Ok(());
+        };
+        {
+            let link = self
+                .program()
+                .take_link(link)
+                .map_err(|e| pin_error(&dir, e))?;
+            let fd = FdLink::try_from(link).map_err(|e| pin_error(&dir, e))?;
+            let pinned = fd
+                .pin(dir.join(LINK_FILE))
+                .map_err(|e| pin_error(&dir, e))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(&dir, e))?;
+            let id = self
+                .program()
+                .attach_to_link(link)
+                .map_err(|e| pin_error(&dir, e))?;
+            self.link = Some(id);
+        }
         Ok(())
+    }
+
+    /// Detaches the program (and removes its pinned link).
+    pub fn detach(&mut self) -> Result<(), BalancerError> {
+        if let Some(id) = self.link.take() {
+            let _ = self.program().detach(id);
+        }
+        if let Some(dir) = &self.pin_dir {
+            let path = dir.join(LINK_FILE);
+            if path.exists() {
+                let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_error(dir, e))?;
+                pinned.unpin().map_err(|e| pin_error(dir, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> Result<Config, BalancerError> {
+        self.config.get(&0, 0).map_err(map_err("CONFIG"))
     }
 
     pub fn set_config(&mut self, cfg: &Config) -> Result<(), BalancerError> {
@@ -234,6 +374,39 @@ impl Balancer {
             .map_err(map_err("RINGS"))?;
         ring.active = spare;
         Ok(diff.len())
+    }
+
+    /// Takes over the ring the datapath reads for VIP `index` (maps adopted from a previous
+    /// agent): reads it, and makes a spare filled the same.
+    pub fn adopt_ring(&mut self, index: u32) -> Result<(), BalancerError> {
+        let active: Array<MapData, u32> = self.rings.get(&index, 0).map_err(map_err("RINGS"))?;
+        let contents: Vec<u32> = (0..active.len())
+            .map(|i| active.get(&i, 0))
+            .collect::<Result<_, _>>()
+            .map_err(map_err("ring"))?;
+        let mut spare = Array::create(active.len(), BPF_F_INNER_MAP).map_err(map_err("ring"))?;
+        for (slot, v) in contents.iter().enumerate() {
+            spare.set(slot as u32, v, 0).map_err(map_err("ring"))?;
+        }
+        self.ring_maps.insert(
+            index,
+            Ring {
+                maps: [active, spare],
+                contents: [contents.clone(), contents],
+                active: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// All VIP entries in the map.
+    pub fn vips(&self) -> Vec<(VipKey, VipMeta)> {
+        self.vips.iter().filter_map(Result::ok).collect()
+    }
+
+    /// A backend slot as the map holds it.
+    pub fn backend(&self, index: u32) -> Option<Backend> {
+        self.backends.get(&index, 0).ok()
     }
 
     /// The table the datapath currently reads for VIP `index`.

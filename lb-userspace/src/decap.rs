@@ -1,19 +1,30 @@
 //! The backend-side decap program: load, attach, say which outer addresses are ours.
 
-use std::net::IpAddr;
+use std::{
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::Xdp,
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        Xdp,
+        links::{FdLink, PinnedLink},
+    },
 };
 use lb_common::{AddrKey, Counter, stat};
 
 use crate::{
     addr,
     balancer::{BalancerError, Mode},
-    programs,
+    netlink, programs,
+    state::check_ifname,
 };
+
+/// Where `maglb decap attach` pins its link and maps, one directory per interface.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/maglb-decap";
 
 pub const PROGRAM: &str = "maglb_decap";
 /// The program that passes everything (a veth peer of an XDP_TX sender needs one; benches
@@ -35,7 +46,24 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Balan
 impl Decap {
     /// Loads both programs.
     pub fn load() -> Result<Self, BalancerError> {
-        let mut ebpf = Ebpf::load(programs::DECAP).map_err(BalancerError::Load)?;
+        Self::open(None)
+    }
+
+    /// Loads both programs; with `pins`, the maps are pinned there (reused if present).
+    fn open(pins: Option<&Path>) -> Result<Self, BalancerError> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = pins
+            .map(|d| {
+                vec![
+                    ("DECAP_ADDRS", d.join("addrs")),
+                    ("DECAP_STATS", d.join("stats")),
+                ]
+            })
+            .unwrap_or_default();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(programs::DECAP).map_err(BalancerError::Load)?;
         for name in [PROGRAM, PASS_PROGRAM] {
             prog(&mut ebpf, name)?
                 .load()
@@ -74,15 +102,7 @@ impl Decap {
     /// Accepts encapsulated packets addressed to `a`.
     pub fn add_addr(&mut self, a: IpAddr) -> Result<(), BalancerError> {
         let (words, family) = addr::to_words(a);
-        let mut map: HashMap<&mut MapData, AddrKey, u32> = self
-            .ebpf
-            .map_mut("DECAP_ADDRS")
-            .ok_or(BalancerError::Missing("map DECAP_ADDRS"))?
-            .try_into()
-            .map_err(|source| BalancerError::Map {
-                map: "DECAP_ADDRS",
-                source,
-            })?;
+        let mut map = self.addrs()?;
         let key = AddrKey {
             addr: words,
             family,
@@ -95,18 +115,175 @@ impl Decap {
         })
     }
 
+    /// Accepts exactly the addresses in `addrs` (entries for others are removed).
+    pub fn set_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), BalancerError> {
+        let mut map = self.addrs()?;
+        let old: Vec<AddrKey> = map.keys().filter_map(Result::ok).collect();
+        for k in old {
+            let _ = map.remove(&k);
+        }
+        for a in addrs {
+            self.add_addr(*a)?;
+        }
+        Ok(())
+    }
+
+    fn addrs(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u32>, BalancerError> {
+        self.ebpf
+            .map_mut("DECAP_ADDRS")
+            .ok_or(BalancerError::Missing("map DECAP_ADDRS"))?
+            .try_into()
+            .map_err(|source| BalancerError::Map {
+                map: "DECAP_ADDRS",
+                source,
+            })
+    }
+
     /// Packets decapsulated so far.
     pub fn decapsulated(&self) -> Counter {
-        let mut total = Counter::default();
-        if let Some(m) = self.ebpf.map("DECAP_STATS")
-            && let Ok(m) = PerCpuArray::<&MapData, Counter>::try_from(m)
-            && let Ok(v) = m.get(&stat::DECAP_OK, 0)
-        {
-            for c in v.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-            }
+        match self.ebpf.map("DECAP_STATS") {
+            Some(m) => decapsulated(PerCpuArray::<&MapData, Counter>::try_from(m).ok()),
+            None => Counter::default(),
         }
-        total
     }
+}
+
+fn decapsulated(m: Option<PerCpuArray<&MapData, Counter>>) -> Counter {
+    let mut total = Counter::default();
+    if let Some(m) = m
+        && let Ok(v) = m.get(&stat::DECAP_OK, 0)
+    {
+        for c in v.iter() {
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
+    }
+    total
+}
+
+/// Errors of the pinned decap commands.
+#[derive(Debug, thiserror::Error)]
+pub enum DecapError {
+    #[error("{0}")]
+    BadInterface(String),
+    #[error("decap is not attached to {iface} (no pin under {dir})")]
+    NotAttached { iface: String, dir: PathBuf },
+    #[error(transparent)]
+    Datapath(#[from] BalancerError),
+    #[error("pins under {dir}")]
+    Pin {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading local addresses")]
+    Netlink(#[from] netlink::NetlinkError),
+}
+
+fn pin_err(dir: &Path) -> impl Fn(&dyn std::fmt::Display) -> DecapError + '_ {
+    move |e| DecapError::Pin {
+        dir: dir.to_owned(),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+fn local_addresses() -> Result<Vec<IpAddr>, DecapError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DecapError::Pin {
+            dir: PathBuf::new(),
+            source: e,
+        })?;
+    Ok(rt.block_on(async {
+        let h = netlink::connect()?;
+        netlink::all_addresses(&h).await
+    })?)
+}
+
+/// `maglb decap attach`: attaches the decap program to `iface` and pins it, so it stays
+/// after the command exits; it decapsulates packets to any address of this host. Run again
+/// to refresh the addresses.
+pub fn attach_pinned(pin_dir: &Path, iface: &str, mode: Mode) -> Result<Vec<IpAddr>, DecapError> {
+    check_ifname(iface).map_err(DecapError::BadInterface)?;
+    crate::netdev::index(iface).map_err(|e| DecapError::BadInterface(e.to_string()))?;
+    let dir = pin_dir.join(iface);
+    std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir)(&e))?;
+    let mut d = Decap::open(Some(&dir))?;
+    let link_path = dir.join("link");
+    if !link_path.exists() {
+        let xdp_mode = match mode {
+            Mode::Native => aya::programs::XdpMode::Driver,
+            Mode::Generic => aya::programs::XdpMode::Skb,
+        };
+        let prog = d.program(PROGRAM)?;
+        let id = prog
+            .attach(iface, xdp_mode)
+            .map_err(|source| BalancerError::Attach {
+                iface: iface.into(),
+                mode: mode.name(),
+                source,
+            })?;
+        let link = prog.take_link(id).map_err(|e| pin_err(&dir)(&e))?;
+        let fd = FdLink::try_from(link).map_err(|e| pin_err(&dir)(&e))?;
+        fd.pin(&link_path).map_err(|e| pin_err(&dir)(&e))?;
+    }
+    let addrs = local_addresses()?;
+    d.set_addrs(&addrs)?;
+    Ok(addrs)
+}
+
+/// `maglb decap detach`.
+pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<(), DecapError> {
+    check_ifname(iface).map_err(DecapError::BadInterface)?;
+    let dir = pin_dir.join(iface);
+    let link = dir.join("link");
+    if !link.exists() {
+        return Err(DecapError::NotAttached {
+            iface: iface.into(),
+            dir,
+        });
+    }
+    let pinned = PinnedLink::from_pin(&link).map_err(|e| pin_err(&dir)(&e))?;
+    pinned.unpin().map_err(|e| pin_err(&dir)(&e))?;
+    for f in ["addrs", "stats"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = std::fs::remove_dir(&dir);
+    Ok(())
+}
+
+/// One interface with the decap program attached.
+#[derive(Debug, serde::Serialize)]
+pub struct DecapStatus {
+    pub iface: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `maglb decap status`: the pinned attachments and their counters.
+pub fn status_pinned(pin_dir: &Path) -> Result<Vec<DecapStatus>, DecapError> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(pin_err(pin_dir)(&e)),
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !dir.join("link").exists() {
+            continue;
+        }
+        let stats = MapData::from_pin(dir.join("stats"))
+            .ok()
+            .map(Map::PerCpuArray);
+        let c = decapsulated(stats.as_ref().and_then(|m| PerCpuArray::try_from(m).ok()));
+        out.push(DecapStatus {
+            iface: e.file_name().to_string_lossy().into_owned(),
+            packets: c.packets,
+            bytes: c.bytes,
+        });
+    }
+    out.sort_by(|a, b| a.iface.cmp(&b.iface));
+    Ok(out)
 }

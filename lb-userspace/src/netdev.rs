@@ -79,6 +79,19 @@ pub fn mtu(iface: &str) -> Result<u32, NetdevError> {
     Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
+/// The interface's index.
+pub fn index(iface: &str) -> Result<u32, NetdevError> {
+    let name = CString::new(iface).map_err(|_| NetdevError::NoSuchInterface {
+        iface: iface.into(),
+    })?;
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(NetdevError::NoSuchInterface {
+            iface: iface.into(),
+        }),
+        i => Ok(i),
+    }
+}
+
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn fmt_mac(mac: &[u8; 6]) -> String {
     mac.iter()

@@ -42,7 +42,10 @@ impl Proto {
 }
 
 /// A VIP's identity: `ADDR:PORT/tcp|udp` (IPv6 as `[ADDR]:PORT/tcp`); port 0 is all ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct VipId {
     pub addr: IpAddr,
     pub port: u16,
@@ -59,6 +62,19 @@ impl fmt::Display for VipId {
             IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
             IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
         }
+    }
+}
+
+impl TryFrom<String> for VipId {
+    type Error = ServiceError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<VipId> for String {
+    fn from(v: VipId) -> String {
+        v.to_string()
     }
 }
 
@@ -312,6 +328,111 @@ impl Services {
         self.set_vip(bal, spec)
     }
 
+    /// Rebuilds the index assignment from the maps of an adopted datapath (a restarted agent):
+    /// backend slots from `BACKENDS`, VIP indices from `VIPS`, and each VIP's live ring.
+    /// The VIPs' backend lists are not in the maps; `reconcile` fills them in.
+    pub fn adopt(bal: &mut Balancer) -> Result<Self, ServiceError> {
+        let mut svc = Services::default();
+        for index in 0..MAX_BACKENDS {
+            let Some(b) = bal.backend(index) else {
+                continue;
+            };
+            if b.flags & BACKEND_F_IN_USE == 0 && b.generation == 0 {
+                continue;
+            }
+            svc.backends.insert(
+                addr::from_words(b.addr, b.family),
+                BackendSlot {
+                    index,
+                    generation: b.generation,
+                    in_use: b.flags & BACKEND_F_IN_USE != 0,
+                },
+            );
+        }
+        for (key, meta) in bal.vips() {
+            let proto = match key.proto {
+                PROTO_TCP => Proto::Tcp,
+                PROTO_UDP => Proto::Udp,
+                _ => continue,
+            };
+            let id = VipId {
+                addr: addr::from_words(key.addr, key.family),
+                port: u16::from_be(key.port),
+                proto,
+            };
+            bal.adopt_ring(meta.index)?;
+            let mut spec = VipSpec::new(id);
+            spec.ring_size = meta.ring_size;
+            spec.affinity_src_ip = meta.flags & VIP_F_AFFINITY_SRC_IP != 0;
+            svc.vips.insert(
+                id,
+                VipState {
+                    index: meta.index,
+                    spec,
+                },
+            );
+        }
+        Ok(svc)
+    }
+
+    /// Makes the datapath carry exactly `desired` (validated specs), changing only what
+    /// differs: VIPs that are gone are removed, changed ones rewritten (a ring diff and one
+    /// switch each), and backends no VIP uses any more are retired (their flows end).
+    pub fn reconcile(
+        &mut self,
+        bal: &mut Balancer,
+        desired: &[VipSpec],
+    ) -> Result<usize, ServiceError> {
+        let mut changed = 0;
+        let gone: Vec<VipId> = self
+            .vips
+            .keys()
+            .filter(|id| !desired.iter().any(|d| d.id == **id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.del_vip(bal, &id)?;
+            changed += 1;
+        }
+        for spec in desired {
+            if self.vip(&spec.id) != Some(spec) {
+                self.set_vip(bal, spec.clone())?;
+                changed += 1;
+            }
+        }
+        self.retire_unused(bal)?;
+        Ok(changed)
+    }
+
+    /// Backends that no VIP lists any more: their connection-table entries stop being
+    /// honoured, and the slot is marked unused (its index stays reserved for the address).
+    pub fn retire_unused(&mut self, bal: &mut Balancer) -> Result<(), ServiceError> {
+        let used: BTreeSet<IpAddr> = self
+            .vips
+            .values()
+            .flat_map(|v| v.spec.backends.iter().map(|b| b.addr))
+            .collect();
+        let retire: Vec<IpAddr> = self
+            .backends
+            .iter()
+            .filter(|(a, s)| s.in_use && !used.contains(a))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in retire {
+            let slot = self.backends.get_mut(&a).expect("listed above");
+            slot.in_use = false;
+            slot.generation = slot.generation.wrapping_add(1);
+            let slot = *slot;
+            bal.set_backend(slot.index, &backend(a, slot))?;
+        }
+        Ok(())
+    }
+
+    /// Number of backend slots in use.
+    pub fn backends_in_use(&self) -> usize {
+        self.backends.values().filter(|s| s.in_use).count()
+    }
+
     /// Ends the established flows of a backend: its connection-table entries stop being
     /// honoured (new generation), so they move to whatever the rings say now.
     pub fn reset_flows(&mut self, bal: &mut Balancer, addr: IpAddr) -> Result<(), ServiceError> {
@@ -328,18 +449,21 @@ impl Services {
         if let Some(s) = self.backends.get(&a).filter(|s| s.in_use) {
             return Ok(*s);
         }
-        let index = match self.backends.get(&a) {
-            Some(s) => s.index,
+        // A retired address gets its old slot back with its (already bumped) generation, so
+        // connection-table entries from before its retirement stay invalid.
+        let (index, generation) = match self.backends.get(&a) {
+            Some(s) => (s.index, s.generation),
             None => {
                 let used: BTreeSet<u32> = self.backends.values().map(|b| b.index).collect();
-                (0..MAX_BACKENDS)
+                let index = (0..MAX_BACKENDS)
                     .find(|i| !used.contains(i))
-                    .ok_or(ServiceError::TooManyBackends)?
+                    .ok_or(ServiceError::TooManyBackends)?;
+                (index, 1)
             }
         };
         let slot = BackendSlot {
             index,
-            generation: 1,
+            generation,
             in_use: true,
         };
         bal.set_backend(index, &backend(a, slot))?;

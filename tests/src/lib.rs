@@ -1,4 +1,5 @@
 //! Helpers for maglb's integration tests, demo and benchmarks.
+pub mod agent;
 pub mod fixture;
 pub mod netns;
 pub mod packet;

@@ -77,6 +77,27 @@ impl Netns {
         self.exec("sysctl", &["-qw", kv]).map(drop)
     }
 
+    /// A command that will run inside this namespace. Unlike `ip netns exec`, it keeps the
+    /// caller's mounts, so `/sys/fs/bpf` pins stay visible.
+    pub fn command(
+        &self,
+        prog: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<std::process::Command> {
+        use std::os::unix::process::CommandExt as _;
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let mut cmd = std::process::Command::new(prog);
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
     /// Runs `f` on a new thread that has entered this namespace, and returns its result.
     pub fn run<T: Send + 'static>(
         &self,

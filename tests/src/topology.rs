@@ -80,6 +80,12 @@ impl Topology {
     /// Builds the namespaces and links, starts a TCP and a UDP server on each backend and
     /// attaches the decap programs. The balancer is attached separately.
     pub fn build(tag: &str, n_backends: usize) -> anyhow::Result<Self> {
+        Self::build_with(tag, n_backends, true)
+    }
+
+    /// As `build`; without `decap`, the backends get no decap program (a test attaches it,
+    /// e.g. with `maglb decap attach`).
+    pub fn build_with(tag: &str, n_backends: usize, decap: bool) -> anyhow::Result<Self> {
         let p = unique_prefix(tag);
         let mut t = Topology {
             stop: Arc::new(AtomicBool::new(false)),
@@ -145,6 +151,9 @@ impl Topology {
             "via",
             &LB_ADDR6.to_string(),
         ])?;
+        // The balancer's own routes: the agent finds its next hop (the router) through them.
+        t.lb.ip(&["route", "add", "default", "via", "10.10.2.1"])?;
+        t.lb.ip(&["-6", "route", "add", "default", "via", "fd10:2::1"])?;
         t.router.sysctl("net.ipv4.ip_forward=1")?;
         t.router.sysctl("net.ipv6.conf.all.forwarding=1")?;
         for k in ["all", "default", "r0", "r1", "br0"] {
@@ -158,12 +167,12 @@ impl Topology {
         })??;
         t._programs.push(pass);
         for i in 0..n_backends {
-            t.add_backend_links(i)?;
+            t.add_backend_links(i, decap)?;
         }
         Ok(t)
     }
 
-    fn add_backend_links(&mut self, i: usize) -> anyhow::Result<()> {
+    fn add_backend_links(&mut self, i: usize, decap: bool) -> anyhow::Result<()> {
         let b = &self.backends[i];
         let rb = format!("rb{i}");
         ip(&[
@@ -203,14 +212,16 @@ impl Topology {
         ] {
             b.sysctl(kv)?;
         }
-        let d = b.run(move || -> anyhow::Result<Decap> {
-            let mut d = Decap::load()?;
-            d.attach(decap::PROGRAM, "e0", Mode::Native)?;
-            d.add_addr(a.into())?;
-            d.add_addr(a6.into())?;
-            Ok(d)
-        })??;
-        self._programs.push(d);
+        if decap {
+            let d = b.run(move || -> anyhow::Result<Decap> {
+                let mut d = Decap::load()?;
+                d.attach(decap::PROGRAM, "e0", Mode::Native)?;
+                d.add_addr(a.into())?;
+                d.add_addr(a6.into())?;
+                Ok(d)
+            })??;
+            self._programs.push(d);
+        }
         let name = format!("b{i}");
         for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
             let stop = &self.stop;

@@ -1,0 +1,225 @@
+//! The agent's state and the one place it changes: a new desired state is validated,
+//! persisted, then made real in the datapath; if the datapath refuses, the old state is
+//! restored in both.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use lb_common::Config;
+use tracing::{info, warn};
+
+use crate::{
+    addr,
+    api::{BackendView, CounterView, Stats, Status, VipView},
+    balancer::{Balancer, BalancerError},
+    netdev,
+    service::{ServiceError, Services},
+    state::{AttachMode, Refused, State},
+    store::Store,
+};
+
+pub struct Core {
+    pub state: State,
+    store: Store,
+    bal: Balancer,
+    svc: Services,
+    /// Interface and mode the program is attached with, as far as this agent knows.
+    attached: Option<(String, AttachMode)>,
+    /// Resolved next hop (address, MAC) for status.
+    pub nexthop: Option<(IpAddr, [u8; 6])>,
+    bpffs: PathBuf,
+}
+
+fn datapath_refused(e: impl std::fmt::Display + std::error::Error) -> Refused {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    Refused {
+        status: 500,
+        message: msg,
+    }
+}
+
+impl Core {
+    /// Opens the state directory and the (possibly pinned, possibly attached) datapath, and
+    /// makes the datapath match the saved state.
+    pub fn open(state_dir: &Path, bpffs: &Path) -> anyhow::Result<Self> {
+        let store = Store::open(state_dir)?;
+        let state = store.load()?.unwrap_or_default();
+        let mut bal = Balancer::load_pinned(bpffs)?;
+        let adopted = bal.is_attached();
+        let svc = Services::adopt(&mut bal)?;
+        let attached = match (&state.balancer.interface, adopted) {
+            (Some(i), true) => Some((i.clone(), state.balancer.mode)),
+            _ => None,
+        };
+        info!(
+            adopted,
+            vips = state.vips.len(),
+            state_file = %store.path().display(),
+            "agent state loaded"
+        );
+        let mut core = Core {
+            state: State::default(),
+            store,
+            bal,
+            svc,
+            attached,
+            nexthop: None,
+            bpffs: bpffs.to_owned(),
+        };
+        let saved = state.clone();
+        core.state = state;
+        if let Err(e) = core.realize(&saved) {
+            warn!(error = %e, "could not restore the saved state into the datapath; serving anyway");
+        }
+        Ok(core)
+    }
+
+    /// Makes the datapath carry `s`: attachment, then VIPs and backends.
+    fn realize(&mut self, s: &State) -> Result<(), Refused> {
+        let want = s.balancer.interface.clone().map(|i| (i, s.balancer.mode));
+        if want != self.attached || (want.is_some() && !self.bal.is_attached()) {
+            if self.bal.is_attached() {
+                self.bal.detach().map_err(datapath_refused)?;
+                self.attached = None;
+                info!("detached");
+            }
+            if let Some((iface, mode)) = &want {
+                netdev::index(iface).map_err(|e| Refused::invalid("iface", e))?;
+                self.bal
+                    .attach(iface, mode.to_mode())
+                    .map_err(|e| match &e {
+                        BalancerError::Attach { .. } if *mode == AttachMode::Native => Refused {
+                            status: 400,
+                            message: format!(
+                                "{iface} does not take XDP in native mode ({}); retry with `--mode generic`",
+                                crate::error_chain(&e)
+                            ),
+                        },
+                        _ => datapath_refused(e),
+                    })?;
+                self.attached = want.clone();
+                info!(%iface, %mode, "attached");
+            }
+        }
+        let specs: Vec<_> = s.vips.iter().map(|v| v.spec()).collect();
+        self.svc
+            .reconcile(&mut self.bal, &specs)
+            .map_err(|e: ServiceError| datapath_refused(e))?;
+        Ok(())
+    }
+
+    /// Validates, persists and applies `new`. What changed, in words.
+    pub fn change(&mut self, new: State, what: &str) -> Result<Vec<String>, Refused> {
+        new.validate()?;
+        let changes = self.state.diff(&new);
+        let old = std::mem::replace(&mut self.state, new.clone());
+        if let Err(e) = self.store.save(&new) {
+            self.state = old;
+            return Err(datapath_refused(e));
+        }
+        if let Err(e) = self.realize(&new) {
+            warn!(error = %e.message, "datapath refused {what}; restoring the previous state");
+            self.state = old.clone();
+            let _ = self.realize(&old);
+            let _ = self.store.save(&old);
+            return Err(e);
+        }
+        info!(change = what, ?changes, "applied");
+        Ok(changes)
+    }
+
+    /// Writes the datapath configuration if it differs; true if it did.
+    pub fn set_config(&mut self, cfg: &Config) -> Result<bool, Refused> {
+        if self.bal.config().ok().as_ref() == Some(cfg) {
+            return Ok(false);
+        }
+        self.bal.set_config(cfg).map_err(datapath_refused)?;
+        Ok(true)
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.bal.is_attached()
+    }
+
+    fn counters(c: lb_common::Counter) -> CounterView {
+        CounterView {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+
+    pub fn vip_views(&self) -> Vec<VipView> {
+        self.state
+            .vips
+            .iter()
+            .map(|v| VipView {
+                address: v.address,
+                affinity: v.affinity,
+                ring_size: v.ring_size,
+                counters: self
+                    .svc
+                    .vip_index(&v.address)
+                    .map(|i| Self::counters(self.bal.vip_stats(i)))
+                    .unwrap_or_default(),
+                backends: v
+                    .backends
+                    .iter()
+                    .map(|b| BackendView {
+                        address: b.address,
+                        weight: b.weight,
+                        state: b.state,
+                        counters: self
+                            .svc
+                            .backend_index(&b.address)
+                            .map(|i| Self::counters(self.bal.backend_stats(i)))
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            vips: self.vip_views(),
+            global: self
+                .bal
+                .global_stats()
+                .into_iter()
+                .map(|(n, c)| (n.to_owned(), Self::counters(c)))
+                .collect(),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let cfg = self.bal.config().unwrap_or_default();
+        let attached = self.bal.is_attached();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            interface: self.state.balancer.interface.clone(),
+            mode: self.state.balancer.mode,
+            attached,
+            ready: attached && cfg.ready != 0,
+            mtu: cfg.mtu,
+            source_v4: (cfg.src_v4 != 0)
+                .then(|| addr::from_words([cfg.src_v4, 0, 0, 0], lb_common::FAMILY_V4).to_string()),
+            source_v6: (cfg.src_v6 != [0; 4])
+                .then(|| addr::from_words(cfg.src_v6, lb_common::FAMILY_V6).to_string()),
+            nexthop: self.nexthop.map(|(ip, _)| ip.to_string()),
+            nexthop_mac: (cfg.nh_mac != [0; 6]).then(|| netdev::fmt_mac(&cfg.nh_mac)),
+            vips: self.state.vips.len(),
+            backends: self.svc.backends_in_use(),
+            state_file: self.store.path().display().to_string(),
+            bpffs: self.bpffs.display().to_string(),
+        }
+    }
+}

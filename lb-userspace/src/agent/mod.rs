@@ -1,0 +1,374 @@
+//! `maglb agent`: the one owner of the BPF maps and of the desired state. It serves the JSON
+//! API on a Unix socket, persists every accepted change before answering, keeps the
+//! datapath's next-hop MAC current, and leaves the (pinned) datapath forwarding when it exits.
+
+mod core;
+mod http;
+
+use std::{
+    io,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use lb_common::Config;
+use rtnetlink::Handle;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{net::UnixListener, sync::Semaphore};
+use tracing::{info, warn};
+
+pub use self::core::Core;
+use crate::{
+    addr, api, netdev, netlink,
+    state::{Refused, State, Vip},
+};
+
+/// Where the agent keeps its socket, state and pins.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+}
+
+/// Most clients served at once.
+const MAX_CLIENTS: usize = 16;
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+type Shared = Arc<Mutex<Core>>;
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve(opts))
+}
+
+fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a BPF filesystem; mount one with `mount -t bpf bpf {}` or choose another --bpffs",
+            parent.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// Binds the socket: parent directory created, a stale socket file removed (only if it is a
+/// socket), mode 0600.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("another agent is serving {}; stop it first", path.display());
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; remove it or choose another --socket",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn serve(opts: Options) -> anyhow::Result<()> {
+    check_bpffs(&opts.bpffs)?;
+    let core = Core::open(&opts.state_dir, &opts.bpffs)?;
+    let core: Shared = Arc::new(Mutex::new(core));
+    let nl = netlink::connect()?;
+    refresh(&core, &nl).await;
+    let listener = bind(&opts.socket)?;
+    info!(socket = %opts.socket.display(), "serving the API");
+    let refresher = {
+        let (core, nl) = (core.clone(), nl.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                refresh(&core, &nl).await;
+            }
+        })
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let Ok((mut stream, _)) = conn else { continue };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    http::write_response(&mut stream, 503, &error_json("too many clients; retry")).await;
+                    continue;
+                };
+                let (core, nl) = (core.clone(), nl.clone());
+                tokio::spawn(async move {
+                    handle(stream, core, nl).await;
+                    drop(permit);
+                });
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    refresher.abort();
+    let _ = std::fs::remove_file(&opts.socket);
+    info!("agent stopped; the datapath keeps forwarding");
+    Ok(())
+}
+
+fn error_json(msg: &str) -> String {
+    serde_json::to_string(&api::ErrorBody {
+        error: msg.to_owned(),
+    })
+    .expect("serializes")
+}
+
+async fn handle(mut stream: tokio::net::UnixStream, core: Shared, nl: Handle) {
+    let peer = stream.peer_cred().ok();
+    if peer.map(|p| p.uid()) != Some(0) {
+        http::write_response(
+            &mut stream,
+            403,
+            &error_json("only root may use the maglb API"),
+        )
+        .await;
+        return;
+    }
+    let req = match tokio::time::timeout(Duration::from_secs(10), http::read_request(&mut stream))
+        .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err((status, msg))) => {
+            http::write_response(&mut stream, status, &error_json(&msg)).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let (status, body) = match dispatch(&req, &core, &nl).await {
+        Ok(body) => (200, body),
+        Err(r) => (r.status, error_json(&r.message)),
+    };
+    if req.method != "GET" {
+        // The audit trail: who changed what, and how it ended.
+        info!(
+            target: "audit",
+            peer_pid = peer.and_then(|p| p.pid()),
+            peer_uid = peer.map(|p| p.uid()),
+            method = %req.method,
+            path = %req.path,
+            request = %String::from_utf8_lossy(&req.body),
+            status,
+            "admin request"
+        );
+    }
+    http::write_response(&mut stream, status, &body).await;
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refused> {
+    serde_json::from_slice(body).map_err(|e| Refused {
+        status: 400,
+        message: format!("request body: {e}"),
+    })
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, Refused> {
+    Ok(serde_json::to_string(v).expect("serializes"))
+}
+
+/// Runs one API request.
+async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<String, Refused> {
+    let body = &req.body;
+    let changed =
+        |r: Result<Vec<String>, Refused>| r.and_then(|changes| json(&api::Changes { changes }));
+    let result = match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/status") => return json(&core.lock().unwrap().status()),
+        ("GET", "/v1/vips") => return json(&core.lock().unwrap().vip_views()),
+        ("GET", "/v1/stats") => return json(&core.lock().unwrap().stats()),
+        ("GET", "/v1/config") => {
+            let text = core.lock().unwrap().state.to_toml();
+            return json(&api::ConfigText { config: text });
+        }
+        ("POST", "/v1/validate") => {
+            let t: api::ConfigText = parse(body)?;
+            let new = State::from_toml(&t.config)?;
+            let changes = core.lock().unwrap().state.diff(&new);
+            return json(&api::Changes { changes });
+        }
+        ("POST", "/v1/attach") => {
+            let r: api::AttachRequest = parse(body)?;
+            let mut c = core.lock().unwrap();
+            let new = c.state.with_attach(&r.iface, r.mode)?;
+            changed(c.change(new, "attach"))
+        }
+        ("POST", "/v1/detach") => {
+            let mut c = core.lock().unwrap();
+            let new = c.state.with_detach()?;
+            changed(c.change(new, "detach"))
+        }
+        ("POST", "/v1/vips") => {
+            let r: api::VipRequest = parse(body)?;
+            let mut vip = Vip::new(r.address);
+            vip.affinity = r.affinity;
+            if let Some(size) = r.ring_size {
+                vip.ring_size = size;
+            }
+            let mut c = core.lock().unwrap();
+            let new = c.state.with_vip(vip)?;
+            changed(c.change(new, "vip add"))
+        }
+        ("DELETE", "/v1/vips") => {
+            let r: api::VipRef = parse(body)?;
+            let mut c = core.lock().unwrap();
+            let new = c.state.without_vip(&r.address)?;
+            changed(c.change(new, "vip del"))
+        }
+        ("POST", "/v1/backends") => {
+            let r: api::BackendRequest = parse(body)?;
+            let mut c = core.lock().unwrap();
+            let new = c
+                .state
+                .with_backend(&r.vip, r.address, r.weight.unwrap_or(1))?;
+            changed(c.change(new, "backend add"))
+        }
+        ("DELETE", "/v1/backends") => {
+            let r: api::BackendRequest = parse(body)?;
+            let mut c = core.lock().unwrap();
+            let new = c.state.without_backend(&r.vip, r.address)?;
+            changed(c.change(new, "backend del"))
+        }
+        ("POST", "/v1/backends/weight") => {
+            let r: api::BackendRequest = parse(body)?;
+            let weight = r
+                .weight
+                .ok_or_else(|| Refused::invalid("weight", "missing"))?;
+            let mut c = core.lock().unwrap();
+            let new = c.state.with_weight(&r.vip, r.address, weight)?;
+            changed(c.change(new, "backend set-weight"))
+        }
+        ("POST", "/v1/backends/drain") => {
+            let r: api::BackendRequest = parse(body)?;
+            let mut c = core.lock().unwrap();
+            let new = c.state.with_drain(&r.vip, r.address)?;
+            changed(c.change(new, "backend drain"))
+        }
+        ("POST", "/v1/apply") => {
+            let t: api::ConfigText = parse(body)?;
+            let mut new = State::from_toml(&t.config)?;
+            let mut c = core.lock().unwrap();
+            // A file without [balancer] interface keeps the current attachment.
+            if new.balancer.interface.is_none() {
+                new.balancer.interface = c.state.balancer.interface.clone();
+                new.balancer.mode = c.state.balancer.mode;
+            }
+            changed(c.change(new, "apply"))
+        }
+        (_, p) if p.starts_with("/v1/") => {
+            return Err(Refused {
+                status: 404,
+                message: format!("no such API call {} {p}; see docs/api.md", req.method),
+            });
+        }
+        _ => {
+            return Err(Refused::not_found(
+                "the API lives under /v1/; see docs/api.md",
+            ));
+        }
+    };
+    // Settings or backends may have changed: bring the datapath configuration up to date
+    // before answering.
+    refresh(core, nl).await;
+    result
+}
+
+/// Recomputes the datapath configuration (interface MAC, MTU, outer sources, next-hop MAC)
+/// and writes it if it changed. Runs every second, so a changed neighbour entry reaches the
+/// datapath within one.
+async fn refresh(core: &Shared, nl: &Handle) {
+    let (state, attached) = {
+        let c = core.lock().unwrap();
+        (c.state.clone(), c.is_attached())
+    };
+    let Some(iface) = state.balancer.interface.clone().filter(|_| attached) else {
+        return;
+    };
+    match desired_config(&state, &iface, nl).await {
+        Ok((cfg, nexthop)) => {
+            let mut c = core.lock().unwrap();
+            c.nexthop = nexthop;
+            match c.set_config(&cfg) {
+                Ok(true) => info!(
+                    nexthop_mac = %netdev::fmt_mac(&cfg.nh_mac),
+                    mtu = cfg.mtu,
+                    ready = cfg.ready,
+                    "datapath configuration updated"
+                ),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "writing the datapath configuration"),
+            }
+        }
+        Err(e) => warn!(error = %format!("{e:#}"), "datapath configuration not complete"),
+    }
+}
+
+async fn desired_config(
+    state: &State,
+    iface: &str,
+    nl: &Handle,
+) -> anyhow::Result<(Config, Option<(std::net::IpAddr, [u8; 6])>)> {
+    let b = &state.balancer;
+    let ifindex = netdev::index(iface)?;
+    let if_mac = netdev::mac(iface)?;
+    let mtu = match b.mtu {
+        Some(m) => m,
+        None => netdev::mtu(iface)?.min(u16::MAX as u32) as u16,
+    };
+    let (a4, a6) = netlink::addresses(nl, ifindex).await?;
+    let src_v4 = b.source_v4.map(Into::into).or(a4);
+    let src_v6 = b.source_v6.map(Into::into).or(a6);
+    let mut cfg = Config {
+        src_v6: src_v6.map(|a| addr::to_words(a).0).unwrap_or_default(),
+        src_v4: src_v4.map(|a| addr::to_words(a).0[0]).unwrap_or(0),
+        mtu,
+        ready: 0,
+        if_mac,
+        nh_mac: [0; 6],
+    };
+    let target = b.nexthop.or_else(|| {
+        state
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter())
+            .map(|b| b.address)
+            .next()
+    });
+    let nexthop = match (&b.nexthop_mac, target) {
+        (Some(mac), _) => {
+            cfg.nh_mac = netdev::parse_mac(mac).expect("validated");
+            None
+        }
+        (None, Some(t)) => {
+            let (gw, mac) = netlink::nexthop_mac(nl, t).await?;
+            cfg.nh_mac = mac;
+            Some((gw, mac))
+        }
+        (None, None) => None,
+    };
+    // Forward only with a next hop to send to; until then everything goes to the kernel.
+    cfg.ready = u16::from(cfg.nh_mac != [0; 6]);
+    Ok((cfg, nexthop))
+}

@@ -1,0 +1,570 @@
+//! The `maglb` command: `maglb agent` runs the daemon; the other subcommands are clients of
+//! its socket, except `maglb decap`, which works on a backend host without an agent.
+
+use std::{
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    agent, api,
+    client::{self, ClientError},
+    decap, error_chain,
+    service::VipId,
+    state::{Affinity, AttachMode, State},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "maglb",
+    version,
+    about = "maglb: an XDP layer-4 load balancer with Maglev hashing and direct server return",
+    after_help = "Start the agent with `maglb agent` (root), then attach and add VIPs:\n  \
+        maglb attach --iface eth0\n  \
+        maglb vip add 10.200.0.1:80/tcp\n  \
+        maglb backend add 10.200.0.1:80/tcp 10.10.3.11 --weight 2\n  \
+        maglb stats"
+)]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, env = "MAGLB_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// In the driver (fast; needs driver support).
+    Native,
+    /// In the kernel stack (any interface; slow).
+    Generic,
+}
+
+impl From<ModeArg> for AttachMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Native => AttachMode::Native,
+            ModeArg::Generic => AttachMode::Generic,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AffinityArg {
+    /// A client's connections all go to one backend.
+    SrcIp,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent: owns the BPF maps and the state, serves the API (root).
+    #[command(
+        after_help = "Example:\n  maglb agent --state-dir /var/lib/maglb --bpffs /sys/fs/bpf/maglb"
+    )]
+    Agent {
+        /// Where the state file lives.
+        #[arg(long, default_value = api::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Where maps and the XDP link are pinned (on a BPF filesystem).
+        #[arg(long, default_value = api::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Attach the balancer to an interface.
+    #[command(
+        after_help = "Examples:\n  maglb attach --iface eth0\n  maglb attach --iface veth0 --mode generic"
+    )]
+    Attach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value = "native")]
+        mode: ModeArg,
+    },
+    /// Detach the balancer (VIPs and backends are kept).
+    Detach,
+    /// Manage VIPs.
+    Vip {
+        #[command(subcommand)]
+        cmd: VipCmd,
+    },
+    /// Manage the backends of a VIP.
+    Backend {
+        #[command(subcommand)]
+        cmd: BackendCmd,
+    },
+    /// Counters per VIP and backend, and by reason.
+    Stats {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The agent and datapath: attachment, next hop, counts.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Make the running state match a file, with the smallest change.
+    #[command(after_help = "Example:\n  maglb apply -f /etc/maglb/maglb.toml")]
+    Apply {
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// Check a file without applying it (and show what `apply` would change).
+    Validate {
+        #[arg(short, long)]
+        file: PathBuf,
+    },
+    /// The running state as a config file.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// The backend-side decap program (no agent needed).
+    Decap {
+        #[command(subcommand)]
+        cmd: DecapCmd,
+    },
+    /// Shell completions.
+    #[command(after_help = "Example:\n  maglb completions bash > /etc/bash_completion.d/maglb")]
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    /// Add a VIP: ADDR:PORT/tcp|udp, IPv6 as [ADDR]:PORT/tcp; port 0 takes every port.
+    #[command(
+        after_help = "Examples:\n  maglb vip add 10.200.0.1:80/tcp\n  maglb vip add [fd20::1]:0/udp --affinity src-ip"
+    )]
+    Add {
+        vip: VipId,
+        #[arg(long, value_enum)]
+        affinity: Option<AffinityArg>,
+        /// Maglev table size (a prime).
+        #[arg(long)]
+        ring_size: Option<u32>,
+    },
+    /// Delete a VIP and its backends.
+    Del { vip: VipId },
+    /// List VIPs.
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    /// Add a backend to a VIP.
+    #[command(after_help = "Example:\n  maglb backend add 10.200.0.1:80/tcp 10.10.3.11 --weight 2")]
+    Add {
+        vip: VipId,
+        address: IpAddr,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=65535))]
+        weight: u32,
+    },
+    /// Remove a backend now: its established flows end (use `drain` first to let them finish).
+    Del { vip: VipId, address: IpAddr },
+    /// List backends (of one VIP, or of all).
+    List {
+        vip: Option<VipId>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Change a backend's weight (and make it active again if drained).
+    #[command(after_help = "Example:\n  maglb backend set-weight 10.200.0.1:80/tcp 10.10.3.11 5")]
+    SetWeight {
+        vip: VipId,
+        address: IpAddr,
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=65535))]
+        weight: u32,
+    },
+    /// No new flows to this backend; established flows stay until they end.
+    Drain { vip: VipId, address: IpAddr },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the running state as a maglb.toml.
+    Export,
+}
+
+#[derive(Subcommand)]
+enum DecapCmd {
+    /// Load and attach the decap program; it stays attached after this command exits.
+    #[command(after_help = "Example:\n  maglb decap attach --iface eth0")]
+    Attach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, value_enum, default_value = "native")]
+        mode: ModeArg,
+        #[arg(long, default_value = decap::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach it.
+    Detach {
+        #[arg(long)]
+        iface: String,
+        #[arg(long, default_value = decap::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Where it is attached, and what it decapsulated.
+    Status {
+        #[arg(long, default_value = decap::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+/// Entry point of the `maglb` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("maglb: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(body: &str) {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+fn print_changes(c: &api::Changes) {
+    if c.changes.is_empty() {
+        println!("no change");
+    }
+    for l in &c.changes {
+        println!("{l}");
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let sock = cli.socket.as_path();
+    match cli.cmd {
+        Cmd::Agent {
+            state_dir,
+            bpffs,
+            log_format,
+        } => {
+            init_logs(log_format);
+            agent::run(agent::Options {
+                socket: cli.socket,
+                state_dir,
+                bpffs,
+            })?;
+        }
+        Cmd::Attach { iface, mode } => {
+            let req = api::AttachRequest {
+                iface,
+                mode: mode.into(),
+            };
+            print_changes(&client::send(sock, "POST", "/v1/attach", &req)?);
+        }
+        Cmd::Detach => print_changes(&client::send(sock, "POST", "/v1/detach", &())?),
+        Cmd::Vip { cmd } => match cmd {
+            VipCmd::Add {
+                vip,
+                affinity,
+                ring_size,
+            } => {
+                let req = api::VipRequest {
+                    address: vip,
+                    affinity: affinity.map(|_| Affinity::SrcIp),
+                    ring_size,
+                };
+                print_changes(&client::send(sock, "POST", "/v1/vips", &req)?);
+            }
+            VipCmd::Del { vip } => print_changes(&client::send(
+                sock,
+                "DELETE",
+                "/v1/vips",
+                &api::VipRef { address: vip },
+            )?),
+            VipCmd::List { output } => {
+                let body = client::call(sock, "GET", "/v1/vips", None)?;
+                if output == Output::Json {
+                    print_json(&body);
+                } else {
+                    let vips: Vec<api::VipView> = serde_json::from_str(&body)?;
+                    println!(
+                        "{:<28} {:<9} {:>9} {:>9} {:>12} {:>14}",
+                        "VIP", "AFFINITY", "RING", "BACKENDS", "PACKETS", "BYTES"
+                    );
+                    for v in vips {
+                        println!(
+                            "{:<28} {:<9} {:>9} {:>9} {:>12} {:>14}",
+                            v.address.to_string(),
+                            if v.affinity.is_some() { "src-ip" } else { "-" },
+                            v.ring_size,
+                            v.backends.len(),
+                            v.counters.packets,
+                            v.counters.bytes
+                        );
+                    }
+                }
+            }
+        },
+        Cmd::Backend { cmd } => backend(sock, cmd)?,
+        Cmd::Stats { output } => {
+            let body = client::call(sock, "GET", "/v1/stats", None)?;
+            if output == Output::Json {
+                print_json(&body);
+            } else {
+                let s: api::Stats = serde_json::from_str(&body)?;
+                println!(
+                    "{:<28} {:<40} {:>12} {:>14}",
+                    "VIP", "BACKEND", "PACKETS", "BYTES"
+                );
+                for v in &s.vips {
+                    println!(
+                        "{:<28} {:<40} {:>12} {:>14}",
+                        v.address.to_string(),
+                        "",
+                        v.counters.packets,
+                        v.counters.bytes
+                    );
+                    for b in &v.backends {
+                        let name = format!("{} ({}, w{})", b.address, b.state, b.weight);
+                        println!(
+                            "{:<28} {:<40} {:>12} {:>14}",
+                            "", name, b.counters.packets, b.counters.bytes
+                        );
+                    }
+                }
+                println!("\n{:<28} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES");
+                for (name, c) in &s.global {
+                    println!("{name:<28} {:>12} {:>14}", c.packets, c.bytes);
+                }
+            }
+        }
+        Cmd::Status { output } => {
+            let body = client::call(sock, "GET", "/v1/status", None)?;
+            if output == Output::Json {
+                print_json(&body);
+            } else {
+                let s: api::Status = serde_json::from_str(&body)?;
+                let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                println!("agent        maglb {} (pid {})", s.version, s.pid);
+                println!(
+                    "interface    {} ({}, {})",
+                    or(&s.interface),
+                    s.mode,
+                    if s.attached {
+                        "attached"
+                    } else {
+                        "not attached"
+                    }
+                );
+                println!(
+                    "forwarding   {}",
+                    if s.ready {
+                        "yes"
+                    } else {
+                        "no (passing everything to the kernel)"
+                    }
+                );
+                println!("next hop     {} {}", or(&s.nexthop), or(&s.nexthop_mac));
+                println!("outer source {} {}", or(&s.source_v4), or(&s.source_v6));
+                println!("mtu          {}", s.mtu);
+                println!("vips         {}", s.vips);
+                println!("backends     {}", s.backends);
+                println!("state file   {}", s.state_file);
+                println!("bpffs        {}", s.bpffs);
+            }
+        }
+        Cmd::Apply { file } => {
+            let text = read_file(&file)?;
+            // Checked here first: a bad file never reaches the agent.
+            State::from_toml(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let c: api::Changes =
+                client::send(sock, "POST", "/v1/apply", &api::ConfigText { config: text })?;
+            print_changes(&c);
+        }
+        Cmd::Validate { file } => {
+            let text = read_file(&file)?;
+            let s = State::from_toml(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let backends: usize = s.vips.iter().map(|v| v.backends.len()).sum();
+            println!(
+                "{} is valid: {} VIPs, {backends} backends",
+                file.display(),
+                s.vips.len()
+            );
+            match client::send::<_, api::Changes>(
+                sock,
+                "POST",
+                "/v1/validate",
+                &api::ConfigText { config: text },
+            ) {
+                Ok(c) if c.changes.is_empty() => println!("apply would change nothing"),
+                Ok(c) => {
+                    println!("apply would:");
+                    for l in c.changes {
+                        println!("  {l}");
+                    }
+                }
+                Err(ClientError::NoAgent { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Export,
+        } => {
+            let c: api::ConfigText = client::get(sock, "/v1/config")?;
+            print!("{}", c.config);
+        }
+        Cmd::Decap { cmd } => match cmd {
+            DecapCmd::Attach {
+                iface,
+                mode,
+                pin_dir,
+            } => {
+                let addrs =
+                    decap::attach_pinned(&pin_dir, &iface, AttachMode::from(mode).to_mode())?;
+                println!(
+                    "decap attached to {iface}; decapsulating packets to {} local addresses",
+                    addrs.len()
+                );
+            }
+            DecapCmd::Detach { iface, pin_dir } => {
+                decap::detach_pinned(&pin_dir, &iface)?;
+                println!("decap detached from {iface}");
+            }
+            DecapCmd::Status { pin_dir, output } => {
+                let st = decap::status_pinned(&pin_dir)?;
+                if output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                } else if st.is_empty() {
+                    println!(
+                        "decap is not attached anywhere (pins under {})",
+                        pin_dir.display()
+                    );
+                } else {
+                    println!("{:<16} {:>12} {:>14}", "INTERFACE", "DECAPSULATED", "BYTES");
+                    for s in st {
+                        println!("{:<16} {:>12} {:>14}", s.iface, s.packets, s.bytes);
+                    }
+                }
+            }
+        },
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "maglb", &mut std::io::stdout());
+            std::io::stdout().flush()?;
+        }
+    }
+    Ok(())
+}
+
+fn backend(sock: &Path, cmd: BackendCmd) -> Result<(), Box<dyn std::error::Error>> {
+    let req = |vip, address, weight| api::BackendRequest {
+        vip,
+        address,
+        weight,
+    };
+    match cmd {
+        BackendCmd::Add {
+            vip,
+            address,
+            weight,
+        } => print_changes(&client::send(
+            sock,
+            "POST",
+            "/v1/backends",
+            &req(vip, address, Some(weight)),
+        )?),
+        BackendCmd::Del { vip, address } => print_changes(&client::send(
+            sock,
+            "DELETE",
+            "/v1/backends",
+            &req(vip, address, None),
+        )?),
+        BackendCmd::SetWeight {
+            vip,
+            address,
+            weight,
+        } => print_changes(&client::send(
+            sock,
+            "POST",
+            "/v1/backends/weight",
+            &req(vip, address, Some(weight)),
+        )?),
+        BackendCmd::Drain { vip, address } => print_changes(&client::send(
+            sock,
+            "POST",
+            "/v1/backends/drain",
+            &req(vip, address, None),
+        )?),
+        BackendCmd::List { vip, output } => {
+            let body = client::call(sock, "GET", "/v1/vips", None)?;
+            let vips: Vec<api::VipView> = serde_json::from_str(&body)?;
+            if let Some(v) = &vip {
+                if !vips.iter().any(|x| x.address == *v) {
+                    return Err(format!("VIP {v} does not exist: see `maglb vip list`").into());
+                }
+            }
+            let vips: Vec<_> = vips
+                .into_iter()
+                .filter(|v| vip.is_none_or(|id| v.address == id))
+                .collect();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&vips)?);
+                return Ok(());
+            }
+            println!(
+                "{:<28} {:<40} {:>7} {:<7} {:>12} {:>14}",
+                "VIP", "BACKEND", "WEIGHT", "STATE", "PACKETS", "BYTES"
+            );
+            for v in vips {
+                for b in v.backends {
+                    println!(
+                        "{:<28} {:<40} {:>7} {:<7} {:>12} {:>14}",
+                        v.address.to_string(),
+                        b.address.to_string(),
+                        b.weight,
+                        b.state.to_string(),
+                        b.counters.packets,
+                        b.counters.bytes
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_file(p: &Path) -> Result<String, String> {
+    std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAGLB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}

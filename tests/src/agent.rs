@@ -1,0 +1,154 @@
+//! A `maglb agent` process for tests: started inside a namespace, with its socket, state
+//! directory and BPF pins in places of its own; killed and its pins removed on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::netns::{Netns, unique_prefix};
+
+/// Where an agent keeps things; the same paths let a new agent take over from a killed one.
+#[derive(Clone)]
+pub struct AgentPaths {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub decap_pins: PathBuf,
+}
+
+impl AgentPaths {
+    pub fn new(tag: &str) -> Self {
+        let p = unique_prefix(tag);
+        let dir = std::env::temp_dir().join(format!("maglb-{p}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self {
+            socket: dir.join("maglb.sock"),
+            state_dir: dir.join("state"),
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/maglb-test-{p}")),
+            decap_pins: PathBuf::from(format!("/sys/fs/bpf/maglb-test-{p}-decap")),
+            dir,
+        }
+    }
+}
+
+/// Owns an `AgentPaths`: removes the pinned objects and files when dropped, also when a test
+/// fails. Declare it before the agents and topology that use it, so it goes last.
+pub struct Scratch(pub AgentPaths);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        Self(AgentPaths::new(tag))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for d in [&self.0.bpffs, &self.0.decap_pins] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let _ = std::fs::remove_dir_all(&self.0.dir);
+    }
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub paths: AgentPaths,
+    bin: PathBuf,
+}
+
+impl Agent {
+    /// Starts `bin agent` in `ns` and waits until it answers.
+    pub fn start(bin: &Path, ns: &Netns, paths: &AgentPaths) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&paths.dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(paths.dir.join("agent.log"))?;
+        let child = ns
+            .command(bin)?
+            .args(["agent", "--socket"])
+            .arg(&paths.socket)
+            .arg("--state-dir")
+            .arg(&paths.state_dir)
+            .arg("--bpffs")
+            .arg(&paths.bpffs)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting maglb agent")?;
+        let mut a = Agent {
+            child: Some(child),
+            paths: paths.clone(),
+            bin: bin.to_owned(),
+        };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if a.cli(&["status"]).status.success() {
+                return Ok(a);
+            }
+            if let Some(Ok(Some(st))) = a.child.as_mut().map(|c| c.try_wait()) {
+                bail!("agent exited with {st}: {}", a.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent did not answer within 20 s: {}", a.log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.paths.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs `maglb ARGS` against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.bin, &self.paths.socket, args)
+    }
+
+    /// Runs `maglb ARGS`; panics with its output unless it succeeds. Returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "maglb {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Kills the agent with SIGKILL (no clean-up of any kind).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `bin --socket SOCKET ARGS`.
+pub fn cli(bin: &Path, socket: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(bin)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("running maglb")
+}
