@@ -443,9 +443,11 @@ impl Balancer {
         total
     }
 
-    /// Global counters by reason, summed over CPUs, with their names.
+    /// Global counters by reason, summed over CPUs, with their names (the decap program's
+    /// reasons are not the balancer's and are left out).
     pub fn global_stats(&self) -> Vec<(&'static str, Counter)> {
         (0..stat::COUNT)
+            .filter(|i| ![stat::DECAP_OK, stat::DECAP_PASS].contains(i))
             .map(|i| (stat::NAMES[i as usize], Self::sum(&self.global_stats, i)))
             .collect()
     }

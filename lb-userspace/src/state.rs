@@ -460,22 +460,57 @@ impl State {
         s.checked()
     }
 
-    /// Replaces the VIPs and settings with `new`'s, keeping the attachment unless `new` names
-    /// an interface. What changes, in words.
+    /// What changes from `self` to `new`, in words, one line per change.
     pub fn diff(&self, new: &State) -> Vec<String> {
         let mut out = Vec::new();
-        if self.balancer != new.balancer {
-            out.push("balancer settings changed".to_owned());
+        let (a, b) = (&self.balancer, &new.balancer);
+        match (&a.interface, &b.interface) {
+            (None, Some(i)) => out.push(format!("attach to {i} ({})", b.mode)),
+            (Some(i), None) => out.push(format!("detach from {i}")),
+            (Some(x), Some(y)) if x != y || a.mode != b.mode => {
+                out.push(format!("move from {x} to {y} ({})", b.mode))
+            }
+            _ => {}
+        }
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        (a2.interface, a2.mode, b2.interface, b2.mode) = (None, b.mode, None, b.mode);
+        if a2 != b2 {
+            out.push("change balancer settings (mtu, sources, next hop)".to_owned());
         }
         for v in &new.vips {
-            match self.vip(&v.address) {
-                None => out.push(format!(
-                    "add VIP {} ({} backends)",
+            let Some(old) = self.vip(&v.address) else {
+                out.push(format!(
+                    "add VIP {} with {} backends",
                     v.address,
                     v.backends.len()
-                )),
-                Some(old) if old != v => out.push(format!("change VIP {}", v.address)),
-                _ => {}
+                ));
+                continue;
+            };
+            let id = v.address;
+            if old.affinity != v.affinity || old.ring_size != v.ring_size {
+                out.push(format!("VIP {id}: affinity/ring size changed"));
+            }
+            for nb in &v.backends {
+                match old.backends.iter().find(|o| o.address == nb.address) {
+                    None => out.push(format!(
+                        "VIP {id}: add backend {} (weight {})",
+                        nb.address, nb.weight
+                    )),
+                    Some(ob) if ob.state != nb.state => out.push(format!(
+                        "VIP {id}: backend {} {} -> {}",
+                        nb.address, ob.state, nb.state
+                    )),
+                    Some(ob) if ob.weight != nb.weight => out.push(format!(
+                        "VIP {id}: backend {} weight {} -> {}",
+                        nb.address, ob.weight, nb.weight
+                    )),
+                    _ => {}
+                }
+            }
+            for ob in &old.backends {
+                if !v.backends.iter().any(|b| b.address == ob.address) {
+                    out.push(format!("VIP {id}: delete backend {}", ob.address));
+                }
             }
         }
         for v in &self.vips {
@@ -622,18 +657,18 @@ backend = [{ address = "fd10:3::11" }]
         b.vips[0].backends[0].weight = 9;
         b.vips.remove(1);
         b.vips.push(Vip::new(id("10.9.0.1:53/udp")));
+        b.vips[0].backends[1].state = BackendState::Active;
+        b.balancer.interface = None;
         let d = a.diff(&b);
-        assert!(
-            d.contains(&"change VIP 10.200.0.1:80/tcp".to_owned()),
-            "{d:?}"
-        );
-        assert!(
-            d.contains(&"delete VIP [fd20::1]:0/udp".to_owned()),
-            "{d:?}"
-        );
-        assert!(
-            d.iter().any(|l| l.starts_with("add VIP 10.9.0.1:53/udp")),
-            "{d:?}"
+        assert_eq!(
+            d,
+            [
+                "detach from eth0",
+                "VIP 10.200.0.1:80/tcp: backend 10.10.3.11 weight 2 -> 9",
+                "VIP 10.200.0.1:80/tcp: backend 10.10.3.12 drain -> active",
+                "add VIP 10.9.0.1:53/udp with 0 backends",
+                "delete VIP [fd20::1]:0/udp",
+            ]
         );
         assert!(a.diff(&a).is_empty());
     }

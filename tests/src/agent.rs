@@ -120,6 +120,11 @@ impl Agent {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// The agent's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills the agent with SIGKILL (no clean-up of any kind).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -268,7 +268,8 @@ impl Drop for Topology {
     }
 }
 
-/// A TCP server: answers every line with its backend name.
+/// A TCP server: answers every line with its backend name, and HTTP GET requests with an
+/// HTTP response whose body is that name.
 fn tcp_server(
     ns: &Netns,
     name: &str,
@@ -309,6 +310,20 @@ fn serve_lines(s: TcpStream, name: &str, stop: &AtomicBool) {
         line.clear();
         match r.read_line(&mut line) {
             Ok(0) => return,
+            Ok(_) if line.starts_with("GET ") => {
+                // Skip the headers, answer, close.
+                let mut h = String::new();
+                while r.read_line(&mut h).is_ok_and(|n| n > 0) && h.trim() != "" {
+                    h.clear();
+                }
+                let body = format!("{name}\n");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = w.write_all(resp.as_bytes());
+                return;
+            }
             Ok(_) => {
                 if w.write_all(format!("{name}\n").as_bytes()).is_err() {
                     return;
@@ -348,6 +363,25 @@ fn udp_server(
 pub fn tcp_request(to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
     let mut c = LongConn::open(to, timeout)?;
     c.ask()
+}
+
+/// One HTTP GET to the VIP on a new connection: the response body (the backend's name).
+pub fn http_get(to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut s =
+        TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect {to}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").context("HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("HTTP status: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.trim().to_owned())
 }
 
 /// One UDP exchange with the VIP from a new socket (a new source port).

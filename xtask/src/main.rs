@@ -122,6 +122,19 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             ensure_setup()?;
             require_root("demo")?;
+            // The demo runs the real `maglb` binary, which it finds next to itself.
+            cmd(
+                "cargo",
+                &[
+                    "build",
+                    "--release",
+                    "--locked",
+                    "--package",
+                    "lb-userspace",
+                    "--bin",
+                    "maglb",
+                ],
+            )?;
             cmd(
                 "cargo",
                 &[

@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
-pub const PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "iputils-ping"];
+pub const PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "iputils-ping", "curl"];
 
 /// What is missing, as human-readable items (empty when all is there).
 pub fn missing() -> Vec<String> {

@@ -1,28 +1,26 @@
-//! `cargo xtask demo`: the datapath at work, in namespaces this program creates and removes
-//! (also on Ctrl-C).
+//! `cargo xtask demo`: maglb as an operator runs it, in namespaces this program creates and
+//! removes (also on Ctrl-C). Every change goes through the `maglb` command.
 
 use std::{
     collections::BTreeMap,
+    path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
-    balancer::Balancer,
-    service::{BackendSpec, Services, VipId},
-};
 use maglb_tests::{
-    fixture::vip,
+    agent::{Agent, Scratch},
     netns::require_root,
-    topology::{self, LongConn, TCP_PORT, Topology, UDP_PORT, VIP, backend_addr, vip_addr},
+    topology::{self, LongConn, TCP_PORT, Topology, VIP, backend_addr, vip_addr},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Namespaces to remove if the demo is interrupted.
-static NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// What to remove if the demo is interrupted: namespaces, pin directories, the agent.
+static CLEANUP: Mutex<(Vec<String>, Vec<PathBuf>, Option<u32>)> =
+    Mutex::new((Vec::new(), Vec::new(), None));
 
-/// Blocks SIGINT/SIGTERM in every thread and removes the namespaces when one arrives.
+/// Blocks SIGINT/SIGTERM in every thread; on one, removes what the demo made and exits.
 fn cleanup_on_signal() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -33,43 +31,59 @@ fn cleanup_on_signal() {
         std::thread::spawn(move || {
             let mut sig = 0;
             libc::sigwait(&set, &mut sig);
-            eprintln!("\ninterrupted: removing the demo's namespaces");
-            for ns in NAMESPACES.lock().unwrap().iter() {
+            eprintln!("\ninterrupted: removing the demo's namespaces, pins and agent");
+            let c = CLEANUP.lock().unwrap();
+            if let Some(pid) = c.2 {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            for ns in &c.0 {
                 let _ = std::process::Command::new("ip")
                     .args(["netns", "del", ns])
                     .status();
+            }
+            for d in &c.1 {
+                let _ = std::fs::remove_dir_all(d);
             }
             std::process::exit(130);
         });
     }
 }
 
-fn specs(weights: &[u32]) -> Vec<BackendSpec> {
-    weights
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| **w > 0)
-        .map(|(i, &w)| BackendSpec {
-            addr: backend_addr(i).into(),
-            weight: w,
-        })
-        .collect()
+/// The `maglb` binary next to this one (`cargo xtask demo` builds both).
+fn maglb_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let dir = exe.parent().expect("target dir");
+    for name in ["maglb", "maglb-cli"] {
+        if dir.join(name).exists() {
+            return dir.join(name);
+        }
+    }
+    panic!(
+        "no maglb binary next to {}; run `cargo xtask demo`",
+        exe.display()
+    );
+}
+
+/// Runs and shows a `maglb` command.
+fn run(a: &Agent, args: &[&str]) {
+    println!("$ maglb {}", args.join(" "));
+    for l in a.ok(args).lines() {
+        println!("  {l}");
+    }
 }
 
 fn requests(t: &Topology, n: usize) -> BTreeMap<String, usize> {
-    let h = t
-        .client
-        .spawn(move || {
+    t.client
+        .run(move || {
             let mut seen = BTreeMap::new();
             for _ in 0..n {
-                let b = topology::tcp_request(vip_addr(TCP_PORT), TIMEOUT)
+                let b = topology::http_get(vip_addr(TCP_PORT), TIMEOUT)
                     .unwrap_or_else(|e| format!("FAILED ({e})"));
                 *seen.entry(b).or_insert(0) += 1;
             }
             seen
         })
-        .unwrap();
-    h.join().unwrap()
+        .unwrap()
 }
 
 fn show(title: &str, seen: &BTreeMap<String, usize>) {
@@ -84,100 +98,108 @@ fn show(title: &str, seen: &BTreeMap<String, usize>) {
     }
 }
 
-fn counters(bal: &Balancer, svc: &Services, ids: &[VipId]) {
-    println!("  datapath counters (per-CPU maps, summed):");
-    for id in ids {
-        let c = bal.vip_stats(svc.vip_index(id).unwrap());
-        println!(
-            "    VIP {id:<18} {:>7} packets {:>9} bytes",
-            c.packets, c.bytes
-        );
-    }
-    for i in 0..3 {
-        let a = backend_addr(i).into();
-        if let Some(idx) = svc.backend_index(&a) {
-            let c = bal.backend_stats(idx);
-            println!(
-                "    backend b{i} {a:<12} {:>7} packets {:>9} bytes",
-                c.packets, c.bytes
-            );
-        }
-    }
-    for (name, c) in bal.global_stats() {
-        if c.packets > 0 {
-            println!("    {name:<22} {:>7}", c.packets);
-        }
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     require_root();
     cleanup_on_signal();
     let started = Instant::now();
+    let bin = maglb_bin();
+    let scratch = Scratch::new("demo");
     println!(
-        "maglb demo: an XDP Maglev balancer with direct server return, in network namespaces\n"
+        "maglb demo: an XDP Maglev load balancer with direct server return, in network namespaces\n"
     );
-    let t = Topology::build("demo", 3)?;
+    let t = Topology::build_with("demo", 3, false)?;
     {
-        let mut ns = NAMESPACES.lock().unwrap();
+        let mut c = CLEANUP.lock().unwrap();
         for n in [&t.client, &t.router, &t.lb].into_iter().chain(&t.backends) {
-            ns.push(n.name.clone());
+            c.0.push(n.name.clone());
         }
+        c.1.extend([
+            scratch.0.bpffs.clone(),
+            scratch.0.decap_pins.clone(),
+            scratch.0.dir.clone(),
+        ]);
     }
+    println!("topology: client 10.10.1.2 -> router -> balancer l0 10.10.2.2 (XDP native)");
     println!(
-        "topology: client -> router -> balancer (XDP native on veth l0) -> router -> 3 backends"
-    );
-    println!(
-        "  client 10.10.1.2, VIP {VIP}, backends {} {} {} (decap XDP, VIP on lo)",
+        "          -> router -> backends b0 b1 b2 at {} {} {}",
         backend_addr(0),
         backend_addr(1),
         backend_addr(2)
     );
-    println!("  backends answer the client directly (direct server return)\n");
-
-    let mut bal = t.attach_balancer()?;
-    let mut svc = Services::new();
-    let tcp = vip(VIP, TCP_PORT, "tcp");
-    let udp = vip(VIP, UDP_PORT, "udp");
-    for id in [tcp, udp] {
-        let mut spec = lb_userspace::service::VipSpec::new(id);
-        spec.backends = specs(&[1, 1, 1]);
-        svc.set_vip(&mut bal, spec)?;
-    }
-    println!("1. VIP {tcp} and {udp}, three backends of weight 1: 600 TCP connections");
-    show("answers per backend:", &requests(&t, 600));
-
-    let udp_seen = t.client.run(|| {
-        let mut seen = BTreeMap::new();
-        for _ in 0..300 {
-            let b = topology::udp_request(vip_addr(UDP_PORT), TIMEOUT)
-                .unwrap_or_else(|e| format!("FAILED ({e})"));
-            *seen.entry(b).or_insert(0) += 1;
-        }
-        seen
-    })?;
-    println!("\n2. 300 UDP exchanges, each from a new source port");
-    show("answers per backend:", &udp_seen);
-
-    println!("\n3. ping the VIP: the XDP program answers echo requests itself");
-    let ping = t.client.exec(
-        "ping",
-        &["-c", "3", "-i", "0.2", "-W", "1", &VIP.to_string()],
+    println!(
+        "          backends serve HTTP on the VIP {VIP} (bound on lo) and answer the client directly\n"
     );
-    match ping {
-        Ok(out) => out
-            .lines()
-            .filter(|l| l.contains("bytes from") || l.contains("loss"))
-            .for_each(|l| println!("    {l}")),
-        Err(e) => println!("    ping failed: {e}"),
+
+    println!("1. on each backend: the decap program (no agent needed there)");
+    for (i, b) in t.backends.iter().enumerate() {
+        let pins = scratch.0.decap_pins.join(format!("b{i}"));
+        let out = b
+            .command(&bin)?
+            .args(["decap", "attach", "--iface", "e0", "--pin-dir"])
+            .arg(&pins)
+            .output()?;
+        println!(
+            "  b{i}$ maglb decap attach --iface e0\n    {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
     }
 
-    println!("\n4. weights 1 : 1 : 3 (one atomic ring switch): 600 more connections");
-    svc.set_backends(&mut bal, &tcp, specs(&[1, 1, 3]))?;
-    show("answers per backend:", &requests(&t, 600));
+    println!("\n2. on the balancer: start the agent, attach, add a VIP and backends");
+    let a = Agent::start(Path::new(&bin), &t.lb, &scratch.0)?;
+    CLEANUP.lock().unwrap().2 = a.pid();
+    println!("$ maglb agent &");
+    let vip = format!("{VIP}:{TCP_PORT}/tcp");
+    run(&a, &["attach", "--iface", "l0"]);
+    run(&a, &["vip", "add", &vip]);
+    for i in 0..3 {
+        run(
+            &a,
+            &[
+                "backend",
+                "add",
+                &vip,
+                &backend_addr(i).to_string(),
+                "--weight",
+                "1",
+            ],
+        );
+    }
+    let ready = topology::wait_for(Duration::from_secs(10), || {
+        a.ok(&["status"]).contains("forwarding   yes")
+    });
+    run(&a, &["status"]);
+    if !ready {
+        anyhow::bail!("the datapath did not become ready:\n{}", a.log());
+    }
 
-    println!("\n5. 30 long-lived connections open, then b0 leaves the table");
-    let mut conns = t
+    println!("\n3. real HTTP requests from the client");
+    for _ in 0..3 {
+        let out = t
+            .client
+            .exec("curl", &["-s", "-m", "2", &format!("http://{VIP}/")]);
+        println!(
+            "  client$ curl http://{VIP}/   ->  {}",
+            out.map(|o| o.trim().to_owned())
+                .unwrap_or_else(|e| e.to_string())
+        );
+    }
+    show("600 requests, answers per backend:", &requests(&t, 600));
+
+    println!("\n4. weights 1 : 1 : 3, one atomic table switch");
+    run(
+        &a,
+        &[
+            "backend",
+            "set-weight",
+            &vip,
+            &backend_addr(2).to_string(),
+            "3",
+        ],
+    );
+    show("600 requests:", &requests(&t, 600));
+
+    println!("\n5. drain b0 while 30 long-lived connections are open");
+    let conns = t
         .client
         .run(|| -> anyhow::Result<Vec<(LongConn, String)>> {
             (0..30)
@@ -189,9 +211,13 @@ fn main() -> anyhow::Result<()> {
                 .collect()
         })??;
     let on_b0 = conns.iter().filter(|(_, b)| b == "b0").count();
-    svc.set_backends(&mut bal, &tcp, specs(&[0, 1, 3]))?;
-    show("new connections after the change:", &requests(&t, 300));
+    run(
+        &a,
+        &["backend", "drain", &vip, &backend_addr(0).to_string()],
+    );
+    show("300 new requests:", &requests(&t, 300));
     let kept = t.client.run(move || {
+        let mut conns = conns;
         let mut kept = 0;
         for (c, b) in conns.iter_mut() {
             if c.ask().ok().as_ref() == Some(b) {
@@ -201,12 +227,17 @@ fn main() -> anyhow::Result<()> {
         kept
     })?;
     println!(
-        "  established connections still on their backend: {kept}/30 ({on_b0} of them on b0)\n"
+        "  established connections still answered by their backend: {kept}/30 ({on_b0} on the drained b0)"
     );
 
-    counters(&bal, &svc, &[tcp, udp]);
+    println!("\n6. what the datapath counted");
+    run(&a, &["backend", "list"]);
+    run(&a, &["stats"]);
+
+    println!("\n7. the running state as a config file");
+    run(&a, &["config", "export"]);
     println!(
-        "\ndone in {:.1} s; removing the namespaces",
+        "done in {:.1} s; removing the namespaces, pins and agent",
         started.elapsed().as_secs_f64()
     );
     Ok(())
