@@ -94,6 +94,27 @@ impl Mode {
     }
 }
 
+/// Attaches `prog` to `iface` in `mode` (in the calling thread's network namespace).
+pub fn attach_xdp(prog: &mut Xdp, iface: &str, mode: Mode) -> Result<XdpLinkId, BalancerError> {
+    prog.attach(iface, mode.xdp())
+        .map_err(|source| BalancerError::Attach {
+            iface: iface.into(),
+            mode: mode.name(),
+            source,
+        })
+}
+
+/// Pins the link `id` of `prog` at `path`, so the attachment outlives this process, and
+/// hands it back to `prog`. Returns the link's new id.
+pub fn pin_link(prog: &mut Xdp, id: XdpLinkId, path: &Path) -> Result<XdpLinkId, BalancerError> {
+    let dir = path.parent().unwrap_or(path);
+    let link = prog.take_link(id).map_err(|e| pin_error(dir, e))?;
+    let fd = FdLink::try_from(link).map_err(|e| pin_error(dir, e))?;
+    let pinned = fd.pin(path).map_err(|e| pin_error(dir, e))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(dir, e))?;
+    prog.attach_to_link(link).map_err(|e| pin_error(dir, e))
+}
+
 /// A VIP's two ring maps: the active one the datapath reads, the spare one the next table is
 /// written into before the outer slot is switched to it. The kernel waits for running
 /// programs when an outer map slot changes, so after the switch nobody reads the old ring
@@ -255,34 +276,11 @@ impl Balancer {
     /// Attaches the program to `iface` (in the calling thread's network namespace). With a
     /// pin directory, the link is pinned: it outlives this process.
     pub fn attach(&mut self, iface: &str, mode: Mode) -> Result<(), BalancerError> {
-        let link =
-            self.program()
-                .attach(iface, mode.xdp())
-                .map_err(|source| BalancerError::Attach {
-                    iface: iface.into(),
-                    mode: mode.name(),
-                    source,
-                })?;
-        let Some(dir) = self.pin_dir.clone() else {
-            self.link = Some(link);
-            return Ok(());
-        };
-        {
-            let link = self
-                .program()
-                .take_link(link)
-                .map_err(|e| pin_error(&dir, e))?;
-            let fd = FdLink::try_from(link).map_err(|e| pin_error(&dir, e))?;
-            let pinned = fd
-                .pin(dir.join(LINK_FILE))
-                .map_err(|e| pin_error(&dir, e))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(&dir, e))?;
-            let id = self
-                .program()
-                .attach_to_link(link)
-                .map_err(|e| pin_error(&dir, e))?;
-            self.link = Some(id);
+        let mut link = attach_xdp(self.program(), iface, mode)?;
+        if let Some(dir) = self.pin_dir.clone() {
+            link = pin_link(self.program(), link, &dir.join(LINK_FILE))?;
         }
+        self.link = Some(link);
         Ok(())
     }
 

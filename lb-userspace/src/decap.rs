@@ -9,16 +9,13 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{
-        Xdp,
-        links::{FdLink, PinnedLink},
-    },
+    programs::{Xdp, links::PinnedLink},
 };
 use lb_common::{AddrKey, Counter, stat};
 
 use crate::{
     addr,
-    balancer::{BalancerError, Mode},
+    balancer::{BalancerError, Mode, attach_xdp, pin_link},
     netlink, programs,
     state::check_ifname,
 };
@@ -80,17 +77,7 @@ impl Decap {
         iface: &str,
         mode: Mode,
     ) -> Result<(), BalancerError> {
-        let xdp_mode = match mode {
-            Mode::Native => aya::programs::XdpMode::Driver,
-            Mode::Generic => aya::programs::XdpMode::Skb,
-        };
-        prog(&mut self.ebpf, program)?
-            .attach(iface, xdp_mode)
-            .map_err(|source| BalancerError::Attach {
-                iface: iface.into(),
-                mode: mode.name(),
-                source,
-            })?;
+        attach_xdp(prog(&mut self.ebpf, program)?, iface, mode)?;
         Ok(())
     }
 
@@ -212,21 +199,9 @@ pub fn attach_pinned(pin_dir: &Path, iface: &str, mode: Mode) -> Result<Vec<IpAd
     let mut d = Decap::open(Some(&dir))?;
     let link_path = dir.join("link");
     if !link_path.exists() {
-        let xdp_mode = match mode {
-            Mode::Native => aya::programs::XdpMode::Driver,
-            Mode::Generic => aya::programs::XdpMode::Skb,
-        };
         let prog = d.program(PROGRAM)?;
-        let id = prog
-            .attach(iface, xdp_mode)
-            .map_err(|source| BalancerError::Attach {
-                iface: iface.into(),
-                mode: mode.name(),
-                source,
-            })?;
-        let link = prog.take_link(id).map_err(|e| pin_err(&dir)(&e))?;
-        let fd = FdLink::try_from(link).map_err(|e| pin_err(&dir)(&e))?;
-        fd.pin(&link_path).map_err(|e| pin_err(&dir)(&e))?;
+        let id = attach_xdp(prog, iface, mode)?;
+        pin_link(prog, id, &link_path)?;
     }
     let addrs = local_addresses()?;
     d.set_addrs(&addrs)?;

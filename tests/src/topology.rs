@@ -434,6 +434,40 @@ impl LongConn {
     }
 }
 
+/// Long-lived connections, each with the backend that answered its first request.
+pub struct Conns(pub Vec<(LongConn, String)>);
+
+impl Conns {
+    /// Opens `n` connections to `to` (run it inside the client's namespace).
+    pub fn open(n: usize, to: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let conns = (0..n)
+            .map(|_| {
+                let mut c = LongConn::open(to, timeout)?;
+                let b = c.ask()?;
+                Ok((c, b))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self(conns))
+    }
+
+    /// How many started on `backend`.
+    pub fn on(&self, backend: &str) -> usize {
+        self.0.iter().filter(|(_, b)| b == backend).count()
+    }
+
+    /// Asks once more on every connection: those that failed or moved to another backend.
+    pub fn broken(&mut self) -> Vec<String> {
+        let mut broken = Vec::new();
+        for (i, (c, b)) in self.0.iter_mut().enumerate() {
+            match c.ask() {
+                Ok(now) if now == *b => {}
+                other => broken.push(format!("connection {i} on {b}: {other:?}")),
+            }
+        }
+        broken
+    }
+}
+
 /// Waits until `f` is true, at most `limit`.
 pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let t = Instant::now();

@@ -15,9 +15,7 @@ use std::{
 use maglb_tests::{
     agent::{Agent, Scratch, cli},
     netns::{Netns, require_root, unique_prefix},
-    topology::{
-        self, LongConn, TCP_PORT, Topology, UDP_PORT, VIP, backend_addr, vip_addr, wait_for,
-    },
+    topology::{self, Conns, TCP_PORT, Topology, UDP_PORT, VIP, backend_addr, vip_addr, wait_for},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_maglb-cli");
@@ -167,18 +165,10 @@ fn drained_backend_keeps_established_connections() {
     let (t, a) = setup("cld", &scratch, &[1, 1, 1]);
     let conns = t
         .client
-        .run(|| -> Vec<(LongConn, String)> {
-            (0..30)
-                .map(|_| {
-                    let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT).unwrap();
-                    let b = c.ask().unwrap();
-                    (c, b)
-                })
-                .collect()
-        })
-        .unwrap();
-    let on_b1 = conns.iter().filter(|(_, b)| b == "b1").count();
-    assert!(on_b1 > 0, "no connection landed on b1");
+        .run(|| Conns::open(30, vip_addr(TCP_PORT), TIMEOUT))
+        .unwrap()
+        .expect("open connections");
+    assert!(conns.on("b1") > 0, "no connection landed on b1");
     a.ok(&["backend", "drain", &vip_tcp(), &backend_addr(1).to_string()]);
     assert!(a.ok(&["backend", "list", &vip_tcp()]).contains("drain"));
     let (seen, failed) = spread(&t, 300, false);
@@ -191,16 +181,13 @@ fn drained_backend_keeps_established_connections() {
         .client
         .run(move || {
             let mut conns = conns;
-            let mut broken = 0;
-            for (c, b) in conns.iter_mut() {
-                if c.ask().ok().as_deref() != Some(b.as_str()) {
-                    broken += 1;
-                }
-            }
-            broken
+            conns.broken()
         })
         .unwrap();
-    assert_eq!(broken, 0, "established connections broke after the drain");
+    assert!(
+        broken.is_empty(),
+        "established connections broke after the drain: {broken:?}"
+    );
 }
 
 #[test]
@@ -216,13 +203,7 @@ fn agent_killed_mid_traffic_loses_nothing() {
         let (stop, ok, bad) = (stop.clone(), ok.clone(), bad.clone());
         t.client
             .spawn(move || {
-                let mut long: Vec<(LongConn, String)> = (0..20)
-                    .map(|_| {
-                        let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT).unwrap();
-                        let b = c.ask().unwrap();
-                        (c, b)
-                    })
-                    .collect();
+                let mut long = Conns::open(20, vip_addr(TCP_PORT), TIMEOUT).unwrap();
                 let mut long_broken = 0;
                 for round in 0..10_000 {
                     if stop.load(Ordering::Relaxed) {
@@ -233,11 +214,7 @@ fn agent_killed_mid_traffic_loses_nothing() {
                         Err(_) => bad.fetch_add(1, Ordering::Relaxed),
                     };
                     if round % 20 == 0 {
-                        for (c, b) in long.iter_mut() {
-                            if c.ask().ok().as_deref() != Some(b.as_str()) {
-                                long_broken += 1;
-                            }
-                        }
+                        long_broken += long.broken().len();
                     }
                 }
                 long_broken

@@ -2,7 +2,7 @@
 //! exchanges from a client through the router and the XDP balancer to three backends, whose
 //! kernels answer the client directly. See `maglb_tests::topology` for the picture.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use lb_common::stat;
 use lb_userspace::service::{BackendSpec, Services, VipSpec};
@@ -10,8 +10,8 @@ use maglb_tests::{
     fixture::vip,
     netns::require_root,
     topology::{
-        self, LongConn, TCP_PORT, Topology, UDP_PORT, VIP, VIP6, backend_addr, backend_addr6,
-        vip_addr, vip6_addr,
+        self, Conns, LongConn, TCP_PORT, Topology, UDP_PORT, VIP, VIP6, backend_addr,
+        backend_addr6, vip_addr, vip6_addr,
     },
 };
 
@@ -140,18 +140,10 @@ fn removing_a_backend_keeps_established_connections() {
     // 60 long-lived connections, spread over all three backends.
     let conns = t
         .client
-        .run(|| -> anyhow::Result<Vec<(LongConn, String)>> {
-            (0..60)
-                .map(|_| {
-                    let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT)?;
-                    let b = c.ask()?;
-                    Ok((c, b))
-                })
-                .collect()
-        })
+        .run(|| Conns::open(60, vip_addr(TCP_PORT), TIMEOUT))
         .unwrap()
         .expect("open connections");
-    let on_b2 = conns.iter().filter(|(_, b)| b == "b2").count();
+    let on_b2 = conns.on("b2");
     assert!(
         on_b2 > 0 && on_b2 < 60,
         "connections not spread: {on_b2} on b2"
@@ -171,21 +163,11 @@ fn removing_a_backend_keeps_established_connections() {
     );
 
     // ... and every established connection keeps its backend and keeps working.
-    let conns = Arc::new(std::sync::Mutex::new(conns));
-    let c2 = conns.clone();
     let broken = t
         .client
         .run(move || {
-            let mut broken = Vec::new();
-            for (i, (c, b)) in c2.lock().unwrap().iter_mut().enumerate() {
-                for _ in 0..3 {
-                    match c.ask() {
-                        Ok(now) if &now == b => {}
-                        other => broken.push(format!("conn {i} on {b}: {other:?}")),
-                    }
-                }
-            }
-            broken
+            let mut conns = conns;
+            (0..3).flat_map(|_| conns.broken()).collect::<Vec<_>>()
         })
         .unwrap();
     assert!(

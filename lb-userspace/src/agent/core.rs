@@ -32,17 +32,10 @@ pub struct Core {
     bpffs: PathBuf,
 }
 
-fn datapath_refused(e: impl std::fmt::Display + std::error::Error) -> Refused {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
+fn datapath_refused(e: impl std::error::Error) -> Refused {
     Refused {
         status: 500,
-        message: msg,
+        message: crate::error_chain(&e),
     }
 }
 

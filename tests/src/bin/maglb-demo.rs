@@ -11,7 +11,7 @@ use std::{
 use maglb_tests::{
     agent::{Agent, Scratch},
     netns::require_root,
-    topology::{self, LongConn, TCP_PORT, Topology, VIP, backend_addr, vip_addr},
+    topology::{self, Conns, TCP_PORT, Topology, VIP, backend_addr, vip_addr},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -201,16 +201,8 @@ fn main() -> anyhow::Result<()> {
     println!("\n5. drain b0 while 30 long-lived connections are open");
     let conns = t
         .client
-        .run(|| -> anyhow::Result<Vec<(LongConn, String)>> {
-            (0..30)
-                .map(|_| {
-                    let mut c = LongConn::open(vip_addr(TCP_PORT), TIMEOUT)?;
-                    let b = c.ask()?;
-                    Ok((c, b))
-                })
-                .collect()
-        })??;
-    let on_b0 = conns.iter().filter(|(_, b)| b == "b0").count();
+        .run(|| Conns::open(30, vip_addr(TCP_PORT), TIMEOUT))??;
+    let on_b0 = conns.on("b0");
     run(
         &a,
         &["backend", "drain", &vip, &backend_addr(0).to_string()],
@@ -218,13 +210,7 @@ fn main() -> anyhow::Result<()> {
     show("300 new requests:", &requests(&t, 300));
     let kept = t.client.run(move || {
         let mut conns = conns;
-        let mut kept = 0;
-        for (c, b) in conns.iter_mut() {
-            if c.ask().ok().as_ref() == Some(b) {
-                kept += 1;
-            }
-        }
-        kept
+        30 - conns.broken().len()
     })?;
     println!(
         "  established connections still answered by their backend: {kept}/30 ({on_b0} on the drained b0)"
