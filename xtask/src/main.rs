@@ -44,6 +44,47 @@ pub fn cmd(prog: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test --locked ARGS -- HARNESS_ARGS`, showing its output, and returns the
+/// passed and failed counts from its `test result:` lines. Fails if any test failed.
+fn cargo_test(args: &[&str], harness: &[&str]) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new("cargo")
+        .args(["test", "--locked"])
+        .args(args)
+        .arg("--")
+        .args(harness)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|p| {
+                        p.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    if !child.wait()?.success() || failed > 0 {
+        bail!(
+            "cargo test {} failed ({passed} passed, {failed} failed)",
+            args.join(" ")
+        );
+    }
+    Ok((passed, failed))
+}
+
 /// Runs a command and returns its standard output.
 pub fn output(prog: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(prog).args(args).output()?;
@@ -95,29 +136,30 @@ fn main() -> anyhow::Result<()> {
             ensure_setup()?;
             require_root("test")?;
             // Unit tests, then the root tests one at a time (each builds its own namespaces).
-            cmd(
-                "cargo",
+            // Doc tests are left out: there are none, and their empty runs would end the log.
+            let unit = cargo_test(
                 &[
-                    "test",
-                    "--locked",
                     "--workspace",
                     "--exclude",
                     "lb-ebpf",
                     "--exclude",
                     "maglb-tests",
+                    "--lib",
+                    "--bins",
+                    "--tests",
                 ],
+                &[],
             )?;
-            cmd(
-                "cargo",
-                &[
-                    "test",
-                    "--locked",
-                    "--package",
-                    "maglb-tests",
-                    "--",
-                    "--test-threads=1",
-                ],
-            )
+            let root = cargo_test(
+                &["--package", "maglb-tests", "--tests"],
+                &["--test-threads=1"],
+            )?;
+            println!(
+                "xtask test: {} passed, {} failed",
+                unit.0 + root.0,
+                unit.1 + root.1
+            );
+            Ok(())
         }
         Task::Demo => {
             ensure_setup()?;
