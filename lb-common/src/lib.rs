@@ -9,8 +9,8 @@ use core::mem::size_of;
 
 /// Maximum number of VIPs (size of the VIP maps and of the ring outer map).
 pub const MAX_VIPS: u32 = 512;
-/// Maximum number of backends over all VIPs (size of the backend array).
-pub const MAX_BACKENDS: u32 = 4096;
+/// Maximum number of backend slots: one per (VIP, backend) pair, over all VIPs.
+pub const MAX_BACKENDS: u32 = 65536;
 /// Default Maglev ring size (prime). Rings are per VIP and may use another prime.
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest ring a VIP may use (the datapath reduces the hash modulo the VIP's ring size).
@@ -96,7 +96,7 @@ pub struct AddrKey {
 }
 const _: () = assert!(size_of::<AddrKey>() == 20);
 
-/// A backend slot.
+/// A backend slot: one backend of one VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -104,7 +104,8 @@ pub struct Backend {
     pub family: u8,
     /// `BACKEND_F_*` flags.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Index of the VIP this slot belongs to (for user space; the datapath does not read it).
+    pub vip: u16,
     /// Changes whenever connection-table entries that point here must stop being honoured
     /// (backend removed or down). Entries carry the generation they were made under.
     pub generation: u32,

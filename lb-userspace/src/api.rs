@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     service::VipId,
-    state::{Affinity, AttachMode, BackendState},
+    state::{Affinity, AttachMode, BackendState, HealthCheck, ProbeKind},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/maglb/maglb.sock";
@@ -45,6 +45,54 @@ pub struct BackendRequest {
     pub address: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// Add: a backup backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<bool>,
+    /// Add: its pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+/// Sets a VIP's default health check (`vip` only) or a backend's own (`vip` and `backend`);
+/// `health` null clears it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthRequest {
+    pub vip: VipId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<IpAddr>,
+    pub health: Option<HealthCheck>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRequest {
+    pub address: VipId,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+}
+
+/// What the probes of one backend found.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HealthView {
+    pub up: bool,
+    /// "ok", or why the last probe failed.
+    pub last: Option<String>,
+    pub latency_ms: Option<f64>,
+    /// Seconds since the last change of `up` (or since probing began).
+    pub since_s: f64,
+    pub checks: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeView {
+    pub vip: VipId,
+    pub backend: IpAddr,
+    pub kind: ProbeKind,
+    pub target: String,
+    /// None until the first probe finishes.
+    pub health: Option<HealthView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,6 +124,10 @@ pub struct BackendView {
     pub address: IpAddr,
     pub weight: u32,
     pub state: BackendState,
+    pub backup: bool,
+    pub pool: String,
+    /// Present when the backend has a health check.
+    pub health: Option<HealthView>,
     #[serde(flatten)]
     pub counters: CounterView,
 }
@@ -86,6 +138,7 @@ pub struct VipView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     pub ring_size: u32,
+    pub pools: BTreeMap<String, u32>,
     #[serde(flatten)]
     pub counters: CounterView,
     pub backends: Vec<BackendView>,

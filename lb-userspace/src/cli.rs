@@ -8,14 +8,14 @@ use std::{
     process::ExitCode,
 };
 
-use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use crate::{
     agent, api,
     client::{self, ClientError},
     decap, error_chain,
     service::VipId,
-    state::{Affinity, AttachMode, State},
+    state::{Affinity, AttachMode, HealthCheck, ProbeKind, State},
 };
 
 #[derive(Parser)]
@@ -105,6 +105,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BackendCmd,
     },
+    /// Every health probe: state, last result, latency, time since the last change.
+    Health {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Counters per VIP and backend, and by reason.
     Stats {
         #[arg(long, value_enum, default_value = "table")]
@@ -163,6 +168,32 @@ enum VipCmd {
     },
     /// Delete a VIP and its backends.
     Del { vip: VipId },
+    /// Move new flows to a pool of backends in one step (blue-green), or part of them
+    /// (canary); established flows stay where they are. Rolling back is the same command.
+    #[command(
+        after_help = "Examples:\n  maglb vip switch 10.200.0.1:80/tcp --to green --percent 5\n  \
+        maglb vip switch 10.200.0.1:80/tcp --to green --percent 25\n  \
+        maglb vip switch 10.200.0.1:80/tcp --to green\n  \
+        maglb vip switch 10.200.0.1:80/tcp --to blue      # roll back"
+    )]
+    Switch {
+        vip: VipId,
+        #[arg(long)]
+        to: String,
+        /// Share of new flows for the pool (1-100); the pools serving now share the rest.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        percent: Option<u32>,
+    },
+    /// Set the VIP's default health check for its backends (`--kind none` removes it).
+    #[command(
+        after_help = "Examples:\n  maglb vip health 10.200.0.1:80/tcp --kind tcp --interval-ms 1000 --fall 3\n  \
+        maglb vip health 10.200.0.1:80/tcp --kind http --port 8080 --path /healthz --expect 200-299"
+    )]
+    Health {
+        vip: VipId,
+        #[command(flatten)]
+        check: HealthArgs,
+    },
     /// List VIPs.
     List {
         #[arg(long, value_enum, default_value = "table")]
@@ -179,6 +210,12 @@ enum BackendCmd {
         address: IpAddr,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=65535))]
         weight: u32,
+        /// Serve only while no primary backend of the VIP is up.
+        #[arg(long)]
+        backup: bool,
+        /// Its pool, for blue-green and canary (`maglb vip switch`).
+        #[arg(long)]
+        pool: Option<String>,
     },
     /// Remove a backend now: its established flows end (use `drain` first to let them finish).
     Del { vip: VipId, address: IpAddr },
@@ -198,6 +235,110 @@ enum BackendCmd {
     },
     /// No new flows to this backend; established flows stay until they end.
     Drain { vip: VipId, address: IpAddr },
+    /// Take a backend out of service: no new flows, and its established flows move.
+    Disable { vip: VipId, address: IpAddr },
+    /// Put a drained or disabled backend back in service.
+    Enable { vip: VipId, address: IpAddr },
+    /// Give a backend its own health check (`--inherit` goes back to the VIP's).
+    #[command(
+        after_help = "Example:\n  maglb backend health 10.200.0.1:80/tcp 10.10.3.11 --kind http --path /ready"
+    )]
+    Health {
+        vip: VipId,
+        address: IpAddr,
+        /// Use the VIP's health check again.
+        #[arg(long, conflicts_with = "kind")]
+        inherit: bool,
+        #[command(flatten)]
+        check: HealthArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum KindArg {
+    None,
+    Tcp,
+    Http,
+    Udp,
+}
+
+/// A health check on the command line; unset settings take their defaults.
+#[derive(Args)]
+struct HealthArgs {
+    /// What to check.
+    #[arg(long, value_enum)]
+    kind: Option<KindArg>,
+    /// Time between checks [default: 2000].
+    #[arg(long)]
+    interval_ms: Option<u32>,
+    /// A check that takes longer fails [default: 1000].
+    #[arg(long)]
+    timeout_ms: Option<u32>,
+    /// Successes that bring a backend up [default: 2].
+    #[arg(long)]
+    rise: Option<u32>,
+    /// Failures that take a backend down [default: 3].
+    #[arg(long)]
+    fall: Option<u32>,
+    /// Port to check [default: the VIP's port].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Source address of the checks.
+    #[arg(long)]
+    source: Option<IpAddr>,
+    /// HTTP: path to GET [default: /].
+    #[arg(long)]
+    path: Option<String>,
+    /// HTTP: statuses that pass, e.g. 200, 200-399, 200,204 [default: 200-399].
+    #[arg(long)]
+    expect: Option<String>,
+    /// HTTP: a substring the body must contain.
+    #[arg(long)]
+    body: Option<String>,
+    /// HTTP: the Host header.
+    #[arg(long)]
+    host: Option<String>,
+    /// UDP: what to send.
+    #[arg(long)]
+    payload: Option<String>,
+}
+
+impl HealthArgs {
+    fn check(&self) -> HealthCheck {
+        let d = HealthCheck::default();
+        HealthCheck {
+            kind: match self.kind.unwrap_or(KindArg::None) {
+                KindArg::None => ProbeKind::None,
+                KindArg::Tcp => ProbeKind::Tcp,
+                KindArg::Http => ProbeKind::Http,
+                KindArg::Udp => ProbeKind::Udp,
+            },
+            interval_ms: self.interval_ms.unwrap_or(d.interval_ms),
+            timeout_ms: self.timeout_ms.unwrap_or(d.timeout_ms),
+            rise: self.rise.unwrap_or(d.rise),
+            fall: self.fall.unwrap_or(d.fall),
+            port: self.port,
+            source: self.source,
+            path: self.path.clone().unwrap_or(d.path),
+            expect_status: self.expect.clone().unwrap_or(d.expect_status),
+            body_contains: self.body.clone(),
+            host: self.host.clone(),
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// STATE, LAST, LATENCY, SINCE cells of a health view ("-" without a check).
+fn health_cells(h: Option<&api::HealthView>) -> (String, String, String, String) {
+    match h {
+        None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        Some(h) => (
+            if h.up { "up" } else { "down" }.into(),
+            h.last.clone().unwrap_or_else(|| "-".into()),
+            h.latency_ms.map_or("-".into(), |l| format!("{l:.1}ms")),
+            format!("{:.0}s", h.since_s),
+        ),
+    }
 }
 
 #[derive(Subcommand)]
@@ -296,6 +437,26 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 print_changes(&client::send(sock, "POST", "/v1/vips", &req)?);
             }
+            VipCmd::Switch { vip, to, percent } => {
+                let req = api::SwitchRequest {
+                    address: vip,
+                    to,
+                    percent,
+                };
+                print_changes(&client::send(sock, "POST", "/v1/vips/switch", &req)?)
+            }
+            VipCmd::Health { vip, check } => {
+                if check.kind.is_none() {
+                    return Err("--kind is required (none removes the check)".into());
+                }
+                let check = check.check();
+                let req = api::HealthRequest {
+                    vip,
+                    backend: None,
+                    health: (check.kind != ProbeKind::None).then_some(check),
+                };
+                print_changes(&client::send(sock, "POST", "/v1/health", &req)?)
+            }
             VipCmd::Del { vip } => print_changes(&client::send(
                 sock,
                 "DELETE",
@@ -327,6 +488,32 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         },
         Cmd::Backend { cmd } => backend(sock, cmd)?,
+        Cmd::Health { output } => {
+            let body = client::call(sock, "GET", "/v1/health", None)?;
+            if output == Output::Json {
+                print_json(&body);
+            } else {
+                let probes: Vec<api::ProbeView> = serde_json::from_str(&body)?;
+                println!(
+                    "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
+                    "VIP", "BACKEND", "KIND", "TARGET", "STATE", "LAST", "LATENCY", "SINCE"
+                );
+                for p in probes {
+                    let h = health_cells(p.health.as_ref());
+                    println!(
+                        "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
+                        p.vip.to_string(),
+                        p.backend.to_string(),
+                        p.kind.to_string(),
+                        p.target,
+                        h.0,
+                        h.1,
+                        h.2,
+                        h.3
+                    );
+                }
+            }
+        }
         Cmd::Stats { output } => {
             let body = client::call(sock, "GET", "/v1/stats", None)?;
             if output == Output::Json {
@@ -481,40 +668,65 @@ fn backend(sock: &Path, cmd: BackendCmd) -> Result<(), Box<dyn std::error::Error
         vip,
         address,
         weight,
+        backup: None,
+        pool: None,
+    };
+    let call = |method: &str, path: &str, body: api::BackendRequest| -> Result<(), ClientError> {
+        print_changes(&client::send(sock, method, path, &body)?);
+        Ok(())
     };
     match cmd {
         BackendCmd::Add {
             vip,
             address,
             weight,
-        } => print_changes(&client::send(
-            sock,
-            "POST",
-            "/v1/backends",
-            &req(vip, address, Some(weight)),
-        )?),
-        BackendCmd::Del { vip, address } => print_changes(&client::send(
-            sock,
-            "DELETE",
-            "/v1/backends",
-            &req(vip, address, None),
-        )?),
+            backup,
+            pool,
+        } => {
+            let mut r = req(vip, address, Some(weight));
+            r.backup = Some(backup);
+            r.pool = pool;
+            call("POST", "/v1/backends", r)?
+        }
+        BackendCmd::Del { vip, address } => {
+            call("DELETE", "/v1/backends", req(vip, address, None))?
+        }
         BackendCmd::SetWeight {
             vip,
             address,
             weight,
-        } => print_changes(&client::send(
-            sock,
+        } => call(
             "POST",
             "/v1/backends/weight",
-            &req(vip, address, Some(weight)),
-        )?),
-        BackendCmd::Drain { vip, address } => print_changes(&client::send(
-            sock,
-            "POST",
-            "/v1/backends/drain",
-            &req(vip, address, None),
-        )?),
+            req(vip, address, Some(weight)),
+        )?,
+        BackendCmd::Drain { vip, address } => {
+            call("POST", "/v1/backends/drain", req(vip, address, None))?
+        }
+        BackendCmd::Disable { vip, address } => {
+            call("POST", "/v1/backends/disable", req(vip, address, None))?
+        }
+        BackendCmd::Enable { vip, address } => {
+            call("POST", "/v1/backends/enable", req(vip, address, None))?
+        }
+        BackendCmd::Health {
+            vip,
+            address,
+            inherit,
+            check,
+        } => {
+            if !inherit && check.kind.is_none() {
+                return Err(
+                    "give --kind (none turns checks off for this backend) or --inherit".into(),
+                );
+            }
+            let r = api::HealthRequest {
+                vip,
+                backend: Some(address),
+                health: (!inherit).then(|| check.check()),
+            };
+            print_changes(&client::send(sock, "POST", "/v1/health", &r)?)
+        }
         BackendCmd::List { vip, output } => {
             let body = client::call(sock, "GET", "/v1/vips", None)?;
             let vips: Vec<api::VipView> = serde_json::from_str(&body)?;
@@ -532,21 +744,46 @@ fn backend(sock: &Path, cmd: BackendCmd) -> Result<(), Box<dyn std::error::Error
                 return Ok(());
             }
             println!(
-                "{:<28} {:<40} {:>7} {:<7} {:>12} {:>14}",
-                "VIP", "BACKEND", "WEIGHT", "STATE", "PACKETS", "BYTES"
+                "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
+                "VIP",
+                "BACKEND",
+                "WEIGHT",
+                "STATE",
+                "POOL",
+                "HEALTH",
+                "LAST",
+                "LATENCY",
+                "SINCE",
+                "PACKETS",
+                "BYTES"
             );
+            let any_backup = vips.iter().any(|v| v.backends.iter().any(|b| b.backup));
             for v in vips {
                 for b in v.backends {
+                    let h = health_cells(b.health.as_ref());
+                    let state = if b.backup {
+                        format!("{}*", b.state)
+                    } else {
+                        b.state.to_string()
+                    };
                     println!(
-                        "{:<28} {:<40} {:>7} {:<7} {:>12} {:>14}",
+                        "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
                         v.address.to_string(),
                         b.address.to_string(),
                         b.weight,
-                        b.state.to_string(),
+                        state,
+                        b.pool,
+                        h.0,
+                        h.1,
+                        h.2,
+                        h.3,
                         b.counters.packets,
                         b.counters.bytes
                     );
                 }
+            }
+            if any_backup {
+                println!("(* backup)");
             }
         }
     }

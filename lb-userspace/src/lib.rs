@@ -7,6 +7,7 @@ pub mod balancer;
 pub mod cli;
 pub mod client;
 pub mod decap;
+pub mod health;
 pub mod maglev;
 pub mod netdev;
 pub mod netlink;

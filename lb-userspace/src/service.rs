@@ -108,7 +108,21 @@ impl FromStr for VipId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub addr: IpAddr,
+    /// Share of new flows; 0 takes none (drained).
     pub weight: u32,
+    /// False when the backend is down or disabled: out of the ring, and its established
+    /// flows move elsewhere.
+    pub live: bool,
+}
+
+impl BackendSpec {
+    pub fn new(addr: IpAddr, weight: u32) -> Self {
+        Self {
+            addr,
+            weight,
+            live: true,
+        }
+    }
 }
 
 /// Everything about one VIP.
@@ -162,7 +176,7 @@ pub enum ServiceError {
     BadVipAddr(VipId),
     #[error("too many VIPs (at most {MAX_VIPS})")]
     TooManyVips,
-    #[error("too many backends (at most {MAX_BACKENDS} distinct addresses)")]
+    #[error("too many backends (at most {MAX_BACKENDS} VIP-backend pairs)")]
     TooManyBackends,
     #[error(transparent)]
     Datapath(#[from] BalancerError),
@@ -173,18 +187,24 @@ struct VipState {
     spec: VipSpec,
 }
 
+/// The slot of one backend of one VIP.
+#[derive(Clone, Copy, Debug)]
+struct BackendSlot {
+    index: u32,
+    generation: u32,
+    /// The VIP lists this backend.
+    in_use: bool,
+    /// It may keep its flows (up, or drained); false: down or disabled, its flows moved.
+    live: bool,
+}
+
+type SlotKey = (VipId, IpAddr);
+
 /// The VIPs and backends the balancer carries, and their indices.
 #[derive(Default)]
 pub struct Services {
     vips: BTreeMap<VipId, VipState>,
-    backends: BTreeMap<IpAddr, BackendSlot>,
-}
-
-#[derive(Clone, Copy)]
-struct BackendSlot {
-    index: u32,
-    generation: u32,
-    in_use: bool,
+    backends: BTreeMap<SlotKey, BackendSlot>,
 }
 
 impl Services {
@@ -197,9 +217,9 @@ impl Services {
         self.vips.get(id).map(|v| v.index)
     }
 
-    /// The backend index of an address (for its counters).
-    pub fn backend_index(&self, addr: &IpAddr) -> Option<u32> {
-        self.backends.get(addr).map(|b| b.index)
+    /// The slot index of a backend of a VIP (for its counters).
+    pub fn backend_index(&self, vip: &VipId, addr: &IpAddr) -> Option<u32> {
+        self.backends.get(&(*vip, *addr)).map(|b| b.index)
     }
 
     pub fn vip(&self, id: &VipId) -> Option<&VipSpec> {
@@ -243,8 +263,10 @@ impl Services {
         Ok(())
     }
 
-    /// Adds or replaces a VIP with its backend list: validated whole, then written (backends,
-    /// ring, then the VIP key, so the VIP is never visible without its ring).
+    /// Adds or replaces a VIP with its backend list: validated whole, then written (backend
+    /// slots, ring, then the VIP key, so the VIP is never visible without its ring). Only
+    /// live backends with a weight get ring slots; a backend that stops being live gets a new
+    /// generation, so its connection-table entries stop being honoured.
     pub fn set_vip(&mut self, bal: &mut Balancer, spec: VipSpec) -> Result<(), ServiceError> {
         Self::check(&spec)?;
         let index = match self.vips.get(&spec.id) {
@@ -256,51 +278,55 @@ impl Services {
                     .ok_or(ServiceError::TooManyVips)?
             }
         };
-        let new_addrs = spec
+        let new_slots = spec
             .backends
             .iter()
-            .filter(|b| !self.backends.contains_key(&b.addr))
+            .filter(|b| !self.backends.contains_key(&(spec.id, b.addr)))
             .count();
-        if self.backends.len() + new_addrs > MAX_BACKENDS as usize {
+        if self.backends.len() + new_slots > MAX_BACKENDS as usize {
             return Err(ServiceError::TooManyBackends);
         }
-        // Backends first: a ring must never point at an empty slot.
+        // Backend slots first: a ring must never point at an empty slot.
         let mut entries = Vec::with_capacity(spec.backends.len());
         for b in &spec.backends {
-            let slot = self.backend_slot(bal, b.addr)?;
-            entries.push(maglev::Entry {
-                id: addr::bytes(b.addr),
-                weight: b.weight,
-                value: slot.index,
-            });
+            let slot = self.backend_slot(bal, spec.id, index, *b)?;
+            if b.live && b.weight > 0 {
+                entries.push(maglev::Entry {
+                    id: addr::bytes(b.addr),
+                    weight: b.weight,
+                    value: slot.index,
+                });
+            }
         }
         let table = maglev::build(&entries, spec.ring_size);
         bal.set_ring(index, &table)?;
         let (words, family) = addr::to_words(spec.id.addr);
-        let meta = VipMeta {
-            index,
-            flags: if spec.affinity_src_ip {
-                VIP_F_AFFINITY_SRC_IP
-            } else {
-                0
-            },
-            ring_size: spec.ring_size,
-            _pad: 0,
-        };
         let key = VipKey {
             addr: words,
             port: spec.id.port.to_be(),
             proto: spec.id.proto.number(),
             family,
         };
-        bal.set_vip(&key, &meta)?;
-        let addr = spec.id.addr;
-        self.vips.insert(spec.id, VipState { index, spec });
-        self.sync_addr(bal, addr)?;
+        let id = spec.id;
+        let listed: BTreeSet<IpAddr> = spec.backends.iter().map(|b| b.addr).collect();
+        let state = VipState { index, spec };
+        bal.set_vip(&key, &meta(&state))?;
+        self.vips.insert(id, state);
+        // Backends the VIP no longer lists: their flows end.
+        let gone: Vec<IpAddr> = self
+            .backends
+            .iter()
+            .filter(|((v, a), s)| *v == id && s.in_use && !listed.contains(a))
+            .map(|((_, a), _)| *a)
+            .collect();
+        for a in gone {
+            self.retire(bal, (id, a))?;
+        }
+        self.sync_addr(bal, id.addr)?;
         Ok(())
     }
 
-    /// Removes a VIP. Its backends stay valid for the flows of other VIPs.
+    /// Removes a VIP; the flows of its backends end.
     pub fn del_vip(&mut self, bal: &mut Balancer, id: &VipId) -> Result<(), ServiceError> {
         let state = self.vips.get(id).ok_or(ServiceError::UnknownVip(*id))?;
         let (words, family) = addr::to_words(id.addr);
@@ -312,6 +338,15 @@ impl Services {
         })?;
         bal.drop_ring(state.index);
         self.vips.remove(id);
+        let slots: Vec<SlotKey> = self
+            .backends
+            .iter()
+            .filter(|((v, _), s)| v == id && s.in_use)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in slots {
+            self.retire(bal, k)?;
+        }
         self.sync_addr(bal, id.addr)?;
         Ok(())
     }
@@ -329,26 +364,12 @@ impl Services {
     }
 
     /// Rebuilds the index assignment from the maps of an adopted datapath (a restarted agent):
-    /// backend slots from `BACKENDS`, VIP indices from `VIPS`, and each VIP's live ring.
-    /// The VIPs' backend lists are not in the maps; `reconcile` fills them in.
+    /// VIP indices from `VIPS` and each VIP's live ring, backend slots from `BACKENDS` (each
+    /// slot names its VIP). The VIPs' backend lists are not in the maps; `reconcile` fills
+    /// them in.
     pub fn adopt(bal: &mut Balancer) -> Result<Self, ServiceError> {
         let mut svc = Services::default();
-        for index in 0..MAX_BACKENDS {
-            let Some(b) = bal.backend(index) else {
-                continue;
-            };
-            if b.flags & BACKEND_F_IN_USE == 0 && b.generation == 0 {
-                continue;
-            }
-            svc.backends.insert(
-                addr::from_words(b.addr, b.family),
-                BackendSlot {
-                    index,
-                    generation: b.generation,
-                    in_use: b.flags & BACKEND_F_IN_USE != 0,
-                },
-            );
-        }
+        let mut by_index = BTreeMap::new();
         for (key, meta) in bal.vips() {
             let proto = match key.proto {
                 PROTO_TCP => Proto::Tcp,
@@ -364,6 +385,7 @@ impl Services {
             let mut spec = VipSpec::new(id);
             spec.ring_size = meta.ring_size;
             spec.affinity_src_ip = meta.flags & VIP_F_AFFINITY_SRC_IP != 0;
+            by_index.insert(meta.index, id);
             svc.vips.insert(
                 id,
                 VipState {
@@ -372,12 +394,34 @@ impl Services {
                 },
             );
         }
+        for index in 0..MAX_BACKENDS {
+            let Some(b) = bal.backend(index) else {
+                continue;
+            };
+            let Some(vip) = by_index.get(&(b.vip as u32)) else {
+                continue;
+            };
+            if b.generation == 0 {
+                continue;
+            }
+            svc.backends.insert(
+                (*vip, addr::from_words(b.addr, b.family)),
+                BackendSlot {
+                    index,
+                    generation: b.generation,
+                    in_use: b.flags & BACKEND_F_IN_USE != 0,
+                    // Not known from the map; the next reconcile says. Assuming live keeps the
+                    // flows of a backend that is down until then: it is out of the ring anyway.
+                    live: true,
+                },
+            );
+        }
         Ok(svc)
     }
 
     /// Makes the datapath carry exactly `desired` (validated specs), changing only what
-    /// differs: VIPs that are gone are removed, changed ones rewritten (a ring diff and one
-    /// switch each), and backends no VIP uses any more are retired (their flows end).
+    /// differs: VIPs that are gone are removed and changed ones rewritten (a ring diff and one
+    /// switch each). Returns how many VIPs changed.
     pub fn reconcile(
         &mut self,
         bal: &mut Balancer,
@@ -400,32 +444,7 @@ impl Services {
                 changed += 1;
             }
         }
-        self.retire_unused(bal)?;
         Ok(changed)
-    }
-
-    /// Backends that no VIP lists any more: their connection-table entries stop being
-    /// honoured, and the slot is marked unused (its index stays reserved for the address).
-    pub fn retire_unused(&mut self, bal: &mut Balancer) -> Result<(), ServiceError> {
-        let used: BTreeSet<IpAddr> = self
-            .vips
-            .values()
-            .flat_map(|v| v.spec.backends.iter().map(|b| b.addr))
-            .collect();
-        let retire: Vec<IpAddr> = self
-            .backends
-            .iter()
-            .filter(|(a, s)| s.in_use && !used.contains(a))
-            .map(|(a, _)| *a)
-            .collect();
-        for a in retire {
-            let slot = self.backends.get_mut(&a).expect("listed above");
-            slot.in_use = false;
-            slot.generation = slot.generation.wrapping_add(1);
-            let slot = *slot;
-            bal.set_backend(slot.index, &backend(a, slot))?;
-        }
-        Ok(())
     }
 
     /// Number of backend slots in use.
@@ -433,41 +452,71 @@ impl Services {
         self.backends.values().filter(|s| s.in_use).count()
     }
 
-    /// Ends the established flows of a backend: its connection-table entries stop being
-    /// honoured (new generation), so they move to whatever the rings say now.
-    pub fn reset_flows(&mut self, bal: &mut Balancer, addr: IpAddr) -> Result<(), ServiceError> {
-        let Some(slot) = self.backends.get_mut(&addr) else {
+    /// Ends the established flows of a VIP's backend: its connection-table entries stop being
+    /// honoured (new generation), so they move to whatever the ring says now.
+    pub fn reset_flows(
+        &mut self,
+        bal: &mut Balancer,
+        vip: &VipId,
+        addr: IpAddr,
+    ) -> Result<(), ServiceError> {
+        let Some(slot) = self.backends.get_mut(&(*vip, addr)) else {
             return Ok(());
         };
-        slot.generation = slot.generation.wrapping_add(1);
-        let slot = *slot;
-        bal.set_backend(slot.index, &backend(addr, slot))?;
+        slot.generation = slot.generation.wrapping_add(1).max(1);
+        let (slot, vip_index) = (*slot, self.vips.get(vip).map_or(0, |v| v.index));
+        bal.set_backend(slot.index, &backend(addr, vip_index, slot))?;
         Ok(())
     }
 
-    fn backend_slot(&mut self, bal: &mut Balancer, a: IpAddr) -> Result<BackendSlot, ServiceError> {
-        if let Some(s) = self.backends.get(&a).filter(|s| s.in_use) {
-            return Ok(*s);
-        }
-        // A retired address gets its old slot back with its (already bumped) generation, so
-        // connection-table entries from before its retirement stay invalid.
-        let (index, generation) = match self.backends.get(&a) {
-            Some(s) => (s.index, s.generation),
+    /// Marks a slot unused: its connection-table entries stop being honoured. The index stays
+    /// reserved for the pair, with its generation, so old entries never come back to life.
+    fn retire(&mut self, bal: &mut Balancer, key: SlotKey) -> Result<(), ServiceError> {
+        let vip_index = self.vips.get(&key.0).map_or(0, |v| v.index);
+        let slot = self.backends.get_mut(&key).expect("caller listed it");
+        slot.in_use = false;
+        slot.generation = slot.generation.wrapping_add(1).max(1);
+        let slot = *slot;
+        bal.set_backend(slot.index, &backend(key.1, vip_index, slot))?;
+        Ok(())
+    }
+
+    /// The slot of `b` for VIP `vip`, created or updated and written when it changed.
+    fn backend_slot(
+        &mut self,
+        bal: &mut Balancer,
+        vip: VipId,
+        vip_index: u32,
+        b: BackendSpec,
+    ) -> Result<BackendSlot, ServiceError> {
+        let old = self.backends.get(&(vip, b.addr)).copied();
+        let index = match old {
+            Some(s) => s.index,
             None => {
                 let used: BTreeSet<u32> = self.backends.values().map(|b| b.index).collect();
-                let index = (0..MAX_BACKENDS)
+                (0..MAX_BACKENDS)
                     .find(|i| !used.contains(i))
-                    .ok_or(ServiceError::TooManyBackends)?;
-                (index, 1)
+                    .ok_or(ServiceError::TooManyBackends)?
             }
         };
+        let mut generation = old.map_or(1, |s| s.generation);
+        // A backend that was retired, or stops being live, starts a new generation: entries
+        // from before never count again.
+        if old.is_some_and(|s| s.in_use && s.live && !b.live) {
+            generation = generation.wrapping_add(1).max(1);
+        }
         let slot = BackendSlot {
             index,
             generation,
             in_use: true,
+            live: b.live,
         };
-        bal.set_backend(index, &backend(a, slot))?;
-        self.backends.insert(a, slot);
+        let unchanged =
+            old.is_some_and(|s| s.in_use && s.generation == slot.generation && s.live == slot.live);
+        if !unchanged {
+            bal.set_backend(index, &backend(b.addr, vip_index, slot))?;
+        }
+        self.backends.insert((vip, b.addr), slot);
         Ok(slot)
     }
 
@@ -510,13 +559,13 @@ fn meta(v: &VipState) -> VipMeta {
     }
 }
 
-fn backend(a: IpAddr, slot: BackendSlot) -> Backend {
+fn backend(a: IpAddr, vip_index: u32, slot: BackendSlot) -> Backend {
     let (addr, family) = addr::to_words(a);
     Backend {
         addr,
         family,
         flags: if slot.in_use { BACKEND_F_IN_USE } else { 0 },
-        _pad: [0; 2],
+        vip: vip_index as u16,
         generation: slot.generation,
     }
 }
@@ -563,10 +612,7 @@ mod tests {
     #[test]
     fn bad_specs_are_refused_whole() {
         let id: VipId = "10.0.0.1:80/tcp".parse().unwrap();
-        let b = |a: &str, w| BackendSpec {
-            addr: a.parse().unwrap(),
-            weight: w,
-        };
+        let b = |a: &str, w| BackendSpec::new(a.parse().unwrap(), w);
         let mut s = VipSpec::new(id);
         s.backends = vec![b("10.1.0.1", 1), b("10.1.0.1", 2)];
         assert!(matches!(

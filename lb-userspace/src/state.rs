@@ -4,7 +4,7 @@
 //! error that names the field and the fix, and leave the old one untouched.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -58,11 +58,13 @@ pub enum Affinity {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
-    /// Takes new flows in proportion to its weight.
+    /// Takes new flows in proportion to its weight (while healthy).
     #[default]
     Active,
     /// Takes no new flows; its established flows stay until they end.
     Drain,
+    /// Out of service: no new flows, and its established flows move elsewhere.
+    Disabled,
 }
 
 impl fmt::Display for BackendState {
@@ -70,6 +72,7 @@ impl fmt::Display for BackendState {
         f.write_str(match self {
             BackendState::Active => "active",
             BackendState::Drain => "drain",
+            BackendState::Disabled => "disabled",
         })
     }
 }
@@ -116,6 +119,219 @@ fn is_default_ring(r: &u32) -> bool {
     *r == DEFAULT_RING_SIZE
 }
 
+/// What a health check does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// No check: the backend counts as up.
+    #[default]
+    None,
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP GET, judged by status (and optionally body).
+    Http,
+    /// A UDP datagram that must be answered.
+    Udp,
+}
+
+impl fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProbeKind::None => "none",
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Http => "http",
+            ProbeKind::Udp => "udp",
+        })
+    }
+}
+
+fn d_interval() -> u32 {
+    2000
+}
+fn d_timeout() -> u32 {
+    1000
+}
+fn d_rise() -> u32 {
+    2
+}
+fn d_fall() -> u32 {
+    3
+}
+fn d_path() -> String {
+    "/".into()
+}
+fn d_expect() -> String {
+    "200-399".into()
+}
+
+/// A health check (`health` of a VIP: the default for its backends; of a backend: its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default)]
+    pub kind: ProbeKind,
+    /// Time between checks.
+    #[serde(default = "d_interval")]
+    pub interval_ms: u32,
+    /// A check that takes longer fails.
+    #[serde(default = "d_timeout")]
+    pub timeout_ms: u32,
+    /// Consecutive successes that bring a down backend up.
+    #[serde(default = "d_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    #[serde(default = "d_fall")]
+    pub fall: u32,
+    /// Port to check; default: the VIP's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Source address of the checks; default: chosen by the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<IpAddr>,
+    /// HTTP: the path to GET.
+    #[serde(default = "d_path")]
+    pub path: String,
+    /// HTTP: statuses that pass, e.g. "200", "200-399", "200,204,301-302".
+    #[serde(default = "d_expect")]
+    pub expect_status: String,
+    /// HTTP: a substring the body must contain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_contains: Option<String>,
+    /// HTTP: the Host header; default: the backend's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// UDP: what to send (any answer passes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: ProbeKind::None,
+            interval_ms: d_interval(),
+            timeout_ms: d_timeout(),
+            rise: d_rise(),
+            fall: d_fall(),
+            port: None,
+            source: None,
+            path: d_path(),
+            expect_status: d_expect(),
+            body_contains: None,
+            host: None,
+            payload: None,
+        }
+    }
+}
+
+/// Parses a status list: `200`, `200-399`, `200,204,301-302`.
+pub fn parse_statuses(s: &str) -> Result<Vec<(u16, u16)>, String> {
+    let bad = || format!("{s:?} is not a status list (e.g. 200, 200-399, 200,204)");
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u16, u16) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if !(100..=599).contains(&a) || !(100..=599).contains(&b) || a > b {
+            return Err(bad());
+        }
+        out.push((a, b));
+    }
+    Ok(out)
+}
+
+impl HealthCheck {
+    fn validate(&self, field: &str, vip_port: u16) -> Result<(), Refused> {
+        let f = |what: &str| format!("{field}.{what}");
+        if self.kind == ProbeKind::None {
+            return Ok(());
+        }
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(Refused::invalid(
+                f("interval_ms"),
+                format!("{} is out of range 100-3600000", self.interval_ms),
+            ));
+        }
+        if self.timeout_ms < 10 || self.timeout_ms > self.interval_ms {
+            return Err(Refused::invalid(
+                f("timeout_ms"),
+                format!(
+                    "{} must be between 10 and interval_ms ({})",
+                    self.timeout_ms, self.interval_ms
+                ),
+            ));
+        }
+        for (name, v) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&v) {
+                return Err(Refused::invalid(
+                    f(name),
+                    format!("{v} is out of range 1-100"),
+                ));
+            }
+        }
+        if self.port.unwrap_or(vip_port) == 0 {
+            return Err(Refused::invalid(
+                f("port"),
+                "the VIP takes all ports, so the check needs a port: set health.port",
+            ));
+        }
+        if self.kind == ProbeKind::Http {
+            if !self.path.starts_with('/') || self.path.contains(char::is_whitespace) {
+                return Err(Refused::invalid(
+                    f("path"),
+                    format!("{:?} must start with / and have no spaces", self.path),
+                ));
+            }
+            parse_statuses(&self.expect_status)
+                .map_err(|m| Refused::invalid(f("expect_status"), m))?;
+            if self
+                .host
+                .as_deref()
+                .is_some_and(|h| h.is_empty() || h.contains(char::is_whitespace))
+            {
+                return Err(Refused::invalid(
+                    f("host"),
+                    "must be a host name without spaces",
+                ));
+            }
+        }
+        for (name, v) in [
+            ("body_contains", &self.body_contains),
+            ("payload", &self.payload),
+        ] {
+            if v.as_ref().is_some_and(|v| v.len() > 1024) {
+                return Err(Refused::invalid(f(name), "at most 1024 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A valid pool name.
+pub fn check_pool(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "{name:?} is not a pool name (1-32 of a-z, 0-9, - and _)"
+        ));
+    }
+    Ok(())
+}
+
+/// The pool of backends that name none.
+pub const DEFAULT_POOL: &str = "default";
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// A backend of a VIP (`[[vip.backend]]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +341,32 @@ pub struct BackendEntry {
     pub weight: u32,
     #[serde(default, skip_serializing_if = "is_active")]
     pub state: BackendState,
+    /// Takes traffic only while no primary backend of the VIP is up.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub backup: bool,
+    /// The group it belongs to, for blue-green and canary splits; default "default".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Its own health check instead of the VIP's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+impl BackendEntry {
+    pub fn new(address: IpAddr, weight: u32) -> Self {
+        Self {
+            address,
+            weight,
+            state: BackendState::Active,
+            backup: false,
+            pool: None,
+            health: None,
+        }
+    }
+
+    pub fn pool(&self) -> &str {
+        self.pool.as_deref().unwrap_or(DEFAULT_POOL)
+    }
 }
 
 /// A VIP (`[[vip]]`).
@@ -137,6 +379,13 @@ pub struct Vip {
     pub affinity: Option<Affinity>,
     #[serde(default = "default_ring", skip_serializing_if = "is_default_ring")]
     pub ring_size: u32,
+    /// The default health check of its backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+    /// Which pools take new flows, and their relative shares (e.g. blue = 95, green = 5).
+    /// Empty: every backend, whatever its pool.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, u32>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendEntry>,
 }
@@ -147,13 +396,56 @@ impl Vip {
             address,
             affinity: None,
             ring_size: DEFAULT_RING_SIZE,
+            health: None,
+            pools: BTreeMap::new(),
             backends: Vec::new(),
         }
     }
 
-    /// What the datapath needs: drained backends keep their slot (weight 0) so their
-    /// established flows are still honoured.
-    pub fn spec(&self) -> VipSpec {
+    /// The health check that applies to a backend, if any.
+    pub fn check_for<'a>(&'a self, b: &'a BackendEntry) -> Option<&'a HealthCheck> {
+        b.health
+            .as_ref()
+            .or(self.health.as_ref())
+            .filter(|h| h.kind != ProbeKind::None)
+    }
+
+    /// What the datapath needs, given which backends are healthy (`up`).
+    ///
+    /// - Disabled or down: not live (out of the ring, flows move).
+    /// - Drained, outside the active pools, or a backup while a primary is up: weight 0
+    ///   (no new flows, established ones stay).
+    /// - Otherwise a share of the ring: its weight, or with pools its pool's share divided
+    ///   among the pool's eligible backends by weight.
+    pub fn spec(&self, up: impl Fn(&IpAddr) -> bool) -> VipSpec {
+        let live = |b: &BackendEntry| b.state != BackendState::Disabled && up(&b.address);
+        let in_pool = |b: &BackendEntry| {
+            self.pools.is_empty() || self.pools.get(b.pool()).is_some_and(|w| *w > 0)
+        };
+        let eligible = |b: &BackendEntry| {
+            live(b) && b.state == BackendState::Active && in_pool(b) && b.weight > 0
+        };
+        let primaries = self.backends.iter().any(|b| eligible(b) && !b.backup);
+        let serving = |b: &BackendEntry| eligible(b) && b.backup != primaries;
+        let pool_total: u64 = self.pools.values().map(|w| *w as u64).sum();
+        let pool_weight = |p: &str| -> u64 {
+            self.backends
+                .iter()
+                .filter(|b| serving(b) && b.pool() == p)
+                .map(|b| b.weight as u64)
+                .sum()
+        };
+        let weight = |b: &BackendEntry| -> u32 {
+            if !serving(b) {
+                return 0;
+            }
+            if self.pools.is_empty() {
+                return b.weight;
+            }
+            let share = self.pools[b.pool()] as u64;
+            let w = 10_000 * share * b.weight as u64 / (pool_total * pool_weight(b.pool())).max(1);
+            w.clamp(1, MAX_WEIGHT as u64) as u32
+        };
         VipSpec {
             id: self.address,
             affinity_src_ip: self.affinity == Some(Affinity::SrcIp),
@@ -163,11 +455,8 @@ impl Vip {
                 .iter()
                 .map(|b| BackendSpec {
                     addr: b.address,
-                    weight: if b.state == BackendState::Drain {
-                        0
-                    } else {
-                        b.weight
-                    },
+                    weight: weight(b),
+                    live: live(b),
                 })
                 .collect(),
         }
@@ -309,7 +598,7 @@ impl State {
             ));
         }
         let mut seen = BTreeSet::new();
-        let mut all_backends = BTreeSet::new();
+        let mut pairs = 0usize;
         for (i, v) in self.vips.iter().enumerate() {
             let field = format!("vip[{i}] {}", v.address);
             if !seen.insert(v.address) {
@@ -352,16 +641,45 @@ impl State {
                         "an IPv4 backend cannot carry an IPv6 VIP's traffic; use an IPv6 address",
                     ));
                 }
-                all_backends.insert(b.address);
+                if let Some(p) = &b.pool {
+                    check_pool(p).map_err(|m| Refused::invalid(format!("{bf}: pool"), m))?;
+                }
+                if let Some(h) = &b.health {
+                    h.validate(&format!("{bf}: health"), v.address.port)?;
+                }
+                pairs += 1;
+            }
+            if let Some(h) = &v.health {
+                h.validate(&format!("{field}: health"), v.address.port)?;
+            }
+            for (pool, share) in &v.pools {
+                check_pool(pool).map_err(|m| Refused::invalid(format!("{field}: pools"), m))?;
+                if *share > 1000 {
+                    return Err(Refused::invalid(
+                        format!("{field}: pools.{pool}"),
+                        format!("share {share} is out of range 0-1000"),
+                    ));
+                }
+                if !v.backends.iter().any(|b| b.pool() == pool) {
+                    return Err(Refused::invalid(
+                        format!("{field}: pools.{pool}"),
+                        format!(
+                            "no backend of this VIP is in pool {pool}; add one with `--pool {pool}`"
+                        ),
+                    ));
+                }
+            }
+            if !v.pools.is_empty() && v.pools.values().all(|w| *w == 0) {
+                return Err(Refused::invalid(
+                    format!("{field}: pools"),
+                    "every share is 0; give one pool a share",
+                ));
             }
         }
-        if all_backends.len() > MAX_BACKENDS as usize {
+        if pairs > MAX_BACKENDS as usize {
             return Err(Refused::invalid(
                 "vip",
-                format!(
-                    "{} distinct backends, at most {MAX_BACKENDS}",
-                    all_backends.len()
-                ),
+                format!("{pairs} VIP-backend pairs, at most {MAX_BACKENDS}"),
             ));
         }
         Ok(())
@@ -409,19 +727,16 @@ impl State {
         s.checked()
     }
 
-    pub fn with_backend(&self, id: &VipId, address: IpAddr, weight: u32) -> Result<Self, Refused> {
+    pub fn with_backend(&self, id: &VipId, b: BackendEntry) -> Result<Self, Refused> {
         let mut s = self.clone();
         let v = s.vip_mut(id)?;
+        let address = b.address;
         if v.backends.iter().any(|b| b.address == address) {
             return Err(Refused::conflict(format!(
                 "backend {address} already belongs to VIP {id}: change its weight with `maglb backend set-weight`"
             )));
         }
-        v.backends.push(BackendEntry {
-            address,
-            weight,
-            state: BackendState::Active,
-        });
+        v.backends.push(b);
         v.backends.sort_by(|a, b| a.address.cmp(&b.address));
         s.checked()
     }
@@ -454,9 +769,91 @@ impl State {
         s.checked()
     }
 
-    pub fn with_drain(&self, id: &VipId, address: IpAddr) -> Result<Self, Refused> {
+    /// Drain, disable, or enable (active) a backend.
+    pub fn with_backend_state(
+        &self,
+        id: &VipId,
+        address: IpAddr,
+        state: BackendState,
+    ) -> Result<Self, Refused> {
         let mut s = self.clone();
-        Self::backend_mut(s.vip_mut(id)?, address)?.state = BackendState::Drain;
+        Self::backend_mut(s.vip_mut(id)?, address)?.state = state;
+        s.checked()
+    }
+
+    /// Sets (or with `None` clears) a VIP's default health check.
+    pub fn with_vip_health(&self, id: &VipId, h: Option<HealthCheck>) -> Result<Self, Refused> {
+        let mut s = self.clone();
+        s.vip_mut(id)?.health = h;
+        s.checked()
+    }
+
+    /// Sets (or with `None` clears) a backend's own health check.
+    pub fn with_backend_health(
+        &self,
+        id: &VipId,
+        address: IpAddr,
+        h: Option<HealthCheck>,
+    ) -> Result<Self, Refused> {
+        let mut s = self.clone();
+        Self::backend_mut(s.vip_mut(id)?, address)?.health = h;
+        s.checked()
+    }
+
+    /// Moves new flows to pool `to`: all of them, or `percent` of them with the pools that
+    /// serve now sharing the rest in their current proportions.
+    pub fn with_switch(&self, id: &VipId, to: &str, percent: Option<u32>) -> Result<Self, Refused> {
+        check_pool(to).map_err(|m| Refused::invalid("to", m))?;
+        let mut s = self.clone();
+        let v = s.vip_mut(id)?;
+        if !v.backends.iter().any(|b| b.pool() == to) {
+            return Err(Refused::invalid(
+                "to",
+                format!(
+                    "no backend of VIP {id} is in pool {to}; add one with `maglb backend add {id} ADDR --pool {to}`"
+                ),
+            ));
+        }
+        let percent = percent.unwrap_or(100);
+        if !(1..=100).contains(&percent) {
+            return Err(Refused::invalid(
+                "percent",
+                format!("{percent} is out of range 1-100"),
+            ));
+        }
+        if percent == 100 {
+            v.pools = BTreeMap::from([(to.to_owned(), 100)]);
+            return s.checked();
+        }
+        // The others: the pools that serve now, or, with no split yet, every other pool.
+        let mut others: BTreeMap<String, u64> = v
+            .pools
+            .iter()
+            .filter(|(p, w)| p.as_str() != to && **w > 0)
+            .map(|(p, w)| (p.clone(), *w as u64))
+            .collect();
+        if others.is_empty() && v.pools.is_empty() {
+            for b in v.backends.iter().filter(|b| b.pool() != to) {
+                others.insert(b.pool().to_owned(), 1);
+            }
+        }
+        let total: u64 = others.values().sum();
+        if total == 0 {
+            return Err(Refused::invalid(
+                "percent",
+                format!(
+                    "no other pool of VIP {id} serves, so there is nothing to split with; switch fully"
+                ),
+            ));
+        }
+        let mut pools = BTreeMap::from([(to.to_owned(), percent)]);
+        for (p, w) in others {
+            pools.insert(
+                p,
+                ((w * (100 - percent) as u64 + total / 2) / total).max(1) as u32,
+            );
+        }
+        v.pools = pools;
         s.checked()
     }
 
@@ -564,7 +961,7 @@ backend = [{ address = "fd10:3::11" }]
         assert_eq!(s.vips[0].backends[1].weight, 1);
         assert_eq!(s.vips[1].affinity, Some(Affinity::SrcIp));
         assert_eq!(State::from_toml(&s.to_toml()).unwrap(), s);
-        let spec = s.vips[0].spec();
+        let spec = s.vips[0].spec(|_| true);
         assert_eq!(
             spec.backends[1].weight, 0,
             "drained backend takes no new flows"
@@ -620,21 +1017,31 @@ backend = [{ address = "fd10:3::11" }]
         let s1 = s0.with_vip(Vip::new(v)).unwrap();
         assert_eq!(s1.with_vip(Vip::new(v)).unwrap_err().status, 409);
         let b: IpAddr = "10.1.0.1".parse().unwrap();
-        let s2 = s1.with_backend(&v, b, 3).unwrap();
-        assert_eq!(s2.with_backend(&v, b, 1).unwrap_err().status, 409);
+        let s2 = s1.with_backend(&v, BackendEntry::new(b, 3)).unwrap();
+        assert_eq!(
+            s2.with_backend(&v, BackendEntry::new(b, 1))
+                .unwrap_err()
+                .status,
+            409
+        );
         assert_eq!(
             s2.with_weight(&v, b, MAX_WEIGHT + 1).unwrap_err().status,
             400
         );
         let other = id("10.0.0.2:80/tcp");
-        assert_eq!(s2.with_backend(&other, b, 1).unwrap_err().status, 404);
+        assert_eq!(
+            s2.with_backend(&other, BackendEntry::new(b, 1))
+                .unwrap_err()
+                .status,
+            404
+        );
         assert_eq!(
             s2.without_backend(&v, "10.9.9.9".parse().unwrap())
                 .unwrap_err()
                 .status,
             404
         );
-        let s3 = s2.with_drain(&v, b).unwrap();
+        let s3 = s2.with_backend_state(&v, b, BackendState::Drain).unwrap();
         assert_eq!(s3.vips[0].backends[0].state, BackendState::Drain);
         let s4 = s3.with_weight(&v, b, 5).unwrap();
         assert_eq!(s4.vips[0].backends[0].state, BackendState::Active);
@@ -671,5 +1078,125 @@ backend = [{ address = "fd10:3::11" }]
             ]
         );
         assert!(a.diff(&a).is_empty());
+    }
+
+    fn vip3() -> Vip {
+        let mut v = Vip::new(id("10.0.0.1:80/tcp"));
+        for (i, pool) in ["blue", "blue", "green"].iter().enumerate() {
+            let mut b = BackendEntry::new(format!("10.1.0.{i}").parse().unwrap(), 1);
+            b.pool = Some(pool.to_string());
+            v.backends.push(b);
+        }
+        v
+    }
+
+    fn weights(v: &Vip, up: impl Fn(&IpAddr) -> bool) -> Vec<(u32, bool)> {
+        v.spec(up)
+            .backends
+            .iter()
+            .map(|b| (b.weight, b.live))
+            .collect()
+    }
+
+    #[test]
+    fn spec_follows_health_state_backups_and_pools() {
+        let all = |_: &IpAddr| true;
+        let mut v = vip3();
+        assert_eq!(weights(&v, all), [(1, true), (1, true), (1, true)]);
+        // Down: not live. Disabled: not live. Drained: live, no weight.
+        let down0 = |a: &IpAddr| a.to_string() != "10.1.0.0";
+        assert_eq!(weights(&v, down0), [(0, false), (1, true), (1, true)]);
+        v.backends[1].state = BackendState::Disabled;
+        v.backends[2].state = BackendState::Drain;
+        assert_eq!(weights(&v, all), [(1, true), (0, false), (0, true)]);
+        // Backups serve only while no primary is up; then all of them share.
+        let mut v = vip3();
+        v.backends[2].backup = true;
+        assert_eq!(weights(&v, all), [(1, true), (1, true), (0, true)]);
+        let primaries_down = |a: &IpAddr| a.to_string() == "10.1.0.2";
+        assert_eq!(
+            weights(&v, primaries_down),
+            [(0, false), (0, false), (1, true)]
+        );
+        // Pools: only the active pool takes new flows; splits give shares by pool.
+        let mut v = vip3();
+        v.pools = BTreeMap::from([("blue".into(), 100)]);
+        assert_eq!(weights(&v, all), [(5000, true), (5000, true), (0, true)]);
+        v.pools = BTreeMap::from([("blue".into(), 75), ("green".into(), 25)]);
+        assert_eq!(weights(&v, all), [(3750, true), (3750, true), (2500, true)]);
+        // A down backend's share goes to the rest of its pool.
+        assert_eq!(weights(&v, down0), [(0, false), (7500, true), (2500, true)]);
+    }
+
+    #[test]
+    fn switch_moves_all_or_part_of_the_new_flows() {
+        let v = vip3();
+        let s = State::default().with_vip(v).unwrap();
+        let id = id("10.0.0.1:80/tcp");
+        let s1 = s.with_switch(&id, "blue", None).unwrap();
+        assert_eq!(s1.vips[0].pools, BTreeMap::from([("blue".into(), 100)]));
+        let s2 = s1.with_switch(&id, "green", Some(5)).unwrap();
+        assert_eq!(
+            s2.vips[0].pools,
+            BTreeMap::from([("blue".into(), 95), ("green".into(), 5)])
+        );
+        let s3 = s2.with_switch(&id, "green", Some(25)).unwrap();
+        assert_eq!(
+            s3.vips[0].pools,
+            BTreeMap::from([("blue".into(), 75), ("green".into(), 25)])
+        );
+        let s4 = s3.with_switch(&id, "green", None).unwrap();
+        assert_eq!(s4.vips[0].pools, BTreeMap::from([("green".into(), 100)]));
+        // Rolling back is the same command.
+        assert_eq!(s4.with_switch(&id, "blue", None).unwrap(), s1);
+        assert_eq!(s1.with_switch(&id, "red", None).unwrap_err().status, 400);
+        assert_eq!(
+            s1.with_switch(&id, "blue", Some(50)).unwrap_err().status,
+            400
+        );
+    }
+
+    #[test]
+    fn health_checks_are_validated() {
+        let mut v = Vip::new(id("10.0.0.1:0/tcp"));
+        v.health = Some(HealthCheck {
+            kind: ProbeKind::Tcp,
+            ..HealthCheck::default()
+        });
+        let err = State::default().with_vip(v.clone()).unwrap_err();
+        assert!(err.message.contains("health.port"), "{err}");
+        v.health.as_mut().unwrap().port = Some(80);
+        assert!(State::default().with_vip(v.clone()).is_ok());
+        for (mutate, want) in [
+            (
+                Box::new(|h: &mut HealthCheck| h.timeout_ms = 5000)
+                    as Box<dyn Fn(&mut HealthCheck)>,
+                "timeout_ms",
+            ),
+            (Box::new(|h: &mut HealthCheck| h.fall = 0), "fall"),
+            (
+                Box::new(|h: &mut HealthCheck| {
+                    h.kind = ProbeKind::Http;
+                    h.expect_status = "2xx".into()
+                }),
+                "expect_status",
+            ),
+            (
+                Box::new(|h: &mut HealthCheck| {
+                    h.kind = ProbeKind::Http;
+                    h.path = "healthz".into()
+                }),
+                "path",
+            ),
+        ] {
+            let mut w = v.clone();
+            mutate(w.health.as_mut().unwrap());
+            let err = State::default().with_vip(w).unwrap_err();
+            assert!(err.message.contains(want), "{want}: {err}");
+        }
+        assert_eq!(
+            parse_statuses("200,204, 300-399").unwrap(),
+            [(200, 200), (204, 204), (300, 399)]
+        );
     }
 }

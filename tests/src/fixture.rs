@@ -52,7 +52,7 @@ pub fn vip(addr: impl Into<IpAddr>, port: u16, proto: &str) -> VipId {
 pub fn backends(addrs: &[IpAddr]) -> Vec<BackendSpec> {
     addrs
         .iter()
-        .map(|&addr| BackendSpec { addr, weight: 1 })
+        .map(|&addr| BackendSpec::new(addr, 1))
         .collect()
 }
 

@@ -21,10 +21,7 @@ fn specs(weights: &[u32]) -> Vec<BackendSpec> {
     weights
         .iter()
         .enumerate()
-        .map(|(i, &w)| BackendSpec {
-            addr: backend_addr(i).into(),
-            weight: w,
-        })
+        .map(|(i, &w)| BackendSpec::new(backend_addr(i).into(), w))
         .collect()
 }
 
@@ -217,10 +214,7 @@ fn real_ipv6_tcp_and_udp_6in6() {
         spec.backends = weights
             .iter()
             .enumerate()
-            .map(|(i, &w)| BackendSpec {
-                addr: backend_addr6(i).into(),
-                weight: w,
-            })
+            .map(|(i, &w)| BackendSpec::new(backend_addr6(i).into(), w))
             .collect();
         svc.set_vip(&mut bal, spec).expect("set VIP");
     }

@@ -491,7 +491,7 @@ fn established_flows_keep_their_backend_until_reset() {
         B2.octets(),
         "new flow not on the new table"
     );
-    lab.svc.reset_flows(&mut lab.bal, B1.into()).unwrap();
+    lab.svc.reset_flows(&mut lab.bal, &id, B1.into()).unwrap();
     assert_eq!(
         lab.run(&old).1[30..34],
         B2.octets(),
@@ -518,7 +518,10 @@ fn counters_per_vip_and_backend() {
         assert_eq!(lab.run(&to_lb(&inner, ETH_IP)).0, TX);
     }
     let vi = lab.svc.vip_index(&vip(VIP, 80, "tcp")).unwrap();
-    let bi = lab.svc.backend_index(&B1.into()).unwrap();
+    let bi = lab
+        .svc
+        .backend_index(&vip(VIP, 80, "tcp"), &B1.into())
+        .unwrap();
     let v = lab.bal.vip_stats(vi);
     let b = lab.bal.backend_stats(bi);
     assert_eq!((v.packets, v.bytes), (5, 5 * inner.len() as u64));

@@ -3,8 +3,10 @@
 //! restored in both.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use lb_common::Config;
@@ -12,13 +14,17 @@ use tracing::{info, warn};
 
 use crate::{
     addr,
-    api::{BackendView, CounterView, Stats, Status, VipView},
+    api::{BackendView, CounterView, HealthView, ProbeView, Stats, Status, VipView},
     balancer::{Balancer, BalancerError},
+    health::{Probe, ProbeResult, Tracker},
     netdev,
-    service::{ServiceError, Services},
+    service::{ServiceError, Services, VipId, VipSpec},
     state::{AttachMode, Refused, State},
     store::Store,
 };
+
+/// A backend of a VIP.
+pub type BackendKey = (VipId, IpAddr);
 
 pub struct Core {
     pub state: State,
@@ -30,6 +36,9 @@ pub struct Core {
     /// Resolved next hop (address, MAC) for status.
     pub nexthop: Option<(IpAddr, [u8; 6])>,
     bpffs: PathBuf,
+    /// Health of the backends that have a check. Not persisted: a restarted agent starts
+    /// them up and probes again.
+    health: BTreeMap<BackendKey, Tracker>,
 }
 
 fn datapath_refused(e: impl std::error::Error) -> Refused {
@@ -66,6 +75,7 @@ impl Core {
             attached,
             nexthop: None,
             bpffs: bpffs.to_owned(),
+            health: BTreeMap::new(),
         };
         let saved = state.clone();
         core.state = state;
@@ -102,11 +112,93 @@ impl Core {
                 info!(%iface, %mode, "attached");
             }
         }
-        let specs: Vec<_> = s.vips.iter().map(|v| v.spec()).collect();
+        let specs = self.specs(s);
         self.svc
             .reconcile(&mut self.bal, &specs)
             .map_err(|e: ServiceError| datapath_refused(e))?;
         Ok(())
+    }
+
+    /// What the datapath should carry for `s`, given the backends' health.
+    fn specs(&self, s: &State) -> Vec<VipSpec> {
+        s.vips
+            .iter()
+            .map(|v| v.spec(|a| self.is_up(&v.address, a)))
+            .collect()
+    }
+
+    /// Whether a backend counts as up: yes without a check, else as its probes say.
+    pub fn is_up(&self, vip: &VipId, addr: &IpAddr) -> bool {
+        self.health.get(&(*vip, *addr)).is_none_or(|t| t.up)
+    }
+
+    /// The probes the state asks for.
+    pub fn probes(&self) -> BTreeMap<BackendKey, Probe> {
+        let mut out = BTreeMap::new();
+        for v in &self.state.vips {
+            for b in &v.backends {
+                if let Some(check) = v.check_for(b) {
+                    out.insert(
+                        (v.address, b.address),
+                        Probe::new(b.address, v.address.port, check),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Records a probe result. On a transition, the VIP's table changes in one switch (and a
+    /// backend going down has its flows moved), and the transition is logged with its reason.
+    pub fn record_probe(&mut self, key: BackendKey, r: &ProbeResult, took: Duration) {
+        let Some(check) = self.probes().remove(&key).map(|p| p.check) else {
+            return;
+        };
+        let t = self.health.entry(key).or_default();
+        let Some(up) = t.record(r, took, check.rise, check.fall) else {
+            return;
+        };
+        let (vip, backend) = key;
+        let reason = t.last.clone().unwrap_or_default();
+        if up {
+            info!(%vip, %backend, rise = check.rise, "backend up");
+        } else {
+            warn!(%vip, %backend, %reason, fall = check.fall, "backend down");
+        }
+        let state = self.state.clone();
+        if let Err(e) = self.realize(&state) {
+            warn!(error = %e.message, "applying a health change");
+        }
+    }
+
+    /// Forgets the health of backends that no longer have a check.
+    pub fn prune_health(&mut self) {
+        let probes = self.probes();
+        self.health.retain(|k, _| probes.contains_key(k));
+    }
+
+    fn health_view(&self, key: &BackendKey) -> Option<HealthView> {
+        let t = self.health.get(key)?;
+        Some(HealthView {
+            up: t.up,
+            last: t.last.clone(),
+            latency_ms: t.latency.map(|d| d.as_secs_f64() * 1e3),
+            since_s: Instant::now().duration_since(t.since).as_secs_f64(),
+            checks: t.checks,
+        })
+    }
+
+    pub fn probe_views(&self) -> Vec<ProbeView> {
+        self.probes()
+            .into_iter()
+            .map(|(key, p)| ProbeView {
+                vip: key.0,
+                backend: key.1,
+                kind: p.check.kind,
+                target: p.target.to_string(),
+                health: self.health_view(&key),
+            })
+            .collect()
     }
 
     /// Validates, persists and applies `new`. What changed, in words.
@@ -157,6 +249,7 @@ impl Core {
                 address: v.address,
                 affinity: v.affinity,
                 ring_size: v.ring_size,
+                pools: v.pools.clone(),
                 counters: self
                     .svc
                     .vip_index(&v.address)
@@ -169,9 +262,14 @@ impl Core {
                         address: b.address,
                         weight: b.weight,
                         state: b.state,
+                        backup: b.backup,
+                        pool: b.pool().to_owned(),
+                        health: v
+                            .check_for(b)
+                            .and_then(|_| self.health_view(&(v.address, b.address))),
                         counters: self
                             .svc
-                            .backend_index(&b.address)
+                            .backend_index(&v.address, &b.address)
                             .map(|i| Self::counters(self.bal.backend_stats(i)))
                             .unwrap_or_default(),
                     })

@@ -22,8 +22,10 @@ use tracing::{info, warn};
 
 pub use self::core::Core;
 use crate::{
-    addr, api, netdev, netlink,
-    state::{Refused, State, Vip},
+    addr, api,
+    health::Probe,
+    netdev, netlink,
+    state::{BackendEntry, BackendState, Refused, State, Vip},
 };
 
 /// Where the agent keeps its socket, state and pins.
@@ -105,6 +107,7 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
             }
         })
     };
+    let health = tokio::spawn(supervise_probes(core.clone()));
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -126,6 +129,7 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
         }
     }
     refresher.abort();
+    health.abort();
     let _ = std::fs::remove_file(&opts.socket);
     info!("agent stopped; the datapath keeps forwarding");
     Ok(())
@@ -199,6 +203,7 @@ async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<Str
         ("GET", "/v1/status") => return json(&core.lock().unwrap().status()),
         ("GET", "/v1/vips") => return json(&core.lock().unwrap().vip_views()),
         ("GET", "/v1/stats") => return json(&core.lock().unwrap().stats()),
+        ("GET", "/v1/health") => return json(&core.lock().unwrap().probe_views()),
         ("GET", "/v1/config") => {
             let text = core.lock().unwrap().state.to_toml();
             return json(&api::ConfigText { config: text });
@@ -239,10 +244,11 @@ async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<Str
         }
         ("POST", "/v1/backends") => {
             let r: api::BackendRequest = parse(body)?;
+            let mut b = BackendEntry::new(r.address, r.weight.unwrap_or(1));
+            b.backup = r.backup.unwrap_or(false);
+            b.pool = r.pool;
             let mut c = core.lock().unwrap();
-            let new = c
-                .state
-                .with_backend(&r.vip, r.address, r.weight.unwrap_or(1))?;
+            let new = c.state.with_backend(&r.vip, b)?;
             changed(c.change(new, "backend add"))
         }
         ("DELETE", "/v1/backends") => {
@@ -260,11 +266,33 @@ async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<Str
             let new = c.state.with_weight(&r.vip, r.address, weight)?;
             changed(c.change(new, "backend set-weight"))
         }
-        ("POST", "/v1/backends/drain") => {
+        ("POST", "/v1/backends/drain" | "/v1/backends/disable" | "/v1/backends/enable") => {
             let r: api::BackendRequest = parse(body)?;
+            let (to, what) = match req.path.as_str() {
+                "/v1/backends/drain" => (BackendState::Drain, "backend drain"),
+                "/v1/backends/disable" => (BackendState::Disabled, "backend disable"),
+                _ => (BackendState::Active, "backend enable"),
+            };
             let mut c = core.lock().unwrap();
-            let new = c.state.with_drain(&r.vip, r.address)?;
-            changed(c.change(new, "backend drain"))
+            let new = c.state.with_backend_state(&r.vip, r.address, to)?;
+            changed(c.change(new, what))
+        }
+        ("POST", "/v1/health") => {
+            let r: api::HealthRequest = parse(body)?;
+            let mut c = core.lock().unwrap();
+            let new = match r.backend {
+                Some(b) => c.state.with_backend_health(&r.vip, b, r.health)?,
+                None => c.state.with_vip_health(&r.vip, r.health)?,
+            };
+            let res = changed(c.change(new, "health"));
+            c.prune_health();
+            res
+        }
+        ("POST", "/v1/vips/switch") => {
+            let r: api::SwitchRequest = parse(body)?;
+            let mut c = core.lock().unwrap();
+            let new = c.state.with_switch(&r.address, &r.to, r.percent)?;
+            changed(c.change(new, "vip switch"))
         }
         ("POST", "/v1/apply") => {
             let t: api::ConfigText = parse(body)?;
@@ -293,6 +321,76 @@ async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<Str
     // before answering.
     refresh(core, nl).await;
     result
+}
+
+/// Most probes in flight at once, over all backends.
+const MAX_PROBES_IN_FLIGHT: usize = 256;
+
+/// Keeps one probe task per backend that has a health check: started, restarted when its
+/// check changes, stopped when it goes. Results come back on a channel and change the
+/// backends' health in the core.
+async fn supervise_probes(core: Shared) {
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(core::BackendKey, crate::health::ProbeResult, Duration)>(
+            1024,
+        );
+    let permits = Arc::new(Semaphore::new(MAX_PROBES_IN_FLIGHT));
+    let mut running: std::collections::BTreeMap<
+        core::BackendKey,
+        (Probe, tokio::task::JoinHandle<()>),
+    > = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let want = core.lock().unwrap().probes();
+                running.retain(|k, (p, task)| {
+                    let keep = want.get(k) == Some(p);
+                    if !keep {
+                        task.abort();
+                    }
+                    keep
+                });
+                for (k, p) in want {
+                    if running.contains_key(&k) {
+                        continue;
+                    }
+                    let task = tokio::spawn(probe_loop(k, p.clone(), tx.clone(), permits.clone()));
+                    running.insert(k, (p, task));
+                }
+            }
+            Some((key, result, took)) = rx.recv() => {
+                core.lock().unwrap().record_probe(key, &result, took);
+            }
+        }
+    }
+}
+
+/// Probes one backend forever, every interval, starting at a random point of the first
+/// interval so probes spread out.
+async fn probe_loop(
+    key: core::BackendKey,
+    probe: Probe,
+    tx: tokio::sync::mpsc::Sender<(core::BackendKey, crate::health::ProbeResult, Duration)>,
+    permits: Arc<Semaphore>,
+) {
+    let interval = Duration::from_millis(probe.check.interval_ms as u64);
+    let seed = format!("{} {}", key.0, key.1);
+    let jitter = crate::maglev::stable_hash(seed.as_bytes(), std::process::id() as u64)
+        % (probe.check.interval_ms as u64).max(1);
+    tokio::time::sleep(Duration::from_millis(jitter)).await;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(_permit) = permits.acquire().await else {
+            return;
+        };
+        let (r, took) = probe.run().await;
+        if tx.send((key, r, took)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Recomputes the datapath configuration (interface MAC, MTU, outer sources, next-hop MAC)
