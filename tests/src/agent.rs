@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::netns::{Netns, unique_prefix};
+use crate::{
+    netns::{Netns, require_root, unique_prefix},
+    topology::{Topology, wait_for},
+};
 
 /// Where an agent keeps things; the same paths let a new agent take over from a killed one.
 #[derive(Clone)]
@@ -156,4 +159,48 @@ pub fn cli(bin: &Path, socket: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("running maglb")
+}
+
+/// The namespace topology operated the way an operator would: `maglb decap attach` on every
+/// backend, `maglb agent` in the balancer's namespace, attached to l0. The test adds VIPs.
+pub fn operated_topology(
+    bin: &Path,
+    tag: &str,
+    scratch: &Scratch,
+    backends: usize,
+) -> (Topology, Agent) {
+    require_root();
+    let t = Topology::build_with(tag, backends, false).expect("topology");
+    for (i, b) in t.backends.iter().enumerate() {
+        let pins = scratch.0.decap_pins.join(format!("b{i}"));
+        let out = b
+            .command(bin)
+            .unwrap()
+            .args(["decap", "attach", "--iface", "e0", "--pin-dir"])
+            .arg(&pins)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "decap attach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let a = Agent::start(bin, &t.lb, &scratch.0).expect("agent");
+    a.ok(&["attach", "--iface", "l0"]);
+    (t, a)
+}
+
+impl Agent {
+    /// Waits until the datapath forwards (the next hop is resolved).
+    pub fn wait_ready(&self) {
+        assert!(
+            wait_for(Duration::from_secs(10), || self
+                .ok(&["status"])
+                .contains("forwarding   yes")),
+            "datapath not ready: {}\n{}",
+            self.ok(&["status"]),
+            self.log()
+        );
+    }
 }

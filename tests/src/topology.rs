@@ -56,6 +56,8 @@ pub fn backend_addr6(i: usize) -> Ipv6Addr {
 pub struct Topology {
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
+    /// Per backend: switches for its servers (for health tests).
+    pub ctl: Vec<Arc<BackendCtl>>,
     /// Decap programs on the backends and the pass program on the router (kept attached).
     _programs: Vec<Decap>,
     pub client: Netns,
@@ -90,6 +92,7 @@ impl Topology {
         let mut t = Topology {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            ctl: Vec::new(),
             _programs: Vec::new(),
             client: Netns::new(&format!("{p}-cl"))?,
             router: Netns::new(&format!("{p}-rt"))?,
@@ -223,13 +226,21 @@ impl Topology {
             self._programs.push(d);
         }
         let name = format!("b{i}");
-        for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
-            let stop = &self.stop;
+        let ctl = Arc::new(BackendCtl::default());
+        // The service on the VIPs and on the backend's own address (where TCP health probes
+        // go), and a health endpoint on the backend's own address.
+        for at in [IpAddr::V4(VIP), IpAddr::V6(VIP6), IpAddr::V4(a)] {
+            let at = SocketAddr::new(at, TCP_PORT);
             self.servers
-                .push(tcp_server(b, &name, SocketAddr::new(vip, TCP_PORT), stop)?);
-            self.servers
-                .push(udp_server(b, &name, SocketAddr::new(vip, UDP_PORT), stop)?);
+                .push(tcp_server(b, &name, at, &self.stop, &ctl)?);
         }
+        for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+            let at = SocketAddr::new(vip, UDP_PORT);
+            self.servers.push(udp_server(b, &name, at, &self.stop)?);
+        }
+        let at = SocketAddr::new(IpAddr::V4(a), HEALTH_PORT);
+        self.servers.push(health_server(b, at, &self.stop, &ctl)?);
+        self.ctl.push(ctl);
         Ok(())
     }
 
@@ -270,25 +281,60 @@ impl Drop for Topology {
 
 /// A TCP server: answers every line with its backend name, and HTTP GET requests with an
 /// HTTP response whose body is that name.
+/// Switches for one backend's servers.
+pub struct BackendCtl {
+    /// The TCP service runs; when false its listeners are closed (connections are refused)
+    /// and its open connections closed, as when the server process stops.
+    pub serving: AtomicBool,
+    /// Status the health endpoint answers with.
+    pub health_status: std::sync::atomic::AtomicU16,
+    /// The health endpoint accepts connections but never answers.
+    pub hang: AtomicBool,
+}
+
+impl Default for BackendCtl {
+    fn default() -> Self {
+        Self {
+            serving: AtomicBool::new(true),
+            health_status: std::sync::atomic::AtomicU16::new(200),
+            hang: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Port of the backends' HTTP health endpoint (`GET /health`), on their own addresses.
+pub const HEALTH_PORT: u16 = 8080;
+
 fn tcp_server(
     ns: &Netns,
     name: &str,
     at: SocketAddr,
     stop: &Arc<AtomicBool>,
+    ctl: &Arc<BackendCtl>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let (name, stop) = (name.to_owned(), stop.clone());
-    let listener = ns.run(move || TcpListener::bind(at))??;
-    listener.set_nonblocking(true)?;
+    let (name, stop, ctl) = (name.to_owned(), stop.clone(), ctl.clone());
+    let bind = move || -> std::io::Result<TcpListener> {
+        let l = TcpListener::bind(at)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let mut listener = Some(ns.run(bind)??);
     ns.spawn(move || {
         let mut conns = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((s, _)) => {
-                    let (name, stop) = (name.clone(), stop.clone());
-                    conns.push(std::thread::spawn(move || serve_lines(s, &name, &stop)));
+            let serving = ctl.serving.load(Ordering::Relaxed);
+            if serving != listener.is_some() {
+                listener = if serving { bind().ok() } else { None };
+            }
+            match listener.as_ref().map(|l| l.accept()) {
+                Some(Ok((s, _))) => {
+                    let (name, stop, ctl) = (name.clone(), stop.clone(), ctl.clone());
+                    conns.push(std::thread::spawn(move || {
+                        serve_lines(s, &name, &stop, &ctl)
+                    }));
                     conns.retain(|c: &JoinHandle<()>| !c.is_finished());
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                _ => std::thread::sleep(Duration::from_millis(2)),
             }
         }
         for c in conns {
@@ -297,7 +343,44 @@ fn tcp_server(
     })
 }
 
-fn serve_lines(s: TcpStream, name: &str, stop: &AtomicBool) {
+/// `GET /health` answered with the status in `ctl` (or never, while `ctl.hang`).
+fn health_server(
+    ns: &Netns,
+    at: SocketAddr,
+    stop: &Arc<AtomicBool>,
+    ctl: &Arc<BackendCtl>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let (stop, ctl) = (stop.clone(), ctl.clone());
+    let listener = ns.run(move || TcpListener::bind(at))??;
+    listener.set_nonblocking(true)?;
+    ns.spawn(move || {
+        let mut held = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            if ctl.hang.load(Ordering::Relaxed) {
+                held.push(s);
+                continue;
+            }
+            held.clear();
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let status = ctl.health_status.load(Ordering::Relaxed);
+            let body = if status == 200 { "ok\n" } else { "failing\n" };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })
+}
+
+fn serve_lines(s: TcpStream, name: &str, stop: &AtomicBool, ctl: &BackendCtl) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
     let mut w = match s.try_clone() {
@@ -306,7 +389,7 @@ fn serve_lines(s: TcpStream, name: &str, stop: &AtomicBool) {
     };
     let mut r = BufReader::new(s);
     let mut line = String::new();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && ctl.serving.load(Ordering::Relaxed) {
         line.clear();
         match r.read_line(&mut line) {
             Ok(0) => return,
@@ -461,7 +544,8 @@ impl Conns {
         for (i, (c, b)) in self.0.iter_mut().enumerate() {
             match c.ask() {
                 Ok(now) if now == *b => {}
-                other => broken.push(format!("connection {i} on {b}: {other:?}")),
+                Ok(now) => broken.push(format!("connection {i} moved from {b} to {now}")),
+                Err(e) => broken.push(format!("connection {i} on {b}: {e:#}")),
             }
         }
         broken

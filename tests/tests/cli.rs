@@ -13,9 +13,9 @@ use std::{
 };
 
 use maglb_tests::{
-    agent::{Agent, Scratch, cli},
+    agent::{Agent, Scratch, cli, operated_topology},
     netns::{Netns, require_root, unique_prefix},
-    topology::{self, Conns, TCP_PORT, Topology, UDP_PORT, VIP, backend_addr, vip_addr, wait_for},
+    topology::{self, Conns, TCP_PORT, Topology, UDP_PORT, VIP, backend_addr, vip_addr},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_maglb-cli");
@@ -29,46 +29,15 @@ fn vip_tcp() -> String {
 /// agent in the balancer's namespace, attached, with the TCP and UDP VIPs and three backends
 /// of the given weights — all through the CLI.
 fn setup(tag: &str, scratch: &Scratch, weights: &[u32]) -> (Topology, Agent) {
-    require_root();
-    let t = Topology::build_with(tag, weights.len(), false).expect("topology");
-    for (i, b) in t.backends.iter().enumerate() {
-        let pins = scratch.0.decap_pins.join(format!("b{i}"));
-        let out = b
-            .command(BIN)
-            .unwrap()
-            .args(["decap", "attach", "--iface", "e0", "--pin-dir"])
-            .arg(&pins)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "decap attach: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let a = Agent::start(Path::new(BIN), &t.lb, &scratch.0).expect("agent");
-    a.ok(&["attach", "--iface", "l0"]);
+    let (t, a) = operated_topology(Path::new(BIN), tag, scratch, weights.len());
     for vip in [vip_tcp(), format!("{VIP}:{UDP_PORT}/udp")] {
         a.ok(&["vip", "add", &vip]);
         for (i, w) in weights.iter().enumerate() {
-            a.ok(&[
-                "backend",
-                "add",
-                &vip,
-                &backend_addr(i).to_string(),
-                "--weight",
-                &w.to_string(),
-            ]);
+            let (b, w) = (backend_addr(i).to_string(), w.to_string());
+            a.ok(&["backend", "add", &vip, &b, "--weight", &w]);
         }
     }
-    assert!(
-        wait_for(Duration::from_secs(10), || a
-            .ok(&["status"])
-            .contains("forwarding   yes")),
-        "datapath not ready: {}\n{}",
-        a.ok(&["status"]),
-        a.log()
-    );
+    a.wait_ready();
     (t, a)
 }
 

@@ -84,6 +84,15 @@ fn hex(b: &[u8]) -> String {
         .join("\n")
 }
 
+/// The backend set changes: B1 stays listed but takes no new flows (drained), B2 takes them.
+fn drain_b1_add_b2() -> Vec<lb_userspace::service::BackendSpec> {
+    use lb_userspace::service::BackendSpec;
+    vec![
+        BackendSpec::new(B1.into(), 0),
+        BackendSpec::new(B2.into(), 1),
+    ]
+}
+
 #[test]
 fn tcp_syn_ipv4_is_encapsulated_4in4() {
     let mut lab = lab();
@@ -316,10 +325,11 @@ fn icmp_error_to_its_flows_backend_even_after_the_table_changed() {
     // The flow starts on the only backend, B1 ...
     let syn = syn4(CLIENT, VIP, 40100, 80);
     assert_eq!(lab.run(&to_lb(&syn, ETH_IP)).0, TX);
-    // ... then the VIP moves to B2: the error about the established flow still goes to B1.
+    // ... then B1 is drained and B2 added: the error about the established flow still goes
+    // to B1.
     let id = vip(VIP, 80, "tcp");
     lab.svc
-        .set_backends(&mut lab.bal, &id, backends(&[B2.into()]))
+        .set_backends(&mut lab.bal, &id, drain_b1_add_b2())
         .unwrap();
     let reply = ipv4(
         V4::new(VIP, CLIENT, TCP),
@@ -478,7 +488,7 @@ fn established_flows_keep_their_backend_until_reset() {
     let old = to_lb(&syn4(CLIENT, VIP, 41000, 80), ETH_IP);
     assert_eq!(lab.run(&old).1[30..34], B1.octets());
     lab.svc
-        .set_backends(&mut lab.bal, &id, backends(&[B2.into()]))
+        .set_backends(&mut lab.bal, &id, drain_b1_add_b2())
         .unwrap();
     assert_eq!(
         lab.run(&old).1[30..34],
@@ -735,4 +745,42 @@ fn balancer_output_decapsulates_to_the_original_packet() {
         assert_eq!(a, PASS);
         assert_eq!(back, eth(NH_MAC, IF_MAC, ethertype, &inner));
     }
+}
+
+#[test]
+fn a_down_or_removed_backend_loses_its_flows() {
+    use lb_userspace::service::BackendSpec;
+    let mut lab = lab();
+    let id = vip(VIP, 80, "tcp");
+    let f = to_lb(&syn4(CLIENT, VIP, 42000, 80), ETH_IP);
+    assert_eq!(lab.run(&f).1[30..34], B1.octets());
+    // B1 goes down (health): out of the ring, and its established flow moves to B2.
+    let mut b1 = BackendSpec::new(B1.into(), 1);
+    b1.live = false;
+    let b2 = BackendSpec::new(B2.into(), 1);
+    lab.svc
+        .set_backends(&mut lab.bal, &id, vec![b1, b2])
+        .unwrap();
+    assert_eq!(
+        lab.run(&f).1[30..34],
+        B2.octets(),
+        "flow stayed on a down backend"
+    );
+    // B1 recovers: the moved flow stays where it is now.
+    b1.live = true;
+    lab.svc
+        .set_backends(&mut lab.bal, &id, vec![b1, b2])
+        .unwrap();
+    assert_eq!(lab.run(&f).1[30..34], B2.octets(), "flow moved back");
+    // A flow on a backend that leaves the VIP moves too.
+    let g = to_lb(&syn4(CLIENT, VIP, 42001, 80), ETH_IP);
+    let on = lab.run(&g).1[30..34].to_vec();
+    let (stay, gone) = if on == B1.octets() {
+        (b2, B1)
+    } else {
+        (b1, B2)
+    };
+    lab.svc.set_backends(&mut lab.bal, &id, vec![stay]).unwrap();
+    let now = lab.run(&g).1[30..34].to_vec();
+    assert_ne!(now, gone.octets(), "flow stayed on a removed backend");
 }
