@@ -310,6 +310,22 @@ impl HealthCheck {
     }
 }
 
+/// A check's kind, for change lines.
+fn kind(h: &Option<HealthCheck>) -> String {
+    h.as_ref().map_or("none".to_owned(), |h| h.kind.to_string())
+}
+
+/// A pool split, for change lines: "blue 95, green 5", or "every pool".
+fn pools(p: &BTreeMap<String, u32>) -> String {
+    if p.is_empty() {
+        return "every pool".into();
+    }
+    p.iter()
+        .map(|(n, w)| format!("{n} {w}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A valid pool name.
 pub fn check_pool(name: &str) -> Result<(), String> {
     if name.is_empty()
@@ -886,6 +902,37 @@ impl State {
             let id = v.address;
             if old.affinity != v.affinity || old.ring_size != v.ring_size {
                 out.push(format!("VIP {id}: affinity/ring size changed"));
+            }
+            if old.health != v.health {
+                out.push(format!(
+                    "VIP {id}: health check {} -> {}",
+                    kind(&old.health),
+                    kind(&v.health)
+                ));
+            }
+            if old.pools != v.pools {
+                out.push(format!("VIP {id}: new flows to {}", pools(&v.pools)));
+            }
+            for nb in &v.backends {
+                let Some(ob) = old.backends.iter().find(|o| o.address == nb.address) else {
+                    continue;
+                };
+                if ob.backup != nb.backup || ob.pool != nb.pool {
+                    out.push(format!(
+                        "VIP {id}: backend {} is now {} in pool {}",
+                        nb.address,
+                        if nb.backup { "a backup" } else { "a primary" },
+                        nb.pool()
+                    ));
+                }
+                if ob.health != nb.health {
+                    out.push(format!(
+                        "VIP {id}: backend {} health check {} -> {}",
+                        nb.address,
+                        kind(&ob.health),
+                        kind(&nb.health)
+                    ));
+                }
             }
             for nb in &v.backends {
                 match old.backends.iter().find(|o| o.address == nb.address) {

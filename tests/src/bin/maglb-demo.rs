@@ -216,11 +216,43 @@ fn main() -> anyhow::Result<()> {
         "  established connections still answered by their backend: {kept}/30 ({on_b0} on the drained b0)"
     );
 
-    println!("\n6. what the datapath counted");
+    println!("\n6. health checks: b1's health endpoint starts failing");
+    let hc = [
+        "vip", "health", &vip, "--kind", "http", "--port", "8080", "--path", "/health",
+    ];
+    run(
+        &a,
+        &[
+            &hc[..],
+            &["--interval-ms", "200", "--timeout-ms", "150", "--fall", "2"],
+        ]
+        .concat(),
+    );
+    topology::wait_for(Duration::from_secs(3), || {
+        a.ok(&["health"]).matches(" up ").count() == 3
+    });
+    t.ctl[1]
+        .health_status
+        .store(503, std::sync::atomic::Ordering::Relaxed);
+    let t0 = Instant::now();
+    let b1_down = || {
+        a.ok(&["health"])
+            .lines()
+            .any(|l| l.contains("10.10.3.12 ") && l.contains(" down "))
+    };
+    topology::wait_for(Duration::from_secs(5), b1_down);
+    println!(
+        "  (b1 taken out {:.0} ms after its endpoint began answering 503)",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    run(&a, &["health"]);
+    show("300 new requests:", &requests(&t, 300));
+
+    println!("\n7. what the datapath counted");
     run(&a, &["backend", "list"]);
     run(&a, &["stats"]);
 
-    println!("\n7. the running state as a config file");
+    println!("\n8. the running state as a config file");
     run(&a, &["config", "export"]);
     println!(
         "done in {:.1} s; removing the namespaces, pins and agent",
