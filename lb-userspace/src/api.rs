@@ -13,6 +13,8 @@ use crate::{
 pub const DEFAULT_SOCKET: &str = "/run/maglb/maglb.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/maglb";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/maglb";
+/// Where the agent serves Prometheus metrics.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9477";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +141,8 @@ pub struct VipView {
     pub affinity: Option<Affinity>,
     pub ring_size: u32,
     pub pools: BTreeMap<String, u32>,
+    /// Flows that got a backend from the Maglev table.
+    pub new_flows: u64,
     #[serde(flatten)]
     pub counters: CounterView,
     pub backends: Vec<BackendView>,

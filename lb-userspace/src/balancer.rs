@@ -140,13 +140,14 @@ pub struct Balancer {
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     global_stats: PerCpuArray<MapData, Counter>,
+    vip_new_flows: PerCpuArray<MapData, u64>,
     ring_maps: StdHashMap<u32, Ring>,
 }
 
 pub const PROGRAM: &str = "maglb_balancer";
 
 /// The maps, by the names the object gives them.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
     "VIPS",
     "VIP_ADDRS",
     "RINGS",
@@ -156,6 +157,7 @@ pub const MAPS: [&str; 9] = [
     "VIP_STATS",
     "BACKEND_STATS",
     "GLOBAL_STATS",
+    "VIP_NEW_FLOWS",
 ];
 
 /// Version of the map layout. Pins live in a directory of that name under the BPF filesystem
@@ -253,6 +255,7 @@ impl Balancer {
             vip_stats: take!("VIP_STATS"),
             backend_stats: take!("BACKEND_STATS"),
             global_stats: take!("GLOBAL_STATS"),
+            vip_new_flows: take!("VIP_NEW_FLOWS"),
             ebpf,
             link: None,
             pin_dir: pin_dir.map(Path::to_owned),
@@ -457,6 +460,14 @@ impl Balancer {
 
     pub fn vip_stats(&self, index: u32) -> Counter {
         Self::sum(&self.vip_stats, index)
+    }
+
+    /// New flows of VIP `index`, summed over CPUs.
+    pub fn vip_new_flows(&self, index: u32) -> u64 {
+        self.vip_new_flows
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     pub fn backend_stats(&self, index: u32) -> Counter {

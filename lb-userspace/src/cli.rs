@@ -6,6 +6,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
+    time::{Duration, Instant},
 };
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
@@ -82,6 +83,9 @@ enum Cmd {
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Serve Prometheus metrics at ADDR:PORT (`off`: not at all).
+        #[arg(long, default_value = api::DEFAULT_METRICS)]
+        metrics_listen: String,
     },
     /// Attach the balancer to an interface.
     #[command(
@@ -110,10 +114,22 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Counters per VIP and backend, and by reason.
+    /// Counters per VIP and backend, and by reason; `--watch` shows live rates.
+    #[command(
+        after_help = "Examples:\n  maglb stats\n  maglb stats --watch\n  maglb stats --output json"
+    )]
     Stats {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
+        /// A live view of rates (packets/s, bit/s, new flows/s) and health, like top.
+        #[arg(long)]
+        watch: bool,
+        /// Time between refreshes of `--watch`.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60000))]
+        interval_ms: u64,
+        /// Stop `--watch` after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// The agent and datapath: attachment, next hop, counts.
     Status {
@@ -408,12 +424,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             state_dir,
             bpffs,
             log_format,
+            metrics_listen,
         } => {
+            let metrics = match metrics_listen.as_str() {
+                "off" => None,
+                a => Some(a.parse().map_err(|_| {
+                    format!(
+                        "--metrics-listen {a:?}: expected ADDR:PORT (e.g. 127.0.0.1:9477) or off"
+                    )
+                })?),
+            };
             init_logs(log_format);
             agent::run(agent::Options {
                 socket: cli.socket,
                 state_dir,
                 bpffs,
+                metrics,
             })?;
         }
         Cmd::Attach { iface, mode } => {
@@ -514,7 +540,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        Cmd::Stats { output } => {
+        Cmd::Stats {
+            watch: true,
+            interval_ms,
+            count,
+            ..
+        } => watch(sock, Duration::from_millis(interval_ms), count)?,
+        Cmd::Stats { output, .. } => {
             let body = client::call(sock, "GET", "/v1/stats", None)?;
             if output == Output::Json {
                 print_json(&body);
@@ -788,6 +820,93 @@ fn backend(sock: &Path, cmd: BackendCmd) -> Result<(), Box<dyn std::error::Error
         }
     }
     Ok(())
+}
+
+/// `maglb stats --watch`: rates between two refreshes, per VIP and backend.
+fn watch(
+    sock: &Path,
+    every: Duration,
+    count: Option<u64>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let tty = unsafe { libc::isatty(1) } == 1;
+    let mut prev: api::Stats = client::get(sock, "/v1/stats")?;
+    let mut at = Instant::now();
+    for _ in 0..count.unwrap_or(u64::MAX) {
+        std::thread::sleep(every);
+        let cur: api::Stats = client::get(sock, "/v1/stats")?;
+        let dt = at.elapsed().as_secs_f64();
+        at = Instant::now();
+        let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / dt;
+        if tty {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!(
+            "maglb stats --watch (every {:.1} s, Ctrl-C to stop)",
+            every.as_secs_f64()
+        );
+        println!(
+            "{:<28} {:<26} {:>10} {:>12} {:>11} {:<8} {:<6}",
+            "VIP", "BACKEND", "PKT/S", "BIT/S", "NEWFLOWS/S", "STATE", "HEALTH"
+        );
+        for v in &cur.vips {
+            let old = prev.vips.iter().find(|o| o.address == v.address);
+            let (p0, b0, f0) = old.map_or((0, 0, 0), |o| {
+                (o.counters.packets, o.counters.bytes, o.new_flows)
+            });
+            println!(
+                "{:<28} {:<26} {:>10.0} {:>12} {:>11.0}",
+                v.address.to_string(),
+                "",
+                rate(v.counters.packets, p0),
+                si(8.0 * rate(v.counters.bytes, b0)),
+                rate(v.new_flows, f0)
+            );
+            for b in &v.backends {
+                let ob = old.and_then(|o| o.backends.iter().find(|x| x.address == b.address));
+                let (p0, b0) = ob.map_or((0, 0), |o| (o.counters.packets, o.counters.bytes));
+                let health = b
+                    .health
+                    .as_ref()
+                    .map_or("-", |h| if h.up { "up" } else { "down" });
+                println!(
+                    "{:<28} {:<26} {:>10.0} {:>12} {:>11} {:<8} {:<6}",
+                    "",
+                    b.address.to_string(),
+                    rate(b.counters.packets, p0),
+                    si(8.0 * rate(b.counters.bytes, b0)),
+                    "",
+                    b.state.to_string(),
+                    health
+                );
+            }
+        }
+        let drops: u64 = cur
+            .global
+            .iter()
+            .filter(|(k, _)| k.starts_with("drop_"))
+            .map(|(_, c)| c.packets)
+            .sum();
+        let drops0: u64 = prev
+            .global
+            .iter()
+            .filter(|(k, _)| k.starts_with("drop_"))
+            .map(|(_, c)| c.packets)
+            .sum();
+        println!("drops/s {:.0}", rate(drops, drops0));
+        std::io::stdout().flush()?;
+        prev = cur;
+    }
+    Ok(())
+}
+
+/// 1234567.0 -> "1.2M".
+fn si(v: f64) -> String {
+    match v {
+        v if v >= 1e9 => format!("{:.1}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
 }
 
 fn read_file(p: &Path) -> Result<String, String> {

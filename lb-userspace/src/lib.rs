@@ -9,6 +9,7 @@ pub mod client;
 pub mod decap;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod netdev;
 pub mod netlink;
 pub mod programs;

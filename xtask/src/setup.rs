@@ -8,7 +8,15 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
-pub const PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "iputils-ping", "curl"];
+/// (`prometheus` brings promtool, which checks the metrics and the alert rules.)
+pub const PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "procps",
+    "iputils-ping",
+    "curl",
+    "prometheus",
+];
 
 /// What is missing, as human-readable items (empty when all is there).
 pub fn missing() -> Vec<String> {

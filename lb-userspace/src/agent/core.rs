@@ -17,6 +17,7 @@ use crate::{
     api::{BackendView, CounterView, HealthView, ProbeView, Stats, Status, VipView},
     balancer::{Balancer, BalancerError},
     health::{Probe, ProbeResult, Tracker},
+    metrics::{self, Histogram, PROBE_BUCKETS, REBUILD_BUCKETS},
     netdev,
     service::{ServiceError, Services, VipId, VipSpec},
     state::{AttachMode, Refused, State},
@@ -39,6 +40,9 @@ pub struct Core {
     /// Health of the backends that have a check. Not persisted: a restarted agent starts
     /// them up and probes again.
     health: BTreeMap<BackendKey, Tracker>,
+    probe_latency: BTreeMap<BackendKey, Histogram>,
+    rebuilds: u64,
+    rebuild_seconds: Histogram,
 }
 
 fn datapath_refused(e: impl std::error::Error) -> Refused {
@@ -76,6 +80,9 @@ impl Core {
             nexthop: None,
             bpffs: bpffs.to_owned(),
             health: BTreeMap::new(),
+            probe_latency: BTreeMap::new(),
+            rebuilds: 0,
+            rebuild_seconds: Histogram::new(REBUILD_BUCKETS),
         };
         let saved = state.clone();
         core.state = state;
@@ -113,9 +120,16 @@ impl Core {
             }
         }
         let specs = self.specs(s);
-        self.svc
+        let started = Instant::now();
+        let changed = self
+            .svc
             .reconcile(&mut self.bal, &specs)
             .map_err(|e: ServiceError| datapath_refused(e))?;
+        if changed > 0 {
+            self.rebuilds += changed as u64;
+            self.rebuild_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 
@@ -154,6 +168,10 @@ impl Core {
         let Some(check) = self.probes().remove(&key).map(|p| p.check) else {
             return;
         };
+        self.probe_latency
+            .entry(key)
+            .or_insert_with(|| Histogram::new(PROBE_BUCKETS))
+            .observe(took.as_secs_f64());
         let t = self.health.entry(key).or_default();
         let Some(up) = t.record(r, took, check.rise, check.fall) else {
             return;
@@ -175,6 +193,7 @@ impl Core {
     pub fn prune_health(&mut self) {
         let probes = self.probes();
         self.health.retain(|k, _| probes.contains_key(k));
+        self.probe_latency.retain(|k, _| probes.contains_key(k));
     }
 
     fn health_view(&self, key: &BackendKey) -> Option<HealthView> {
@@ -250,6 +269,10 @@ impl Core {
                 affinity: v.affinity,
                 ring_size: v.ring_size,
                 pools: v.pools.clone(),
+                new_flows: self
+                    .svc
+                    .vip_index(&v.address)
+                    .map_or(0, |i| self.bal.vip_new_flows(i)),
                 counters: self
                     .svc
                     .vip_index(&v.address)
@@ -276,6 +299,39 @@ impl Core {
                     .collect(),
             })
             .collect()
+    }
+
+    /// What a metrics scrape shows.
+    pub fn metrics(&self) -> metrics::Snapshot {
+        let cfg = self.bal.config().unwrap_or_default();
+        metrics::Snapshot {
+            attached: self.bal.is_attached(),
+            forwarding: self.bal.is_attached() && cfg.ready != 0,
+            vips: self
+                .vip_views()
+                .into_iter()
+                .map(|v| metrics::VipMetrics {
+                    vip: v.address.to_string(),
+                    packets: v.counters.packets,
+                    bytes: v.counters.bytes,
+                    new_flows: v.new_flows,
+                    backends: v
+                        .backends
+                        .iter()
+                        .map(|b| metrics::BackendMetrics {
+                            backend: b.address.to_string(),
+                            packets: b.counters.packets,
+                            bytes: b.counters.bytes,
+                            up: self.is_up(&v.address, &b.address),
+                            probe: self.probe_latency.get(&(v.address, b.address)).cloned(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            global: self.bal.global_stats(),
+            rebuilds: self.rebuilds,
+            rebuild_seconds: self.rebuild_seconds.clone(),
+        }
     }
 
     pub fn stats(&self) -> Stats {

@@ -89,8 +89,17 @@ fn reason(status: u16) -> &'static str {
 }
 
 pub async fn write_response<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, status: u16, body: &str) {
+    write_typed(s, status, "application/json", body).await
+}
+
+pub async fn write_typed<S: tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) {
     let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reason(status),
         body.len()
     );

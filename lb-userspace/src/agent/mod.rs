@@ -34,6 +34,8 @@ pub struct Options {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
+    /// Where to serve Prometheus metrics; none: not at all.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Most clients served at once.
@@ -108,6 +110,16 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
         })
     };
     let health = tokio::spawn(supervise_probes(core.clone()));
+    let metrics = match opts.metrics {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding the metrics listener {at}"))?;
+            info!(%at, "serving metrics");
+            Some(tokio::spawn(serve_metrics(l, core.clone())))
+        }
+        None => None,
+    };
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -130,6 +142,9 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
     }
     refresher.abort();
     health.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&opts.socket);
     info!("agent stopped; the datapath keeps forwarding");
     Ok(())
@@ -177,6 +192,7 @@ async fn handle(mut stream: tokio::net::UnixStream, core: Shared, nl: Handle) {
             path = %req.path,
             request = %String::from_utf8_lossy(&req.body),
             status,
+            outcome = %body.chars().take(2000).collect::<String>(),
             "admin request"
         );
     }
@@ -321,6 +337,39 @@ async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<Str
     // before answering.
     refresh(core, nl).await;
     result
+}
+
+/// Serves `GET /metrics` (Prometheus text format); one request per connection.
+async fn serve_metrics(l: tokio::net::TcpListener, core: Shared) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let core = core.clone();
+        tokio::spawn(async move {
+            let req =
+                tokio::time::timeout(Duration::from_secs(10), http::read_request(&mut s)).await;
+            match req {
+                Ok(Ok(r)) if r.method == "GET" && r.path == "/metrics" => {
+                    let body = crate::metrics::render(&core.lock().unwrap().metrics());
+                    http::write_typed(
+                        &mut s,
+                        200,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        &body,
+                    )
+                    .await;
+                }
+                Ok(Ok(_)) => http::write_typed(&mut s, 404, "text/plain", "try /metrics\n").await,
+                _ => {}
+            }
+            drop(permit);
+        });
+    }
 }
 
 /// Most probes in flight at once, over all backends.

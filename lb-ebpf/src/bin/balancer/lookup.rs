@@ -93,5 +93,6 @@ pub fn backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), u32> {
     // A full table evicts the least recently used entry; a failed insert only costs the
     // flow its stickiness, so the result is not checked.
     let _ = CONNTRACK.insert(flow, &entry, 0);
+    crate::stats::new_flow(vip.index);
     Ok((index, *b))
 }

@@ -51,3 +51,6 @@ pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_V
 pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+/// Per-CPU count of new flows (connection-table misses given a backend) per VIP index.
+#[map]
+pub static VIP_NEW_FLOWS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_VIPS, 0);

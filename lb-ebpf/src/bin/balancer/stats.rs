@@ -2,7 +2,7 @@
 
 use lb_common::Counter;
 
-use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_NEW_FLOWS, VIP_STATS};
 
 #[inline(always)]
 fn bump(c: Option<*mut Counter>, bytes: usize) {
@@ -28,4 +28,12 @@ pub fn vip(index: u32, bytes: usize) {
 #[inline(always)]
 pub fn backend(index: u32, bytes: usize) {
     bump(BACKEND_STATS.get_ptr_mut(index), bytes);
+}
+
+/// A new flow of a VIP.
+#[inline(always)]
+pub fn new_flow(index: u32) {
+    if let Some(c) = VIP_NEW_FLOWS.get_ptr_mut(index) {
+        unsafe { *c += 1 };
+    }
 }
