@@ -152,6 +152,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Active/passive failover (VRRPv3): state, planned handover.
+    Vrrp {
+        #[command(subcommand)]
+        cmd: VrrpCmd,
+    },
     /// The backend-side decap program (no agent needed).
     Decap {
         #[command(subcommand)]
@@ -355,6 +360,20 @@ fn health_cells(h: Option<&api::HealthView>) -> (String, String, String, String)
             format!("{:.0}s", h.since_s),
         ),
     }
+}
+
+#[derive(Subcommand)]
+enum VrrpCmd {
+    /// State, master, priority, the last transition and why, refused advertisements.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Planned handover: a master advertises priority 0 and steps down; this balancer stays
+    /// backup until `maglb vrrp claim`.
+    Release,
+    /// Take part with the configured priority again after `release`.
+    Claim,
 }
 
 #[derive(Subcommand)]
@@ -647,6 +666,44 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 Err(e) => return Err(e.into()),
             }
         }
+        Cmd::Vrrp { cmd } => match cmd {
+            VrrpCmd::Status { output } => {
+                let body = client::call(sock, "GET", "/v1/vrrp", None)?;
+                if output == Output::Json {
+                    print_json(&body);
+                } else {
+                    let v: agent::vrrp::VrrpStatus = serde_json::from_str(&body)?;
+                    println!(
+                        "state        {} (vrid {} on {})",
+                        v.state, v.vrid, v.interface
+                    );
+                    println!("master       {}", v.master.unwrap_or_else(|| "-".into()));
+                    let rel = if v.released { ", released" } else { "" };
+                    println!(
+                        "priority     {} (configured {}){rel}",
+                        v.effective_priority, v.priority
+                    );
+                    println!("last change  {:.0} s ago: {}", v.since_s, v.reason);
+                    println!("transitions  {}", v.transitions);
+                    println!(
+                        "adverts      {} sent, {} received",
+                        v.adverts_sent, v.adverts_received
+                    );
+                    let invalid: Vec<String> =
+                        v.invalid.iter().map(|(k, n)| format!("{k} {n}")).collect();
+                    let invalid = if invalid.is_empty() {
+                        "none".into()
+                    } else {
+                        invalid.join(", ")
+                    };
+                    println!("refused      {invalid}");
+                }
+            }
+            VrrpCmd::Release => {
+                print_changes(&client::send(sock, "POST", "/v1/vrrp/release", &())?)
+            }
+            VrrpCmd::Claim => print_changes(&client::send(sock, "POST", "/v1/vrrp/claim", &())?),
+        },
         Cmd::Config {
             cmd: ConfigCmd::Export,
         } => {

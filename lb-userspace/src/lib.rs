@@ -16,6 +16,7 @@ pub mod programs;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod vrrp;
 
 /// An error and its causes on one line, for messages to operators.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

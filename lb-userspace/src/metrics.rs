@@ -74,6 +74,17 @@ pub struct Snapshot {
     pub global: Vec<(&'static str, Counter)>,
     pub rebuilds: u64,
     pub rebuild_seconds: Histogram,
+    /// VRRP, while it runs.
+    pub vrrp: Option<VrrpMetrics>,
+}
+
+pub struct VrrpMetrics {
+    pub vrid: u8,
+    pub master: bool,
+    pub priority: u8,
+    pub transitions: u64,
+    /// Refused advertisements by reason.
+    pub invalid: Vec<(String, u64)>,
 }
 
 /// Escapes a label value.
@@ -304,6 +315,41 @@ pub fn render(s: &Snapshot) -> String {
     }
 
     o.family(
+        "maglb_vrrp_master",
+        "gauge",
+        "1 while this balancer is the VRRP master.",
+    );
+    o.family(
+        "maglb_vrrp_priority",
+        "gauge",
+        "Advertised VRRP priority (after tracking).",
+    );
+    o.family(
+        "maglb_vrrp_transitions_total",
+        "counter",
+        "VRRP state changes.",
+    );
+    o.family(
+        "maglb_vrrp_invalid_adverts_total",
+        "counter",
+        "VRRP advertisements refused, by reason.",
+    );
+    if let Some(v) = &s.vrrp {
+        let vrid = v.vrid.to_string();
+        let l = [("vrid", vrid.as_str())];
+        o.sample("maglb_vrrp_master", &l, u8::from(v.master));
+        o.sample("maglb_vrrp_priority", &l, v.priority);
+        o.sample("maglb_vrrp_transitions_total", &l, v.transitions);
+        for (reason, n) in &v.invalid {
+            o.sample(
+                "maglb_vrrp_invalid_adverts_total",
+                &[("vrid", &vrid), ("reason", reason)],
+                n,
+            );
+        }
+    }
+
+    o.family(
         "maglb_table_rebuilds_total",
         "counter",
         "Maglev tables rebuilt and switched.",
@@ -366,6 +412,13 @@ mod tests {
             ],
             rebuilds: 4,
             rebuild_seconds: h,
+            vrrp: Some(VrrpMetrics {
+                vrid: 51,
+                master: true,
+                priority: 150,
+                transitions: 2,
+                invalid: vec![("ttl".into(), 1)],
+            }),
         };
         let text = render(&s);
         for line in [
@@ -378,6 +431,8 @@ mod tests {
             "maglb_table_rebuild_duration_seconds_bucket{le=\"+Inf\"} 3",
             "maglb_table_rebuild_duration_seconds_count 3",
             "# TYPE maglb_vip_new_flows_total counter",
+            "maglb_vrrp_master{vrid=\"51\"} 1",
+            "maglb_vrrp_invalid_adverts_total{vrid=\"51\",reason=\"ttl\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -79,6 +79,13 @@ pub fn mtu(iface: &str) -> Result<u32, NetdevError> {
     Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
+/// Whether the interface is up and has a carrier (`IFF_RUNNING`).
+pub fn is_running(iface: &str) -> Result<bool, NetdevError> {
+    let req = ioctl(iface, "flags", libc::SIOCGIFFLAGS)?;
+    let flags = unsafe { req.ifr_ifru.ifru_flags } as i32;
+    Ok(flags & libc::IFF_RUNNING != 0)
+}
+
 /// The interface's index.
 pub fn index(iface: &str) -> Result<u32, NetdevError> {
     let name = CString::new(iface).map_err(|_| NetdevError::NoSuchInterface {

@@ -479,6 +479,91 @@ impl Vip {
     }
 }
 
+fn d_vrrp_priority() -> u8 {
+    100
+}
+fn d_advert_cs() -> u16 {
+    100
+}
+fn d_true() -> bool {
+    true
+}
+fn d_penalty() -> u8 {
+    50
+}
+
+/// Active/passive failover with VRRPv3 (`[vrrp]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VrrpConfig {
+    /// Virtual router ID, 1-255; both balancers of a pair use the same.
+    pub vrid: u8,
+    /// 1-254, or 255 for the address owner; the higher wins.
+    #[serde(default = "d_vrrp_priority")]
+    pub priority: u8,
+    /// Advertisement interval, centiseconds (1-4095).
+    #[serde(default = "d_advert_cs")]
+    pub advert_interval_cs: u16,
+    /// Take over from a lower-priority master.
+    #[serde(default = "d_true")]
+    pub preempt: bool,
+    /// No preemption during this long after start.
+    #[serde(default)]
+    pub preempt_delay_ms: u32,
+    /// Interface for advertisements and addresses; default: the balancer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Addresses the master holds (IPv4): typically the next hop the router sends the VIPs
+    /// to, or the VIPs themselves.
+    pub addresses: Vec<std::net::Ipv4Addr>,
+    /// Priority lost while the interface is down.
+    #[serde(default = "d_penalty")]
+    pub track_interface_penalty: u8,
+    /// VIPs whose loss of every live backend lowers the priority by `track_vip_penalty`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub track_vips: Vec<VipId>,
+    #[serde(default = "d_penalty")]
+    pub track_vip_penalty: u8,
+}
+
+impl VrrpConfig {
+    fn validate(&self, vips: &[Vip]) -> Result<(), Refused> {
+        if self.vrid == 0 {
+            return Err(Refused::invalid("vrrp.vrid", "must be 1-255"));
+        }
+        if self.priority == 0 {
+            return Err(Refused::invalid(
+                "vrrp.priority",
+                "must be 1-255 (0 is reserved for a master leaving)",
+            ));
+        }
+        if !(1..=4095).contains(&self.advert_interval_cs) {
+            return Err(Refused::invalid(
+                "vrrp.advert_interval_cs",
+                format!("{} is out of range 1-4095", self.advert_interval_cs),
+            ));
+        }
+        if let Some(i) = &self.interface {
+            check_ifname(i).map_err(|m| Refused::invalid("vrrp.interface", m))?;
+        }
+        if self.addresses.is_empty() || self.addresses.len() > 20 {
+            return Err(Refused::invalid(
+                "vrrp.addresses",
+                "give 1-20 IPv4 addresses for the master to hold",
+            ));
+        }
+        for v in &self.track_vips {
+            if !vips.iter().any(|x| x.address == *v) {
+                return Err(Refused::invalid(
+                    "vrrp.track_vips",
+                    format!("VIP {v} does not exist"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole desired state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -487,6 +572,8 @@ pub struct State {
     pub version: u32,
     #[serde(default)]
     pub balancer: BalancerSettings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vrrp: Option<VrrpConfig>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
 }
@@ -496,6 +583,7 @@ impl Default for State {
         Self {
             version: STATE_VERSION,
             balancer: BalancerSettings::default(),
+            vrrp: None,
             vips: Vec::new(),
         }
     }
@@ -691,6 +779,9 @@ impl State {
                     "every share is 0; give one pool a share",
                 ));
             }
+        }
+        if let Some(v) = &self.vrrp {
+            v.validate(&self.vips)?;
         }
         if pairs > MAX_BACKENDS as usize {
             return Err(Refused::invalid(
@@ -889,6 +980,12 @@ impl State {
         (a2.interface, a2.mode, b2.interface, b2.mode) = (None, b.mode, None, b.mode);
         if a2 != b2 {
             out.push("change balancer settings (mtu, sources, next hop)".to_owned());
+        }
+        if self.vrrp != new.vrrp {
+            out.push(match &new.vrrp {
+                Some(v) => format!("VRRP: vrid {} priority {}", v.vrid, v.priority),
+                None => "VRRP off".to_owned(),
+            });
         }
         for v in &new.vips {
             let Some(old) = self.vip(&v.address) else {

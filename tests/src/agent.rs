@@ -171,6 +171,14 @@ pub fn operated_topology(
 ) -> (Topology, Agent) {
     require_root();
     let t = Topology::build_with(tag, backends, false).expect("topology");
+    attach_decaps(bin, &t, scratch);
+    let a = Agent::start(bin, &t.lb, &scratch.0).expect("agent");
+    a.ok(&["attach", "--iface", "l0"]);
+    (t, a)
+}
+
+/// `maglb decap attach --iface e0` on every backend of `t`.
+pub fn attach_decaps(bin: &Path, t: &Topology, scratch: &Scratch) {
     for (i, b) in t.backends.iter().enumerate() {
         let pins = scratch.0.decap_pins.join(format!("b{i}"));
         let out = b
@@ -186,9 +194,6 @@ pub fn operated_topology(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let a = Agent::start(bin, &t.lb, &scratch.0).expect("agent");
-    a.ok(&["attach", "--iface", "l0"]);
-    (t, a)
 }
 
 impl Agent {

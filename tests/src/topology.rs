@@ -63,8 +63,14 @@ pub struct Topology {
     pub client: Netns,
     pub router: Netns,
     pub lb: Netns,
+    /// The second balancer of a pair (`build_pair`).
+    pub lb2: Option<Netns>,
     pub backends: Vec<Netns>,
 }
+
+/// The address a VRRP master holds in a pair topology; the router sends the VIPs to it.
+pub const VRRP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 100);
+pub const LB2_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 2, 3);
 
 /// Turns off checksum and segmentation offloads: frames then carry real checksums and are
 /// never bigger than the MTU when they reach an XDP program.
@@ -97,6 +103,7 @@ impl Topology {
             client: Netns::new(&format!("{p}-cl"))?,
             router: Netns::new(&format!("{p}-rt"))?,
             lb: Netns::new(&format!("{p}-lb"))?,
+            lb2: None,
             backends: Vec::new(),
         };
         for i in 0..n_backends {
@@ -173,6 +180,59 @@ impl Topology {
             t.add_backend_links(i, decap)?;
         }
         Ok(t)
+    }
+
+    /// A pair: the router's link to the balancers becomes a bridge (`brl`, 10.10.2.1) with a
+    /// second balancer (`lb2`, 10.10.2.3) on it, and the router sends the VIP to
+    /// `VRRP_ADDR`, which the VRRP master holds. No decap programs on the backends.
+    pub fn build_pair(tag: &str, n_backends: usize) -> anyhow::Result<Self> {
+        let mut t = Self::build_with(tag, n_backends, false)?;
+        let lb2 = Netns::new(&format!("{}2", t.lb.name))?;
+        let (rt, l2) = (t.router.name.clone(), lb2.name.clone());
+        ip(&[
+            "link", "add", "rl2", "netns", &rt, "type", "veth", "peer", "name", LB_IF, "netns", &l2,
+        ])?;
+        let r = &t.router;
+        r.ip(&["link", "add", "brl", "type", "bridge"])?;
+        r.ip(&["addr", "del", "10.10.2.1/24", "dev", "r1"])?;
+        r.ip(&["-6", "addr", "del", "fd10:2::1/64", "dev", "r1"])?;
+        r.ip(&["addr", "add", "10.10.2.1/24", "dev", "brl"])?;
+        r.ip(&["addr", "add", "fd10:2::1/64", "dev", "brl", "nodad"])?;
+        for port in ["r1", "rl2"] {
+            r.ip(&["link", "set", port, "master", "brl"])?;
+        }
+        no_offloads(r, "rl2")?;
+        r.ip(&["link", "set", "rl2", "up"])?;
+        r.ip(&["link", "set", "brl", "up"])?;
+        r.sysctl("net.ipv4.conf.brl.rp_filter=0")?;
+        lb2.ip(&["addr", "add", &format!("{LB2_ADDR}/24"), "dev", LB_IF])?;
+        no_offloads(&lb2, LB_IF)?;
+        lb2.ip(&["link", "set", LB_IF, "up"])?;
+        lb2.ip(&["route", "add", "default", "via", "10.10.2.1"])?;
+        r.ip(&[
+            "route",
+            "replace",
+            &format!("{VIP}/32"),
+            "via",
+            &VRRP_ADDR.to_string(),
+        ])?;
+        let pass = r.run(|| -> anyhow::Result<Decap> {
+            let mut d = Decap::load()?;
+            d.attach(decap::PASS_PROGRAM, "rl2", Mode::Native)?;
+            Ok(d)
+        })??;
+        t._programs.push(pass);
+        t.lb2 = Some(lb2);
+        Ok(t)
+    }
+
+    /// The MAC the router has for `addr` on its balancer link, if any.
+    pub fn router_neighbour(&self, addr: Ipv4Addr) -> Option<String> {
+        let out = self.router.ip(&["neigh", "show", &addr.to_string()]).ok()?;
+        let line = out.lines().find(|l| l.contains("lladdr"))?;
+        let mut it = line.split_whitespace();
+        it.find(|w| *w == "lladdr")?;
+        it.next().map(str::to_owned)
     }
 
     fn add_backend_links(&mut self, i: usize, decap: bool) -> anyhow::Result<()> {

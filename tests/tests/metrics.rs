@@ -165,6 +165,7 @@ fn alert_rules_and_dashboard_use_exported_metrics() {
         rebuild_seconds: lb_userspace::metrics::Histogram::new(
             lb_userspace::metrics::REBUILD_BUCKETS,
         ),
+        vrrp: None,
     };
     let exported: BTreeSet<String> = lb_userspace::metrics::render(&snapshot)
         .lines()

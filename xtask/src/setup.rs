@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
-/// (`prometheus` brings promtool, which checks the metrics and the alert rules.)
+/// (`prometheus` brings promtool, which checks the metrics and the alert rules; keepalived
+/// is the VRRP peer of the interoperability test.)
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -16,6 +17,7 @@ pub const PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "prometheus",
+    "keepalived",
 ];
 
 /// What is missing, as human-readable items (empty when all is there).

@@ -43,6 +43,8 @@ pub struct Core {
     probe_latency: BTreeMap<BackendKey, Histogram>,
     rebuilds: u64,
     rebuild_seconds: Histogram,
+    /// What the VRRP speaker reports, while it runs.
+    pub vrrp: Option<super::vrrp::VrrpStatus>,
 }
 
 fn datapath_refused(e: impl std::error::Error) -> Refused {
@@ -83,6 +85,7 @@ impl Core {
             probe_latency: BTreeMap::new(),
             rebuilds: 0,
             rebuild_seconds: Histogram::new(REBUILD_BUCKETS),
+            vrrp: None,
         };
         let saved = state.clone();
         core.state = state;
@@ -139,6 +142,16 @@ impl Core {
             .iter()
             .map(|v| v.spec(|a| self.is_up(&v.address, a)))
             .collect()
+    }
+
+    /// Whether some backend of the VIP would take new flows (for VRRP tracking).
+    pub fn vip_has_live_backend(&self, vip: &VipId) -> bool {
+        self.state.vip(vip).is_some_and(|v| {
+            v.spec(|a| self.is_up(vip, a))
+                .backends
+                .iter()
+                .any(|b| b.live && b.weight > 0)
+        })
     }
 
     /// Whether a backend counts as up: yes without a check, else as its probes say.
@@ -331,6 +344,13 @@ impl Core {
             global: self.bal.global_stats(),
             rebuilds: self.rebuilds,
             rebuild_seconds: self.rebuild_seconds.clone(),
+            vrrp: self.vrrp.as_ref().map(|v| metrics::VrrpMetrics {
+                vrid: v.vrid,
+                master: v.state == "master",
+                priority: v.effective_priority,
+                transitions: v.transitions,
+                invalid: v.invalid.iter().map(|(k, n)| (k.clone(), *n)).collect(),
+            }),
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod core;
 mod http;
+pub mod vrrp;
 
 use std::{
     io,
@@ -110,6 +111,8 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
         })
     };
     let health = tokio::spawn(supervise_probes(core.clone()));
+    let (vrrp_tx, vrrp_rx) = tokio::sync::watch::channel(vrrp::Command::None);
+    let speaker = tokio::spawn(vrrp::run(core.clone(), nl.clone(), vrrp_rx));
     let metrics = match opts.metrics {
         Some(at) => {
             let l = tokio::net::TcpListener::bind(at)
@@ -130,9 +133,9 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
                     http::write_response(&mut stream, 503, &error_json("too many clients; retry")).await;
                     continue;
                 };
-                let (core, nl) = (core.clone(), nl.clone());
+                let (core, nl, vrrp_tx) = (core.clone(), nl.clone(), vrrp_tx.clone());
                 tokio::spawn(async move {
-                    handle(stream, core, nl).await;
+                    handle(stream, core, nl, vrrp_tx).await;
                     drop(permit);
                 });
             }
@@ -140,6 +143,9 @@ async fn serve(opts: Options) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    // A planned stop: a VRRP master hands over (priority 0) before the agent goes.
+    let _ = vrrp_tx.send(vrrp::Command::Shutdown);
+    let _ = tokio::time::timeout(Duration::from_secs(2), speaker).await;
     refresher.abort();
     health.abort();
     if let Some(m) = metrics {
@@ -157,7 +163,12 @@ fn error_json(msg: &str) -> String {
     .expect("serializes")
 }
 
-async fn handle(mut stream: tokio::net::UnixStream, core: Shared, nl: Handle) {
+async fn handle(
+    mut stream: tokio::net::UnixStream,
+    core: Shared,
+    nl: Handle,
+    vrrp_tx: tokio::sync::watch::Sender<vrrp::Command>,
+) {
     let peer = stream.peer_cred().ok();
     if peer.map(|p| p.uid()) != Some(0) {
         http::write_response(
@@ -178,7 +189,7 @@ async fn handle(mut stream: tokio::net::UnixStream, core: Shared, nl: Handle) {
         }
         Err(_) => return,
     };
-    let (status, body) = match dispatch(&req, &core, &nl).await {
+    let (status, body) = match dispatch(&req, &core, &nl, &vrrp_tx).await {
         Ok(body) => (200, body),
         Err(r) => (r.status, error_json(&r.message)),
     };
@@ -211,7 +222,12 @@ fn json<T: Serialize>(v: &T) -> Result<String, Refused> {
 }
 
 /// Runs one API request.
-async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<String, Refused> {
+async fn dispatch(
+    req: &http::Request,
+    core: &Shared,
+    nl: &Handle,
+    vrrp_tx: &tokio::sync::watch::Sender<vrrp::Command>,
+) -> Result<String, Refused> {
     let body = &req.body;
     let changed =
         |r: Result<Vec<String>, Refused>| r.and_then(|changes| json(&api::Changes { changes }));
@@ -220,6 +236,34 @@ async fn dispatch(req: &http::Request, core: &Shared, nl: &Handle) -> Result<Str
         ("GET", "/v1/vips") => return json(&core.lock().unwrap().vip_views()),
         ("GET", "/v1/stats") => return json(&core.lock().unwrap().stats()),
         ("GET", "/v1/health") => return json(&core.lock().unwrap().probe_views()),
+        ("GET", "/v1/vrrp") => {
+            return match core.lock().unwrap().vrrp.clone() {
+                Some(v) => json(&v),
+                None => Err(Refused::not_found(
+                    "VRRP is not running: add a [vrrp] section with `maglb apply` (and attach)",
+                )),
+            };
+        }
+        ("POST", "/v1/vrrp/release" | "/v1/vrrp/claim") => {
+            if core.lock().unwrap().vrrp.is_none() {
+                return Err(Refused::not_found("VRRP is not running"));
+            }
+            let (cmd, what) = if req.path.ends_with("release") {
+                (
+                    vrrp::Command::Release,
+                    "released: backup until `maglb vrrp claim`",
+                )
+            } else {
+                (
+                    vrrp::Command::Claim,
+                    "claimed: back to the configured priority",
+                )
+            };
+            let _ = vrrp_tx.send(cmd);
+            return json(&api::Changes {
+                changes: vec![what.to_owned()],
+            });
+        }
         ("GET", "/v1/config") => {
             let text = core.lock().unwrap().state.to_toml();
             return json(&api::ConfigText { config: text });

@@ -1,0 +1,461 @@
+//! Active/passive pairs end to end, as root, in namespaces this test creates: two balancers
+//! and the router on one bridge, a client behind the router, three backends. The router
+//! sends the VIP to the VRRP address the master holds.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use maglb_tests::{
+    agent::{Agent, Scratch, attach_decaps},
+    netns::{Netns, require_root},
+    topology::{
+        self, Conns, LB_IF, TCP_PORT, Topology, VRRP_ADDR, backend_addr, vip_addr, wait_for,
+    },
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_maglb-cli");
+
+fn config(priority: u8, vrrp: bool) -> String {
+    let mut c = String::from("[balancer]\ninterface = \"l0\"\n\n");
+    if vrrp {
+        c += &format!(
+            "[vrrp]\nvrid = 51\npriority = {priority}\nadvert_interval_cs = 10\naddresses = [\"{VRRP_ADDR}\"]\n\n"
+        );
+    }
+    c += &format!("[[vip]]\naddress = \"{}:{TCP_PORT}/tcp\"\n", topology::VIP);
+    for i in 0..3 {
+        c += &format!("[[vip.backend]]\naddress = \"{}\"\n", backend_addr(i));
+    }
+    c
+}
+
+struct Pair {
+    t: Topology,
+    s1: Scratch,
+    s2: Scratch,
+    a1: Agent,
+    a2: Agent,
+}
+
+fn start(ns: &Netns, s: &Scratch, cfg: &str) -> Agent {
+    let a = Agent::start(Path::new(BIN), ns, &s.0).expect("agent");
+    let f = s.0.dir.join("maglb.toml");
+    std::fs::write(&f, cfg).unwrap();
+    a.ok(&["apply", "-f", f.to_str().unwrap()]);
+    a
+}
+
+fn pair(tag: &str, vrrp2: bool) -> Pair {
+    require_root();
+    let s1 = Scratch::new(&format!("{tag}1"));
+    let s2 = Scratch::new(&format!("{tag}2"));
+    let t = Topology::build_pair(tag, 3).expect("pair topology");
+    attach_decaps(Path::new(BIN), &t, &s1);
+    let a1 = start(&t.lb, &s1, &config(150, true));
+    let a2 = start(t.lb2.as_ref().unwrap(), &s2, &config(100, vrrp2));
+    a1.wait_ready();
+    a2.wait_ready();
+    Pair { t, s1, s2, a1, a2 }
+}
+
+fn vrrp_state(a: &Agent) -> String {
+    let o = a.cli(&["vrrp", "status", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["state"].as_str().unwrap_or("none").to_owned()
+}
+
+fn vrrp_json(a: &Agent) -> serde_json::Value {
+    serde_json::from_str(&a.ok(&["vrrp", "status", "--output", "json"])).unwrap()
+}
+
+fn mac(ns: &Netns) -> String {
+    let out = ns.ip(&["-br", "link", "show", LB_IF]).unwrap();
+    out.split_whitespace().nth(2).unwrap().to_owned()
+}
+
+/// Waits until `a` is in `state`; returns how long it took.
+fn wait_state(a: &Agent, state: &str, limit: Duration) -> Duration {
+    let t = Instant::now();
+    assert!(
+        wait_for(limit, || vrrp_state(a) == state),
+        "not {state} within {limit:?}: {}\n{}",
+        a.cli(&["vrrp", "status"])
+            .stdout
+            .iter()
+            .map(|b| *b as char)
+            .collect::<String>(),
+        a.log()
+    );
+    t.elapsed()
+}
+
+/// New connections in a loop, and long-lived ones asked now and then, until stopped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    done: Arc<Mutex<Vec<Instant>>>,
+    handle: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Traffic {
+    fn start(t: &Topology) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let (s, d) = (stop.clone(), done.clone());
+        let handle = t
+            .client
+            .spawn(move || {
+                let mut long = Conns::open(20, vip_addr(TCP_PORT), Duration::from_secs(5)).unwrap();
+                let mut failed = 0;
+                let mut broken = Vec::new();
+                for round in 0..100_000 {
+                    if s.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    // Generous timeout: a SYN lost in the failover gap is resent after 1 s.
+                    match topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(5)) {
+                        Ok(_) => d.lock().unwrap().push(Instant::now()),
+                        Err(_) => failed += 1,
+                    }
+                    if round % 10 == 0 {
+                        broken.extend(long.broken());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                broken.extend(long.broken());
+                (failed, broken)
+            })
+            .unwrap();
+        Self { stop, done, handle }
+    }
+
+    /// Stops; returns (failed requests, broken long-lived connections, longest gap between
+    /// completed requests).
+    fn stop(self) -> (usize, Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (failed, broken) = self.handle.join().unwrap();
+        let done = self.done.lock().unwrap();
+        let gap = done
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        (failed, broken, gap)
+    }
+}
+
+#[test]
+fn failover_on_agent_kill_and_on_link_down_keeps_connections() {
+    let mut p = pair("vfo", true);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    let lb2 = p.t.lb2.as_ref().unwrap();
+    // The router learns the VRRP address with its first packet toward the VIP (Linux takes
+    // gratuitous ARP only for entries it already has).
+    p.t.client
+        .run(|| topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("first request");
+    assert!(wait_for(Duration::from_secs(3), || p
+        .t
+        .router_neighbour(VRRP_ADDR)
+        == Some(mac(&p.t.lb))));
+
+    // 1. The master's agent dies (its pinned datapath keeps forwarding meanwhile).
+    let traffic = Traffic::start(&p.t);
+    std::thread::sleep(Duration::from_millis(500));
+    p.a1.kill9();
+    let took = wait_state(&p.a2, "master", Duration::from_secs(3));
+    assert!(
+        wait_for(Duration::from_secs(3), || p.t.router_neighbour(VRRP_ADDR)
+            == Some(mac(lb2))),
+        "router still sends to lb1"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (failed, broken, gap) = traffic.stop();
+    println!("agent SIGKILL: backup master after {took:?}; longest gap between requests {gap:?}");
+    assert_eq!(
+        (failed, broken.len()),
+        (0, 0),
+        "failed requests / broken connections: {broken:?}"
+    );
+
+    // The old master comes back with a higher priority: it takes over once.
+    let before = vrrp_json(&p.a2)["transitions"].as_u64().unwrap();
+    p.a1 = Agent::start(Path::new(BIN), &p.t.lb, &p.s1.0).expect("restart lb1 agent");
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        vrrp_json(&p.a2)["transitions"].as_u64().unwrap(),
+        before + 1,
+        "flapping"
+    );
+    assert!(wait_for(Duration::from_secs(3), || p
+        .t
+        .router_neighbour(VRRP_ADDR)
+        == Some(mac(&p.t.lb))));
+
+    // 2. The master's link goes down.
+    let traffic = Traffic::start(&p.t);
+    std::thread::sleep(Duration::from_millis(500));
+    p.t.lb.ip(&["link", "set", LB_IF, "down"]).unwrap();
+    let took = wait_state(&p.a2, "master", Duration::from_secs(3));
+    assert!(wait_for(Duration::from_secs(3), || p
+        .t
+        .router_neighbour(VRRP_ADDR)
+        == Some(mac(lb2))));
+    std::thread::sleep(Duration::from_millis(800));
+    let (failed, broken, gap) = traffic.stop();
+    println!(
+        "link down: backup master after {took:?}; longest gap between requests {gap:?} (target < 300 ms)"
+    );
+    assert_eq!(
+        (failed, broken.len()),
+        (0, 0),
+        "failed requests / broken connections: {broken:?}"
+    );
+
+    // The link comes back: the higher priority takes over again, and both masters never
+    // last longer than an advertisement interval or so.
+    p.t.lb.ip(&["link", "set", LB_IF, "up"]).unwrap();
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    let _ = (&p.s2, &p.a2);
+}
+
+#[test]
+fn planned_handover_loses_no_request() {
+    let mut p = pair("vph", true);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    p.t.client
+        .run(|| topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("first request");
+
+    // SIGTERM: the master advertises priority 0; the backup takes over after Skew_Time.
+    let traffic = Traffic::start(&p.t);
+    std::thread::sleep(Duration::from_millis(400));
+    p.a1.stop();
+    let took = wait_state(&p.a2, "master", Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(600));
+    let (failed, broken, gap) = traffic.stop();
+    println!("SIGTERM handover: backup master after {took:?}; longest gap {gap:?}");
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+    assert!(
+        took < Duration::from_millis(250),
+        "handover took {took:?}, more than Skew_Time"
+    );
+
+    // Back, then an operator's release and claim.
+    p.a1 = Agent::start(Path::new(BIN), &p.t.lb, &p.s1.0).expect("restart");
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    let traffic = Traffic::start(&p.t);
+    std::thread::sleep(Duration::from_millis(300));
+    p.a1.ok(&["vrrp", "release"]);
+    wait_state(&p.a2, "master", Duration::from_secs(2));
+    wait_state(&p.a1, "backup", Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        vrrp_state(&p.a1),
+        "backup",
+        "a released router took over again"
+    );
+    let (failed, broken, _) = traffic.stop();
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+    p.a1.ok(&["vrrp", "claim"]);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    let _ = (&p.s2, &p.a2);
+}
+
+/// keepalived for the second balancer's VRRP (its maglb agent has no [vrrp]).
+struct Keepalived(std::process::Child);
+
+impl Keepalived {
+    fn start(ns: &Netns, dir: &Path) -> Self {
+        let conf = dir.join("keepalived.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "global_defs {{\n  vrrp_version 3\n  script_user root\n}}\n\
+                 vrrp_instance VI_1 {{\n  state BACKUP\n  interface {LB_IF}\n  virtual_router_id 51\n  \
+                 priority 100\n  advert_int 0.1\n  virtual_ipaddress {{\n    {VRRP_ADDR}/32\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let child = ns
+            .command("keepalived")
+            .unwrap()
+            .args(["--dont-fork", "--log-console", "--vrrp", "-f"])
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.join("keepalived.pid"))
+            .arg("-r")
+            .arg(dir.join("vrrp.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("keepalived.log")).unwrap())
+            .spawn()
+            .expect("keepalived (Debian package keepalived; `cargo xtask setup`)");
+        Self(child)
+    }
+
+    fn holds(&self, ns: &Netns) -> bool {
+        ns.ip(&["-4", "addr", "show", "dev", LB_IF])
+            .unwrap()
+            .contains(&format!("{VRRP_ADDR}/32"))
+    }
+}
+
+impl Drop for Keepalived {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn keepalived_peer_fails_over_both_ways() {
+    let mut p = pair("vka", false);
+    let lb2 = p.t.lb2.as_ref().unwrap();
+    let ka = Keepalived::start(lb2, &p.s2.0.dir);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !ka.holds(lb2),
+        "keepalived took the address from a higher-priority maglb"
+    );
+    assert!(
+        vrrp_json(&p.a1)["adverts_received"].as_u64().unwrap() == 0
+            || vrrp_state(&p.a1) == "master"
+    );
+    p.t.client
+        .run(|| topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("first request");
+
+    // maglb dies: keepalived takes over, and traffic goes through lb2's maglb datapath.
+    let traffic = Traffic::start(&p.t);
+    std::thread::sleep(Duration::from_millis(300));
+    p.a1.kill9();
+    assert!(
+        wait_for(Duration::from_secs(3), || ka.holds(lb2)),
+        "keepalived did not take over:\n{}",
+        std::fs::read_to_string(p.s2.0.dir.join("keepalived.log")).unwrap_or_default()
+    );
+    assert!(wait_for(Duration::from_secs(3), || p
+        .t
+        .router_neighbour(VRRP_ADDR)
+        == Some(mac(lb2))));
+    std::thread::sleep(Duration::from_millis(500));
+    let (failed, broken, gap) = traffic.stop();
+    println!("maglb -> keepalived: longest gap {gap:?}");
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+
+    // maglb comes back with the higher priority: keepalived yields.
+    let traffic = Traffic::start(&p.t);
+    p.a1 = Agent::start(Path::new(BIN), &p.t.lb, &p.s1.0).expect("restart");
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    assert!(
+        wait_for(Duration::from_secs(3), || !ka.holds(lb2)),
+        "keepalived kept the address"
+    );
+    assert!(wait_for(Duration::from_secs(3), || p
+        .t
+        .router_neighbour(VRRP_ADDR)
+        == Some(mac(&p.t.lb))));
+    std::thread::sleep(Duration::from_millis(500));
+    let (failed, broken, gap) = traffic.stop();
+    println!("keepalived -> maglb: longest gap {gap:?}");
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+    assert!(
+        vrrp_json(&p.a1)["adverts_received"].as_u64().unwrap() > 0,
+        "no keepalived advert understood"
+    );
+}
+
+/// Sends a VRRP message from the router onto the balancers' link, with IP TTL `ttl`.
+fn send_raw(router: &Netns, msg: Vec<u8>, ttl: i32) {
+    router
+        .run(move || unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, 112);
+            assert!(fd >= 0);
+            let name = std::ffi::CString::new("brl").unwrap();
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                name.as_ptr().cast(),
+                4,
+            );
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_MULTICAST_TTL,
+                (&ttl as *const i32).cast(),
+                4,
+            );
+            let dst = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([224, 0, 0, 18]),
+                },
+                sin_zero: [0; 8],
+            };
+            let rc = libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                16,
+            );
+            assert!(rc > 0, "sendto: {}", std::io::Error::last_os_error());
+            libc::close(fd);
+        })
+        .unwrap();
+}
+
+#[test]
+fn bad_adverts_are_ignored_and_counted() {
+    use lb_userspace::vrrp::Advert;
+    let p = pair("vba", true);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    let src = "10.10.2.1".parse().unwrap();
+    let dst = "224.0.0.18".parse().unwrap();
+    // Each would make lb1 step down (priority 254) if it were taken.
+    let good = |vrid| {
+        Advert {
+            vrid,
+            priority: 254,
+            interval_cs: 10,
+            addrs: vec![VRRP_ADDR.into()],
+        }
+        .encode(src, dst)
+    };
+    send_raw(&p.t.router, good(51), 64);
+    send_raw(&p.t.router, good(52), 255);
+    let mut v2 = good(51);
+    v2[0] = 0x21;
+    send_raw(&p.t.router, v2, 255);
+    let mut bad_sum = good(51);
+    bad_sum[7] ^= 0xff;
+    send_raw(&p.t.router, bad_sum, 255);
+    std::thread::sleep(Duration::from_millis(300));
+    let v = vrrp_json(&p.a1);
+    for reason in ["ttl", "vrid", "version", "checksum"] {
+        assert!(
+            v["invalid"][reason].as_u64().unwrap_or(0) >= 1,
+            "{reason} not counted: {v}"
+        );
+    }
+    assert_eq!(vrrp_state(&p.a1), "master", "a bad advert moved the master");
+    assert_eq!(vrrp_state(&p.a2), "backup");
+    println!("refused: {}", v["invalid"]);
+}
