@@ -209,3 +209,18 @@ impl Agent {
         );
     }
 }
+
+/// The `maglb` binary next to the running one (`cargo xtask demo` and `bench` build both).
+pub fn sibling_maglb() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let dir = exe.parent().expect("target dir");
+    for name in ["maglb", "maglb-cli"] {
+        if dir.join(name).exists() {
+            return dir.join(name);
+        }
+    }
+    panic!(
+        "no maglb binary next to {}; run it through cargo xtask",
+        exe.display()
+    );
+}

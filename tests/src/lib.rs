@@ -1,5 +1,6 @@
 //! Helpers for maglb's integration tests, demo and benchmarks.
 pub mod agent;
+pub mod bench;
 pub mod fixture;
 pub mod netns;
 pub mod packet;

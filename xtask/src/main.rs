@@ -27,7 +27,9 @@ enum Task {
     /// Show the datapath at work in namespaces: real traffic to a VIP, the spread over
     /// backends, the counters. Needs root.
     Demo,
-    /// Per-packet cost of the XDP program and Maglev build times; prints medians.
+    /// Benchmarks against their baselines, measured in the same run (per-packet cost, veth
+    /// forwarding rate vs bare XDP_TX, connections vs HAProxy, control plane); prints
+    /// medians and ratios and writes BENCHMARKS.md. Needs root.
     Bench,
 }
 
@@ -193,6 +195,19 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => {
             ensure_setup()?;
             require_root("bench")?;
+            // The control-plane bench runs the real `maglb` agent, found next to the bench.
+            cmd(
+                "cargo",
+                &[
+                    "build",
+                    "--release",
+                    "--locked",
+                    "--package",
+                    "lb-userspace",
+                    "--bin",
+                    "maglb",
+                ],
+            )?;
             cmd(
                 "cargo",
                 &[

@@ -9,7 +9,7 @@ use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
 /// (`prometheus` brings promtool, which checks the metrics and the alert rules; keepalived
-/// is the VRRP peer of the interoperability test.)
+/// is the VRRP peer of the interoperability test; nginx, HAProxy and wrk serve the benches.)
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -18,6 +18,9 @@ pub const PACKAGES: &[&str] = &[
     "curl",
     "prometheus",
     "keepalived",
+    "nginx-light",
+    "haproxy",
+    "wrk",
 ];
 
 /// What is missing, as human-readable items (empty when all is there).

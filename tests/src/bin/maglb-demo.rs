@@ -49,21 +49,6 @@ fn cleanup_on_signal() {
     }
 }
 
-/// The `maglb` binary next to this one (`cargo xtask demo` builds both).
-fn maglb_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let dir = exe.parent().expect("target dir");
-    for name in ["maglb", "maglb-cli"] {
-        if dir.join(name).exists() {
-            return dir.join(name);
-        }
-    }
-    panic!(
-        "no maglb binary next to {}; run `cargo xtask demo`",
-        exe.display()
-    );
-}
-
 /// Runs and shows a `maglb` command.
 fn run(a: &Agent, args: &[&str]) {
     println!("$ maglb {}", args.join(" "));
@@ -102,7 +87,7 @@ fn main() -> anyhow::Result<()> {
     require_root();
     cleanup_on_signal();
     let started = Instant::now();
-    let bin = maglb_bin();
+    let bin = maglb_tests::agent::sibling_maglb();
     let scratch = Scratch::new("demo");
     println!(
         "maglb demo: an XDP Maglev load balancer with direct server return, in network namespaces\n"

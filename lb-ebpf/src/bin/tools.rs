@@ -1,0 +1,78 @@
+//! Benchmark tools (not part of a deployment):
+//!
+//! - `maglb_gen`: a packet generator for `BPF_PROG_RUN` in live-frames mode. It writes the
+//!   frame's headers from a template on every run (live frames are reused buffers, and what
+//!   they carried last time may have been rewritten), varies the UDP source port over N flows,
+//!   and sends the frame out with XDP_TX.
+//! - `maglb_tx`: a bare XDP_TX, the limit of a veth pair.
+//! - `maglb_sink`: counts and drops what comes back.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_ebpf::parse::ptr_at;
+
+/// Bytes of the template written into each frame (Ethernet + IPv4 + UDP headers).
+const HEADER: usize = 42;
+
+/// Slot 0: the header template. Written by user space.
+#[map]
+static GEN_TEMPLATE: Array<[u8; 64]> = Array::with_max_entries(1, 0);
+/// Slot 0: the number of flows (source ports). Written by user space.
+#[map]
+static GEN_FLOWS: Array<u32> = Array::with_max_entries(1, 0);
+/// Per-CPU frame sequence. Written here.
+#[map]
+static GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU count of frames received by the sink. Written here.
+#[map]
+static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[xdp]
+pub fn maglb_gen(ctx: XdpContext) -> u32 {
+    let (Some(t), Some(p)) = (GEN_TEMPLATE.get(0), ptr_at::<[u8; HEADER]>(&ctx, 0)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    unsafe { core::ptr::copy_nonoverlapping(t.as_ptr(), p as *mut u8, HEADER) };
+    let flows = GEN_FLOWS.get(0).copied().unwrap_or(1).max(1);
+    let Some(seq) = GEN_SEQ.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let n = unsafe {
+        *seq = (*seq).wrapping_add(1);
+        *seq
+    };
+    let sport = (1024 + n % flows) as u16;
+    if let Some(port) = ptr_at::<u16>(&ctx, 34) {
+        unsafe { *port = sport.to_be() };
+    }
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn maglb_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn maglb_sink(_ctx: XdpContext) -> u32 {
+    if let Some(c) = SINK_COUNT.get_ptr_mut(0) {
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

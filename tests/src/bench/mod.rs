@@ -1,0 +1,49 @@
+//! `cargo xtask bench`: every benchmark measures maglb and its baseline in the same run and
+//! reports medians and ratios; the report goes to stdout and to BENCHMARKS.md.
+
+pub mod conns;
+pub mod control;
+pub mod forward;
+pub mod packet;
+
+use std::fmt::Write as _;
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// A markdown report, one section per benchmark.
+#[derive(Default)]
+pub struct Report(pub String);
+
+impl Report {
+    /// A section: a table (header, rows) and notes under it. Printed as it is added.
+    pub fn section(
+        &mut self,
+        title: &str,
+        header: &[&str],
+        rows: &[Vec<String>],
+        notes: &[String],
+    ) {
+        let mut s = format!(
+            "## {title}\n\n| {} |\n|{}\n",
+            header.join(" | "),
+            "---|".repeat(header.len())
+        );
+        for r in rows {
+            let _ = writeln!(s, "| {} |", r.join(" | "));
+        }
+        for n in notes {
+            let _ = write!(s, "\n{n}\n");
+        }
+        s.push('\n');
+        print!("{s}");
+        self.0.push_str(&s);
+    }
+}
+
+/// "met" / "missed" against a limit.
+pub fn verdict(ok: bool) -> String {
+    if ok { "met".into() } else { "missed".into() }
+}
