@@ -87,6 +87,33 @@ fn cargo_test(args: &[&str], harness: &[&str]) -> anyhow::Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
+/// Builds the real `maglb` binary, then runs `bin` of the tests package, which finds `maglb`
+/// next to itself (the demo and the benches drive it as an operator would).
+fn run_with_maglb(bin: &str) -> anyhow::Result<()> {
+    let build = [
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "maglb",
+    ];
+    cmd("cargo", &build)?;
+    cmd(
+        "cargo",
+        &[
+            "run",
+            "--release",
+            "--locked",
+            "--package",
+            "maglb-tests",
+            "--bin",
+            bin,
+        ],
+    )
+}
+
 /// Runs a command and returns its standard output.
 pub fn output(prog: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(prog).args(args).output()?;
@@ -166,60 +193,12 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             ensure_setup()?;
             require_root("demo")?;
-            // The demo runs the real `maglb` binary, which it finds next to itself.
-            cmd(
-                "cargo",
-                &[
-                    "build",
-                    "--release",
-                    "--locked",
-                    "--package",
-                    "lb-userspace",
-                    "--bin",
-                    "maglb",
-                ],
-            )?;
-            cmd(
-                "cargo",
-                &[
-                    "run",
-                    "--release",
-                    "--locked",
-                    "--package",
-                    "maglb-tests",
-                    "--bin",
-                    "maglb-demo",
-                ],
-            )
+            run_with_maglb("maglb-demo")
         }
         Task::Bench => {
             ensure_setup()?;
             require_root("bench")?;
-            // The control-plane bench runs the real `maglb` agent, found next to the bench.
-            cmd(
-                "cargo",
-                &[
-                    "build",
-                    "--release",
-                    "--locked",
-                    "--package",
-                    "lb-userspace",
-                    "--bin",
-                    "maglb",
-                ],
-            )?;
-            cmd(
-                "cargo",
-                &[
-                    "run",
-                    "--release",
-                    "--locked",
-                    "--package",
-                    "maglb-tests",
-                    "--bin",
-                    "maglb-bench",
-                ],
-            )
+            run_with_maglb("maglb-bench")
         }
     }
 }

@@ -118,7 +118,32 @@ fn open_socket(iface: &str, ifindex: u32) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
-fn send_advert(fd: i32, msg: &[u8]) -> io::Result<()> {
+/// `sendto` with a socket address of any family.
+fn send_to<A>(fd: i32, buf: &[u8], addr: &A) -> io::Result<()> {
+    let rc = unsafe {
+        libc::sendto(
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            0,
+            addr as *const A as *const libc::sockaddr,
+            size_of::<A>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends an advertisement with priority `priority` to 224.0.0.18.
+fn advertise(fd: i32, cfg: &VrrpConfig, local: Ipv4Addr, priority: u8) -> io::Result<()> {
+    let adv = Advert {
+        vrid: cfg.vrid,
+        priority,
+        interval_cs: cfg.advert_interval_cs,
+        addrs: cfg.addresses.iter().map(|a| IpAddr::V4(*a)).collect(),
+    };
     let dst = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: 0,
@@ -127,20 +152,7 @@ fn send_advert(fd: i32, msg: &[u8]) -> io::Result<()> {
         },
         sin_zero: [0; 8],
     };
-    let rc = unsafe {
-        libc::sendto(
-            fd,
-            msg.as_ptr() as *const libc::c_void,
-            msg.len(),
-            0,
-            &dst as *const _ as *const libc::sockaddr,
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    send_to(fd, &adv.encode(IpAddr::V4(local), IpAddr::V4(GROUP)), &dst)
 }
 
 /// Gratuitous ARP for each address (request form, which every stack takes).
@@ -171,19 +183,7 @@ fn garp(ifindex: u32, mac: [u8; 6], addrs: &[Ipv4Addr]) -> io::Result<()> {
         f.extend_from_slice(&a.octets());
         f.extend_from_slice(&[0; 6]);
         f.extend_from_slice(&a.octets());
-        let rc = unsafe {
-            libc::sendto(
-                fd,
-                f.as_ptr() as *const libc::c_void,
-                f.len(),
-                0,
-                &sll as *const _ as *const libc::sockaddr,
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        send_to(fd, &f, &sll)?;
     }
     Ok(())
 }
@@ -318,14 +318,7 @@ async fn speak(
         for a in actions.drain(..) {
             match a {
                 Action::Advertise(p) => {
-                    let adv = Advert {
-                        vrid: cfg.vrid,
-                        priority: p,
-                        interval_cs: cfg.advert_interval_cs,
-                        addrs: cfg.addresses.iter().map(|a| IpAddr::V4(*a)).collect(),
-                    };
-                    let msg = adv.encode(IpAddr::V4(local), IpAddr::V4(GROUP));
-                    match send_advert(sock.get_ref().as_raw_fd(), &msg) {
+                    match advertise(sock.get_ref().as_raw_fd(), cfg, local, p) {
                         Ok(()) => status.adverts_sent += 1,
                         Err(e) => warn!(error = %e, "sending a VRRP advertisement"),
                     }
@@ -455,16 +448,7 @@ async fn finish(
     for a in actions.drain(..) {
         match a {
             Action::Advertise(p) => {
-                let adv = Advert {
-                    vrid: cfg.vrid,
-                    priority: p,
-                    interval_cs: cfg.advert_interval_cs,
-                    addrs: cfg.addresses.iter().map(|a| IpAddr::V4(*a)).collect(),
-                };
-                let _ = send_advert(
-                    sock.get_ref().as_raw_fd(),
-                    &adv.encode(IpAddr::V4(local), IpAddr::V4(GROUP)),
-                );
+                let _ = advertise(sock.get_ref().as_raw_fd(), cfg, local, p);
             }
             Action::BecomeBackup => del_addresses(nl, ifindex, &cfg.addresses).await,
             Action::BecomeMaster => {}
