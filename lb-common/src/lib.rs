@@ -17,6 +17,18 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const MAX_RING_SIZE: u32 = 1_048_573;
 /// Connection-table entries (LRU).
 pub const CONNTRACK_SIZE: u32 = 262_144;
+/// Words (64 bits each) of the VIP address filter: a bitmap with one bit set per VIP address
+/// (collisions allowed), checked before any VIP hash lookup so that traffic for no VIP costs
+/// one array read.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// The filter bit of an address (0-65535); both sides compute it the same way.
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u32; 4]) -> u32 {
+    let x = addr[0] ^ addr[1].rotate_left(7) ^ addr[2].rotate_left(13) ^ addr[3].rotate_left(19);
+    x.wrapping_mul(0x9e37_79b1) >> 16
+}
+
 /// Addresses the decap program accepts as outer destination.
 pub const MAX_DECAP_ADDRS: u32 = 64;
 
@@ -112,15 +124,16 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 24);
 
-/// Connection-table value.
+/// Connection-table value. Recency is the LRU's business: every lookup marks the entry as
+/// used, so the hot path writes nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
     pub backend: u32,
     pub generation: u32,
-    /// `bpf_ktime_get_ns()` when the flow was first seen. Recency is the LRU's business: every
-    /// lookup marks the entry as used, so the hot path writes nothing.
-    pub created_ns: u64,
+    /// The flow's VIP index: an established flow needs no VIP lookup.
+    pub vip: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(size_of::<ConnEntry>() == 16);
 

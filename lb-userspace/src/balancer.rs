@@ -141,13 +141,16 @@ pub struct Balancer {
     backend_stats: PerCpuArray<MapData, Counter>,
     global_stats: PerCpuArray<MapData, Counter>,
     vip_new_flows: PerCpuArray<MapData, u64>,
+    vip_filter: Array<MapData, u64>,
+    /// What `vip_filter` holds (read back when the maps are adopted).
+    filter: Vec<u64>,
     ring_maps: StdHashMap<u32, Ring>,
 }
 
 pub const PROGRAM: &str = "maglb_balancer";
 
 /// The maps, by the names the object gives them.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     "VIPS",
     "VIP_ADDRS",
     "RINGS",
@@ -158,12 +161,13 @@ pub const MAPS: [&str; 10] = [
     "BACKEND_STATS",
     "GLOBAL_STATS",
     "VIP_NEW_FLOWS",
+    "VIP_FILTER",
 ];
 
 /// Version of the map layout. Pins live in a directory of that name under the BPF filesystem
 /// directory (bpffs holds no regular files to write a marker in), so a maglb with other maps
 /// never adopts them. Bump it whenever a map's key, value or size changes.
-pub const LAYOUT: &str = "maps-v1";
+pub const LAYOUT: &str = "maps-v2";
 const LINK_FILE: &str = "link";
 
 fn pin_error(dir: &Path, e: impl std::fmt::Display) -> BalancerError {
@@ -256,11 +260,31 @@ impl Balancer {
             backend_stats: take!("BACKEND_STATS"),
             global_stats: take!("GLOBAL_STATS"),
             vip_new_flows: take!("VIP_NEW_FLOWS"),
+            vip_filter: take!("VIP_FILTER"),
+            filter: Vec::new(),
             ebpf,
             link: None,
             pin_dir: pin_dir.map(Path::to_owned),
             ring_maps: StdHashMap::new(),
         })
+    }
+
+    /// Makes the VIP address filter hold `words`, writing only the words that differ.
+    pub fn set_vip_filter(&mut self, words: &[u64]) -> Result<(), BalancerError> {
+        if self.filter.len() != words.len() {
+            self.filter = (0..words.len() as u32)
+                .map(|i| self.vip_filter.get(&i, 0).unwrap_or(0))
+                .collect();
+        }
+        for (i, (old, new)) in self.filter.iter_mut().zip(words).enumerate() {
+            if old != new {
+                self.vip_filter
+                    .set(i as u32, new, 0)
+                    .map_err(map_err("VIP_FILTER"))?;
+                *old = *new;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the program is attached (by this process or through a pinned link).

@@ -521,8 +521,15 @@ impl Services {
     }
 
     /// Rewrites the address-level entries of `a`: "is a VIP" (proto 0), and per protocol the
-    /// VIP that takes fragments (the port-wildcard VIP if any, else the lowest port).
+    /// VIP that takes fragments (the port-wildcard VIP if any, else the lowest port); and the
+    /// VIP address filter, from every VIP address.
     fn sync_addr(&mut self, bal: &mut Balancer, a: IpAddr) -> Result<(), ServiceError> {
+        let mut words = vec![0u64; lb_common::VIP_FILTER_WORDS as usize];
+        for v in self.vips.keys() {
+            let bit = lb_common::vip_filter_bit(&addr::to_words(v.addr).0);
+            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        bal.set_vip_filter(&words)?;
         let (words, family) = addr::to_words(a);
         let key = |proto| AddrKey {
             addr: words,

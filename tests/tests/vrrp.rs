@@ -427,6 +427,9 @@ fn bad_adverts_are_ignored_and_counted() {
     use lb_userspace::vrrp::Advert;
     let p = pair("vba", true);
     wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(300));
+    let transitions = vrrp_json(&p.a1)["transitions"].as_u64().unwrap();
     let src = "10.10.2.1".parse().unwrap();
     let dst = "224.0.0.18".parse().unwrap();
     // Each would make lb1 step down (priority 254) if it were taken.
@@ -455,7 +458,13 @@ fn bad_adverts_are_ignored_and_counted() {
             "{reason} not counted: {v}"
         );
     }
-    assert_eq!(vrrp_state(&p.a1), "master", "a bad advert moved the master");
+    // Not even a brief step down: a taken advert of priority 254 would have made one.
+    assert_eq!(v["state"], "master", "a bad advert moved the master: {v}");
+    assert_eq!(
+        v["transitions"].as_u64().unwrap(),
+        transitions,
+        "the master stepped down: {v}"
+    );
     assert_eq!(vrrp_state(&p.a2), "backup");
     println!("refused: {}", v["invalid"]);
 }

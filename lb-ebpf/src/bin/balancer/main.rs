@@ -13,8 +13,8 @@ mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VipMeta,
-    stat,
+    Backend, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    VipMeta, stat,
 };
 use lb_ebpf::parse::{self, Packet, Parsed};
 
@@ -46,7 +46,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         }
         Parsed::Malformed(p) => {
             // Broken headers to a VIP go nowhere; anything else is the kernel's to judge.
-            if lookup::is_vip_addr(&p.flow) {
+            if lookup::maybe_vip(&p.flow) && lookup::is_vip_addr(&p.flow) {
                 stats::global(stat::DROP_MALFORMED, 0);
                 return Ok(xdp_action::XDP_DROP);
             }
@@ -54,10 +54,19 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(xdp_action::XDP_PASS);
         }
     };
+    // Not a VIP address: one array read decides, no hash lookup.
+    if !lookup::maybe_vip(&pkt.flow) {
+        stats::global(stat::PASS_NOT_VIP, 0);
+        return Ok(xdp_action::XDP_PASS);
+    }
     match pkt.flow.proto {
         PROTO_TCP | PROTO_UDP => {}
         PROTO_ICMP | PROTO_ICMPV6 if !pkt.fragment => return icmp::handle(ctx, &pkt, &cfg),
         _ => return Ok(not_handled(ctx, &pkt)),
+    }
+    // An established flow knows its backend and VIP: no VIP lookup.
+    if let Some((index, backend, vip_index)) = lookup::established(&pkt.flow) {
+        return send(ctx, &pkt, index, &backend, vip_index, &cfg, Reply::TooBig);
     }
     let vip = if pkt.fragment {
         // Later fragments carry no ports: all fragments hash on the addresses alone, to the
@@ -70,7 +79,13 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         stats::global(stat::PASS_NOT_VIP, 0);
         return Ok(xdp_action::XDP_PASS);
     };
-    forward(ctx, &pkt, &pkt.flow, &vip, &cfg, Reply::TooBig)
+    match lookup::choose(&pkt.flow, &vip) {
+        Ok((index, backend)) => send(ctx, &pkt, index, &backend, vip.index, &cfg, Reply::TooBig),
+        Err(reason) => {
+            stats::global(reason, pkt.l3_len);
+            Ok(xdp_action::XDP_DROP)
+        }
+    }
 }
 
 /// What to do with a packet too big to encapsulate.
@@ -94,18 +109,32 @@ pub fn forward(
     cfg: &Config,
     too_big: Reply,
 ) -> Result<u32, ()> {
-    let (index, backend) = match lookup::backend(flow, vip) {
-        Ok(b) => b,
+    match lookup::backend(flow, vip) {
+        Ok((index, backend)) => send(ctx, pkt, index, &backend, vip.index, cfg, too_big),
         Err(reason) => {
             stats::global(reason, pkt.l3_len);
-            return Ok(xdp_action::XDP_DROP);
+            Ok(xdp_action::XDP_DROP)
         }
-    };
+    }
+}
+
+/// Encapsulates `pkt` toward backend `index` of VIP `vip_index` and sends it (or answers
+/// that it is too big).
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    index: u32,
+    backend: &Backend,
+    vip_index: u32,
+    cfg: &Config,
+    too_big: Reply,
+) -> Result<u32, ()> {
     if pkt.flow.family == FAMILY_V6 && backend.family == FAMILY_V4 {
         stats::global(stat::DROP_FAMILY, pkt.l3_len);
         return Ok(xdp_action::XDP_DROP);
     }
-    let overhead = encap::overhead(&backend);
+    let overhead = encap::overhead(backend);
     let outer = pkt.l3_len + overhead;
     let mtu = cfg.mtu as usize;
     if mtu != 0 && outer > mtu {
@@ -115,8 +144,8 @@ pub fn forward(
         }
         return icmp::too_big(ctx, pkt, mtu.saturating_sub(overhead));
     }
-    encap::encap(ctx, pkt, &backend, cfg)?;
-    stats::vip(vip.index, pkt.l3_len);
+    encap::encap(ctx, pkt, backend, cfg)?;
+    stats::vip(vip_index, pkt.l3_len);
     stats::backend(index, pkt.l3_len);
     stats::global(stat::TX_ENCAP, outer);
     Ok(xdp_action::XDP_TX)

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, BPF_F_INNER_MAP, Backend, CONNTRACK_SIZE, Config, ConnEntry, Counter,
-    DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta, stat,
+    DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_WORDS, VipKey, VipMeta, stat,
 };
 
 /// VIPs by (address, port, protocol); port 0 is the port-wildcard entry.
@@ -29,6 +29,10 @@ pub static RINGS: btf_maps::ArrayOfMaps<
     btf_maps::Array<u32, { DEFAULT_RING_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
     { MAX_VIPS as usize },
 > = btf_maps::ArrayOfMaps::new();
+
+/// Bitmap of VIP addresses (`lb_common::vip_filter_bit`). Written by user space.
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 /// Backends by index. Written by user space.
 #[map]
