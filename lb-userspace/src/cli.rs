@@ -937,19 +937,14 @@ fn watch(
                 );
             }
         }
-        let drops: u64 = cur
-            .global
-            .iter()
-            .filter(|(k, _)| k.starts_with("drop_"))
-            .map(|(_, c)| c.packets)
-            .sum();
-        let drops0: u64 = prev
-            .global
-            .iter()
-            .filter(|(k, _)| k.starts_with("drop_"))
-            .map(|(_, c)| c.packets)
-            .sum();
-        println!("drops/s {:.0}", rate(drops, drops0));
+        let drops = |s: &api::Stats| -> u64 {
+            s.global
+                .iter()
+                .filter(|(k, _)| k.starts_with("drop_"))
+                .map(|(_, c)| c.packets)
+                .sum()
+        };
+        println!("drops/s {:.0}", rate(drops(&cur), drops(&prev)));
         std::io::stdout().flush()?;
         prev = cur;
     }

@@ -204,7 +204,10 @@ type SlotKey = (VipId, IpAddr);
 #[derive(Default)]
 pub struct Services {
     vips: BTreeMap<VipId, VipState>,
+    /// Never shrinks: a retired slot keeps its index (and generation) for its pair.
     backends: BTreeMap<SlotKey, BackendSlot>,
+    /// The lowest slot index above every slot handed out or adopted.
+    next_slot: u32,
 }
 
 impl Services {
@@ -404,6 +407,7 @@ impl Services {
             if b.generation == 0 {
                 continue;
             }
+            svc.next_slot = svc.next_slot.max(index + 1);
             svc.backends.insert(
                 (*vip, addr::from_words(b.addr, b.family)),
                 BackendSlot {
@@ -481,6 +485,20 @@ impl Services {
         Ok(())
     }
 
+    /// A slot index for a new pair: the next fresh one, without looking at every slot in use.
+    /// Only at the end of the range is it searched for a gap (a slot in the adopted maps that
+    /// no VIP claimed).
+    fn free_slot(&mut self) -> Result<u32, ServiceError> {
+        if self.next_slot < MAX_BACKENDS {
+            self.next_slot += 1;
+            return Ok(self.next_slot - 1);
+        }
+        let used: BTreeSet<u32> = self.backends.values().map(|b| b.index).collect();
+        (0..MAX_BACKENDS)
+            .find(|i| !used.contains(i))
+            .ok_or(ServiceError::TooManyBackends)
+    }
+
     /// The slot of `b` for VIP `vip`, created or updated and written when it changed.
     fn backend_slot(
         &mut self,
@@ -492,12 +510,7 @@ impl Services {
         let old = self.backends.get(&(vip, b.addr)).copied();
         let index = match old {
             Some(s) => s.index,
-            None => {
-                let used: BTreeSet<u32> = self.backends.values().map(|b| b.index).collect();
-                (0..MAX_BACKENDS)
-                    .find(|i| !used.contains(i))
-                    .ok_or(ServiceError::TooManyBackends)?
-            }
+            None => self.free_slot()?,
         };
         let mut generation = old.map_or(1, |s| s.generation);
         // A backend that was retired, or stops being live, starts a new generation: entries

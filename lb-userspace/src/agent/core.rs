@@ -178,7 +178,11 @@ impl Core {
     /// Records a probe result. On a transition, the VIP's table changes in one switch (and a
     /// backend going down has its flows moved), and the transition is logged with its reason.
     pub fn record_probe(&mut self, key: BackendKey, r: &ProbeResult, took: Duration) {
-        let Some(check) = self.probes().remove(&key).map(|p| p.check) else {
+        let (vip, backend) = key;
+        let Some(check) = self.state.vip(&vip).and_then(|v| {
+            let b = v.backends.iter().find(|b| b.address == backend)?;
+            v.check_for(b).cloned()
+        }) else {
             return;
         };
         self.probe_latency
@@ -189,7 +193,6 @@ impl Core {
         let Some(up) = t.record(r, took, check.rise, check.fall) else {
             return;
         };
-        let (vip, backend) = key;
         let reason = t.last.clone().unwrap_or_default();
         if up {
             info!(%vip, %backend, rise = check.rise, "backend up");
