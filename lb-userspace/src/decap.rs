@@ -165,6 +165,8 @@ pub enum DecapError {
     },
     #[error("reading local addresses")]
     Netlink(#[from] netlink::NetlinkError),
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
 }
 
 fn pin_err(dir: &Path) -> impl Fn(&dyn std::fmt::Display) -> DecapError + '_ {
@@ -194,6 +196,7 @@ fn local_addresses() -> Result<Vec<IpAddr>, DecapError> {
 pub fn attach_pinned(pin_dir: &Path, iface: &str, mode: Mode) -> Result<Vec<IpAddr>, DecapError> {
     check_ifname(iface).map_err(DecapError::BadInterface)?;
     crate::netdev::index(iface).map_err(|e| DecapError::BadInterface(e.to_string()))?;
+    crate::bpffs::ensure(pin_dir)?;
     let dir = pin_dir.join(iface);
     std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir)(&e))?;
     let mut d = Decap::open(Some(&dir))?;

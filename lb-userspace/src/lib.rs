@@ -4,6 +4,7 @@ pub mod addr;
 pub mod agent;
 pub mod api;
 pub mod balancer;
+pub mod bpffs;
 pub mod cli;
 pub mod client;
 pub mod decap;

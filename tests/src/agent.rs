@@ -67,13 +67,32 @@ pub struct Agent {
 impl Agent {
     /// Starts `bin agent` in `ns` and waits until it answers.
     pub fn start(bin: &Path, ns: &Netns, paths: &AgentPaths) -> anyhow::Result<Self> {
+        Self::spawn(ns.command(bin)?, bin, paths)
+    }
+
+    /// Starts `bin agent` in `ns` inside a private mount namespace in which no BPF filesystem
+    /// is mounted (as on a fresh machine): the agent has to mount one itself. The mount, and
+    /// so the pins, end with the agent.
+    pub fn start_without_bpffs(bin: &Path, ns: &Netns, paths: &AgentPaths) -> anyhow::Result<Self> {
+        let script = "while grep -q ' /sys/fs/bpf ' /proc/mounts; do umount /sys/fs/bpf || exit 97; done; \
+                      if grep -q ' bpf ' /proc/mounts; then exit 98; fi; exec \"$0\" \"$@\"";
+        let mut cmd = ns.command("unshare")?;
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .arg(bin);
+        Self::spawn(cmd, bin, paths)
+    }
+
+    fn spawn(
+        mut cmd: std::process::Command,
+        bin: &Path,
+        paths: &AgentPaths,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&paths.dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(paths.dir.join("agent.log"))?;
-        let child = ns
-            .command(bin)?
+        let child = cmd
             .args(["agent", "--socket"])
             .arg(&paths.socket)
             .arg("--state-dir")

@@ -364,3 +364,28 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         "{list}"
     );
 }
+
+/// A fresh machine has no BPF filesystem mounted: the agent mounts one itself (and says so),
+/// and forwards. `maglb decap attach` on the backends does the same in this namespace.
+#[test]
+fn agent_mounts_a_bpf_filesystem_where_none_is() {
+    require_root();
+    let scratch = Scratch::new("clb");
+    let t = Topology::build_with("clb", 2, false).expect("topology");
+    maglb_tests::agent::attach_decaps(Path::new(BIN), &t, &scratch);
+    let a = Agent::start_without_bpffs(Path::new(BIN), &t.lb, &scratch.0).expect("agent");
+    assert!(
+        a.log().contains("mounted a BPF filesystem"),
+        "no mount logged: {}",
+        a.log()
+    );
+    a.ok(&["attach", "--iface", "l0"]);
+    a.ok(&["vip", "add", &vip_tcp()]);
+    for i in 0..2 {
+        a.ok(&["backend", "add", &vip_tcp(), &backend_addr(i).to_string()]);
+    }
+    a.wait_ready();
+    let (seen, failed) = spread(&t, 200, false);
+    assert_eq!(failed, 0, "TCP failures; spread {seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}

@@ -41,7 +41,6 @@ pub struct Options {
 
 /// Most clients served at once.
 const MAX_CLIENTS: usize = 16;
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 type Shared = Arc<Mutex<Core>>;
 
@@ -52,20 +51,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(serve(opts))
-}
-
-fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
-    let parent = dir.parent().unwrap_or(dir);
-    let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != BPF_FS_MAGIC {
-        bail!(
-            "{} is not on a BPF filesystem; mount one with `mount -t bpf bpf {}` or choose another --bpffs",
-            parent.display(),
-            parent.display()
-        );
-    }
-    Ok(())
 }
 
 /// Binds the socket: parent directory created, a stale socket file removed (only if it is a
@@ -94,7 +79,9 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 async fn serve(opts: Options) -> anyhow::Result<()> {
-    check_bpffs(&opts.bpffs)?;
+    if let Some(at) = crate::bpffs::ensure(&opts.bpffs)? {
+        info!(at = %at.display(), "mounted a BPF filesystem for the pins");
+    }
     let core = Core::open(&opts.state_dir, &opts.bpffs)?;
     let core: Shared = Arc::new(Mutex::new(core));
     let nl = netlink::connect()?;
