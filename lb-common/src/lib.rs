@@ -47,6 +47,10 @@ pub const PROTO_ICMPV6: u8 = 58;
 
 /// `BPF_F_INNER_MAP`: ring maps may have any size and still fit the ring outer map.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: user space writes ring maps through a memory mapping.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Flags of every ring map (the outer map's template and the maps user space creates).
+pub const RING_MAP_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 /// VIP flag: hash on the client (source) address only, so a client sticks to one backend.
 pub const VIP_F_AFFINITY_SRC_IP: u32 = 1 << 0;
@@ -92,7 +96,10 @@ pub struct VipMeta {
     pub flags: u32,
     /// Number of slots in this VIP's Maglev ring (prime).
     pub ring_size: u32,
-    pub _pad: u32,
+    /// Where the active table starts in the VIP's ring map: 0 or `ring_size`. The map holds
+    /// two tables; user space writes the other one and then switches this offset, in one
+    /// update of the VIP's entry.
+    pub ring_off: u32,
 }
 const _: () = assert!(size_of::<VipMeta>() == 16);
 

@@ -19,7 +19,7 @@ use aya::{
     },
 };
 use lb_common::{
-    AddrKey, BPF_F_INNER_MAP, Backend, Config, ConnEntry, Counter, FlowKey, VipKey, VipMeta, stat,
+    AddrKey, Backend, Config, ConnEntry, Counter, FlowKey, RING_MAP_FLAGS, VipKey, VipMeta, stat,
 };
 
 use crate::{maglev, programs};
@@ -115,16 +115,15 @@ pub fn pin_link(prog: &mut Xdp, id: XdpLinkId, path: &Path) -> Result<XdpLinkId,
     prog.attach_to_link(link).map_err(|e| pin_error(dir, e))
 }
 
-/// A VIP's two ring maps: the active one the datapath reads, the spare one the next table is
-/// written into before the outer slot is switched to it. The kernel waits for running
-/// programs when an outer map slot changes, so after the switch nobody reads the old ring
-/// and it becomes the spare.
+/// A VIP's ring map: two tables of `size` slots, the active one at `active * size` (the
+/// offset the VIP's entry names). A change writes the other table, then the caller switches
+/// the VIP's entry to it.
 struct Ring {
-    maps: [Array<MapData, u32>; 2],
+    map: Array<MapData, u32>,
+    size: usize,
     contents: [Vec<u32>; 2],
     active: usize,
 }
-
 /// The loaded balancer.
 pub struct Balancer {
     ebpf: Ebpf,
@@ -167,7 +166,7 @@ pub const MAPS: [&str; 11] = [
 /// Version of the map layout. Pins live in a directory of that name under the BPF filesystem
 /// directory (bpffs holds no regular files to write a marker in), so a maglb with other maps
 /// never adopts them. Bump it whenever a map's key, value or size changes.
-pub const LAYOUT: &str = "maps-v2";
+pub const LAYOUT: &str = "maps-v3";
 const LINK_FILE: &str = "link";
 
 fn pin_error(dir: &Path, e: impl std::fmt::Display) -> BalancerError {
@@ -356,69 +355,70 @@ impl Balancer {
         self.backends.set(index, b, 0).map_err(map_err("BACKENDS"))
     }
 
-    /// Makes `table` the ring of VIP `index` in one switch. Returns how many slots were
-    /// written (only those that differ from the spare ring's contents).
-    pub fn set_ring(&mut self, index: u32, table: &[u32]) -> Result<usize, BalancerError> {
-        let size = table.len() as u32;
-        let ring = match self.ring_maps.get_mut(&index) {
-            Some(r) if r.contents[0].len() == table.len() => r,
-            _ => {
-                // New VIP or new ring size: two fresh maps, both filled, so that later
-                // changes are diffs.
-                let mut maps = [
-                    Array::create(size, BPF_F_INNER_MAP).map_err(map_err("ring"))?,
-                    Array::create(size, BPF_F_INNER_MAP).map_err(map_err("ring"))?,
-                ];
-                for m in maps.iter_mut() {
-                    for (slot, v) in table.iter().enumerate() {
-                        m.set(slot as u32, v, 0).map_err(map_err("ring"))?;
-                    }
+    /// Writes `table` into the inactive half of VIP `index`'s ring map and returns the offset
+    /// of that half (for `VipMeta::ring_off`) and how many slots were written. The table takes
+    /// effect when the VIP's entry names that offset.
+    pub fn set_ring(&mut self, index: u32, table: &[u32]) -> Result<(u32, usize), BalancerError> {
+        let size = table.len();
+        if !self.ring_maps.get(&index).is_some_and(|r| r.size == size) {
+            // New VIP or new ring size: a fresh map with both halves filled.
+            let mut map =
+                Array::create(2 * size as u32, RING_MAP_FLAGS).map_err(map_err("ring"))?;
+            for half in 0..2 {
+                for (slot, v) in table.iter().enumerate() {
+                    map.set((half * size + slot) as u32, v, 0)
+                        .map_err(map_err("ring"))?;
                 }
-                self.rings
-                    .set(index, &maps[0], 0)
-                    .map_err(map_err("RINGS"))?;
-                self.ring_maps.insert(
-                    index,
-                    Ring {
-                        maps,
-                        contents: [table.to_vec(), table.to_vec()],
-                        active: 0,
-                    },
-                );
-                return Ok(table.len());
             }
-        };
+            self.rings.set(index, &map, 0).map_err(map_err("RINGS"))?;
+            self.ring_maps.insert(
+                index,
+                Ring {
+                    map,
+                    size,
+                    contents: [table.to_vec(), table.to_vec()],
+                    active: 0,
+                },
+            );
+            return Ok((0, size));
+        }
+        let ring = self.ring_maps.get_mut(&index).expect("checked above");
         let spare = 1 - ring.active;
         let diff = maglev::changed(&ring.contents[spare], table);
         for (slot, v) in &diff {
-            ring.maps[spare].set(*slot, v, 0).map_err(map_err("ring"))?;
+            ring.map
+                .set((spare * size) as u32 + *slot, v, 0)
+                .map_err(map_err("ring"))?;
         }
         ring.contents[spare] = table.to_vec();
-        self.rings
-            .set(index, &ring.maps[spare], 0)
-            .map_err(map_err("RINGS"))?;
         ring.active = spare;
-        Ok(diff.len())
+        Ok(((spare * size) as u32, diff.len()))
     }
 
-    /// Takes over the ring the datapath reads for VIP `index` (maps adopted from a previous
-    /// agent): reads it, and makes a spare filled the same.
-    pub fn adopt_ring(&mut self, index: u32) -> Result<(), BalancerError> {
-        let active: Array<MapData, u32> = self.rings.get(&index, 0).map_err(map_err("RINGS"))?;
-        let contents: Vec<u32> = (0..active.len())
-            .map(|i| active.get(&i, 0))
-            .collect::<Result<_, _>>()
-            .map_err(map_err("ring"))?;
-        let mut spare = Array::create(active.len(), BPF_F_INNER_MAP).map_err(map_err("ring"))?;
-        for (slot, v) in contents.iter().enumerate() {
-            spare.set(slot as u32, v, 0).map_err(map_err("ring"))?;
-        }
+    /// Takes over the ring map the datapath reads for VIP `index` (maps adopted from a
+    /// previous agent), whose active half starts at `ring_off`.
+    pub fn adopt_ring(
+        &mut self,
+        index: u32,
+        ring_size: u32,
+        ring_off: u32,
+    ) -> Result<(), BalancerError> {
+        let map: Array<MapData, u32> = self.rings.get(&index, 0).map_err(map_err("RINGS"))?;
+        let size = ring_size as usize;
+        let read = |half: usize| -> Result<Vec<u32>, BalancerError> {
+            (0..size)
+                .map(|i| map.get(&((half * size + i) as u32), 0))
+                .collect::<Result<_, _>>()
+                .map_err(map_err("ring"))
+        };
+        let contents = [read(0)?, read(1)?];
         self.ring_maps.insert(
             index,
             Ring {
-                maps: [active, spare],
-                contents: [contents.clone(), contents],
-                active: 0,
+                map,
+                size,
+                contents,
+                active: (ring_off as usize) / size.max(1),
             },
         );
         Ok(())

@@ -184,6 +184,8 @@ pub enum ServiceError {
 
 struct VipState {
     index: u32,
+    /// Offset of the active table in the VIP's ring map.
+    ring_off: u32,
     spec: VipSpec,
 }
 
@@ -302,7 +304,7 @@ impl Services {
             }
         }
         let table = maglev::build(&entries, spec.ring_size);
-        bal.set_ring(index, &table)?;
+        let (ring_off, _) = bal.set_ring(index, &table)?;
         let (words, family) = addr::to_words(spec.id.addr);
         let key = VipKey {
             addr: words,
@@ -312,7 +314,11 @@ impl Services {
         };
         let id = spec.id;
         let listed: BTreeSet<IpAddr> = spec.backends.iter().map(|b| b.addr).collect();
-        let state = VipState { index, spec };
+        let state = VipState {
+            index,
+            ring_off,
+            spec,
+        };
         bal.set_vip(&key, &meta(&state))?;
         self.vips.insert(id, state);
         // Backends the VIP no longer lists: their flows end.
@@ -384,7 +390,7 @@ impl Services {
                 port: u16::from_be(key.port),
                 proto,
             };
-            bal.adopt_ring(meta.index)?;
+            bal.adopt_ring(meta.index, meta.ring_size, meta.ring_off)?;
             let mut spec = VipSpec::new(id);
             spec.ring_size = meta.ring_size;
             spec.affinity_src_ip = meta.flags & VIP_F_AFFINITY_SRC_IP != 0;
@@ -393,6 +399,7 @@ impl Services {
                 id,
                 VipState {
                     index: meta.index,
+                    ring_off: meta.ring_off,
                     spec,
                 },
             );
@@ -575,7 +582,7 @@ fn meta(v: &VipState) -> VipMeta {
             0
         },
         ring_size: v.spec.ring_size,
-        _pad: 0,
+        ring_off: v.ring_off,
     }
 }
 

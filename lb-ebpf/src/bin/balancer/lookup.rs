@@ -92,7 +92,7 @@ pub fn choose(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), u32> {
     if vip.ring_size == 0 {
         return Err(stat::DROP_NO_BACKEND);
     }
-    let slot = h % vip.ring_size;
+    let slot = vip.ring_off + h % vip.ring_size;
     let Some(ring) = RINGS.get(vip.index) else {
         return Err(stat::DROP_NO_BACKEND);
     };

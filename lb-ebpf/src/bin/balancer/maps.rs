@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, BPF_F_INNER_MAP, Backend, CONNTRACK_SIZE, Config, ConnEntry, Counter,
-    DEFAULT_RING_SIZE, FlowKey, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_WORDS, VipKey, VipMeta, stat,
+    AddrKey, Backend, CONNTRACK_SIZE, Config, ConnEntry, Counter, DEFAULT_RING_SIZE, FlowKey,
+    MAX_BACKENDS, MAX_VIPS, RING_MAP_FLAGS, VIP_FILTER_WORDS, VipKey, VipMeta, stat,
 };
 
 /// VIPs by (address, port, protocol); port 0 is the port-wildcard entry.
@@ -21,12 +21,14 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 3, 0);
 
-/// One Maglev ring per VIP index: an inner array of backend indices. User space builds a ring
-/// in a spare inner map and swaps the outer slot, so a packet never sees a half-written ring.
-/// `BPF_F_INNER_MAP` lets each VIP's ring have its own (prime) size.
+/// One ring map per VIP index: an inner array of backend indices holding two Maglev tables
+/// of `ring_size` slots each. The VIP's entry names the active one (`VipMeta::ring_off`); user
+/// space writes the other (through a memory mapping) and switches the offset with one update
+/// of the VIP's entry, so a packet never sees a half-written table and no switch waits for an
+/// RCU grace period. `BPF_F_INNER_MAP` lets each VIP's ring have its own (prime) size.
 #[btf_map]
 pub static RINGS: btf_maps::ArrayOfMaps<
-    btf_maps::Array<u32, { DEFAULT_RING_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    btf_maps::Array<u32, { 2 * DEFAULT_RING_SIZE as usize }, { RING_MAP_FLAGS as usize }>,
     { MAX_VIPS as usize },
 > = btf_maps::ArrayOfMaps::new();
 
