@@ -40,6 +40,28 @@ pub fn bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +79,22 @@ mod tests {
             let ip: IpAddr = a.parse().unwrap();
             let (w, f) = to_words(ip);
             assert_eq!(from_words(w, f), ip);
+        }
+    }
+
+    #[test]
+    fn mac_round_trip() {
+        let m = parse_mac("02:00:0a:ff:00:01").unwrap();
+        assert_eq!(m, [2, 0, 10, 255, 0, 1]);
+        assert_eq!(fmt_mac(&m), "02:00:0a:ff:00:01");
+        for bad in [
+            "",
+            "02:00:0a:ff:00",
+            "02:00:0a:ff:00:01:02",
+            "zz:00:0a:ff:00:01",
+            "2:0:a:f:0:1",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
 }

@@ -31,7 +31,7 @@ pub fn is_prime(n: u32) -> bool {
     let n = n as u64;
     let mut d = 2u64;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -71,8 +71,8 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
     backends.sort_by(|a, b| a.id.cmp(&b.id));
     let max_weight = backends.iter().map(|e| e.weight as u64).max().unwrap_or(1);
     struct Walk {
-        pos: u64,
-        skip: u64,
+        pos: u32,
+        skip: u32,
         credit: u64,
         weight: u64,
         value: u32,
@@ -80,14 +80,19 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
     let mut walks: Vec<Walk> = backends
         .iter()
         .map(|e| Walk {
-            pos: stable_hash(&e.id, 0x6f66_6673_6574) % m,
-            skip: stable_hash(&e.id, 0x736b_6970) % (m - 1) + 1,
+            pos: (stable_hash(&e.id, 0x6f66_6673_6574) % m) as u32,
+            skip: (stable_hash(&e.id, 0x736b_6970) % (m - 1) + 1) as u32,
             credit: 0,
             weight: e.weight as u64,
             value: e.value,
         })
         .collect();
-    let mut filled = 0u64;
+    // `pos + skip` stays below 2 * size, so one subtraction replaces the modulo.
+    let step = |pos: u32, skip: u32| {
+        let next = pos + skip;
+        if next >= size { next - size } else { next }
+    };
+    let mut filled = 0u32;
     loop {
         for w in walks.iter_mut() {
             w.credit += w.weight;
@@ -96,28 +101,50 @@ pub fn build(entries: &[Entry], size: u32) -> Vec<u32> {
             }
             w.credit -= max_weight;
             while table[w.pos as usize] != NO_BACKEND {
-                w.pos = (w.pos + w.skip) % m;
+                w.pos = step(w.pos, w.skip);
             }
             table[w.pos as usize] = w.value;
-            w.pos = (w.pos + w.skip) % m;
+            w.pos = step(w.pos, w.skip);
             filled += 1;
-            if filled == m {
+            if filled == size {
                 return table;
             }
         }
     }
 }
 
-/// The slots whose value differs between two tables of the same size: what must be written to
-/// turn a map holding `old` into one holding `new`.
-pub fn changed(old: &[u32], new: &[u32]) -> Vec<(u32, u32)> {
-    assert_eq!(old.len(), new.len(), "tables of different sizes");
-    old.iter()
-        .zip(new)
-        .enumerate()
-        .filter(|(_, (o, n))| o != n)
-        .map(|(i, (_, &n))| (i as u32, n))
-        .collect()
+/// The input of one table build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub entries: Vec<Entry>,
+    pub size: u32,
+}
+
+/// Builds many tables, spread over the machine's cores (an `apply` of many VIPs).
+pub fn build_many(jobs: &[Job]) -> Vec<Vec<u32>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len());
+    if workers <= 1 {
+        return jobs.iter().map(|j| build(&j.entries, j.size)).collect();
+    }
+    let chunk = jobs.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = jobs
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|j| build(&j.entries, j.size))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| h.join().expect("a table build panicked"))
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -228,9 +255,15 @@ mod tests {
     }
 
     #[test]
-    fn changed_lists_only_differing_slots() {
-        assert_eq!(changed(&[1, 2, 3, 4], &[1, 5, 3, 6]), vec![(1, 5), (3, 6)]);
-        assert!(changed(&[1, 2], &[1, 2]).is_empty());
+    fn many_at_once_equals_one_by_one() {
+        let jobs: Vec<Job> = (1..6)
+            .map(|n| Job {
+                entries: entries(n * 3, |i| 1 + i % 2),
+                size: 251,
+            })
+            .collect();
+        let one_by_one: Vec<Vec<u32>> = jobs.iter().map(|j| build(&j.entries, j.size)).collect();
+        assert_eq!(build_many(&jobs), one_by_one);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressScope},
+        link::{LinkAttribute, LinkFlags},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute},
     },
@@ -27,6 +28,44 @@ pub enum NetlinkError {
         "next hop {0} did not answer ARP/neighbour discovery: check the link, or set balancer.nexthop_mac"
     )]
     Unresolved(IpAddr),
+    #[error("no interface {0:?} here: see `ip link`")]
+    NoLink(String),
+}
+
+/// What the agent needs to know of an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// Up, with a carrier.
+    pub running: bool,
+}
+
+/// The interface named `name`.
+pub async fn link(h: &Handle, name: &str) -> Result<Link, NetlinkError> {
+    let mut links = h.link().get().match_name(name.to_owned()).execute();
+    let m = match links.try_next().await {
+        Ok(Some(m)) => m,
+        _ => return Err(NetlinkError::NoLink(name.to_owned())),
+    };
+    let mut out = Link {
+        index: m.header.index,
+        mac: [0; 6],
+        mtu: 0,
+        running: m.header.flags.contains(LinkFlags::Running)
+            && m.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Address(l) if l.len() == 6 => {
+                out.mac.copy_from_slice(l);
+            }
+            LinkAttribute::Mtu(mtu) => out.mtu = *mtu,
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// A connection to rtnetlink, driven by a task on the current tokio runtime.

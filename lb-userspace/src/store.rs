@@ -1,18 +1,27 @@
 //! The agent's state file: written atomically (temp file, fsync, rename, fsync of the
 //! directory) before a change is acknowledged, under an exclusive lock that makes the agent
 //! holding it the one owner of the state directory.
+//!
+//! The file is the truth about the desired state. Next to the state it keeps the ids of the
+//! last requests it committed, so a client whose connection broke mid-request can learn
+//! whether its change was committed.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    collections::VecDeque,
+    fs::{self, File, OpenOptions, TryLockError},
     io::{self, Write as _},
-    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
+
+use serde::{Deserialize, Serialize};
 
 use crate::state::State;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
+/// Request ids remembered.
+const REMEMBERED: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -23,18 +32,55 @@ pub enum StoreError {
         source: io::Error,
     },
     #[error(
+        "cannot write the state file {file}: {source}; nothing was changed{hint}",
+        hint = hint(source)
+    )]
+    Write {
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
         "another maglb agent owns {0}: stop it first (only one agent may own a state directory)"
     )]
     Locked(PathBuf),
     #[error(
-        "state file {file} is unreadable: {why}. It was not replaced with defaults; fix or move it away, then start the agent again"
+        "state file {file} is unreadable: {why}. It was not replaced with defaults. Restore it from a backup (or a `maglb config export`), or move it away and start the agent with `--start-empty`"
     )]
     Corrupt { file: PathBuf, why: String },
+}
+
+fn hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => " (the disk is full: free space, then retry)",
+        Some(libc::EROFS) => " (the file system is read-only)",
+        Some(libc::EACCES) | Some(libc::EPERM) => " (no permission)",
+        _ => "",
+    }
+}
+
+impl StoreError {
+    /// The disk is full or read-only: the change can be retried once that is fixed.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, StoreError::Write { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
+/// What the file holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    state: State,
+    /// Ids of the last requests committed, oldest first.
+    #[serde(default)]
+    requests: VecDeque<String>,
 }
 
 /// The state directory, locked for as long as this lives.
 pub struct Store {
     dir: PathBuf,
+    requests: VecDeque<String>,
     _lock: File,
 }
 
@@ -52,11 +98,16 @@ impl Store {
             .mode(0o600)
             .open(dir.join(LOCK_FILE))
             .map_err(io_err)?;
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(StoreError::Locked(dir.to_owned()));
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(StoreError::Locked(dir.to_owned())),
+            Err(TryLockError::Error(e)) => return Err(io_err(e)),
         }
+        // A temp file left by a crash mid-write is not the state: the rename never happened.
+        let _ = fs::remove_file(dir.join(format!("{STATE_FILE}.tmp")));
         Ok(Self {
             dir: dir.to_owned(),
+            requests: VecDeque::new(),
             _lock: lock,
         })
     }
@@ -66,8 +117,8 @@ impl Store {
     }
 
     /// The saved state; `None` on first start. A file that does not parse or validate is an
-    /// error, never a silent reset.
-    pub fn load(&self) -> Result<Option<State>, StoreError> {
+    /// error that names the file, line and field, never a silent reset.
+    pub fn load(&mut self) -> Result<Option<State>, StoreError> {
         let file = self.path();
         let text = match fs::read_to_string(&file) {
             Ok(t) => t,
@@ -79,41 +130,78 @@ impl Store {
                 });
             }
         };
-        let state: State = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        let corrupt = |why: String| StoreError::Corrupt {
             file: file.clone(),
-            why: e.to_string(),
-        })?;
-        state.validate().map_err(|e| StoreError::Corrupt {
-            file,
-            why: e.message,
-        })?;
-        Ok(Some(state))
+            why,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        // The first format was the bare state.
+        let f: StateFile = if value.get("state").is_some() {
+            serde_json::from_str(&text)
+        } else {
+            serde_json::from_str(&text).map(|state| StateFile {
+                state,
+                requests: VecDeque::new(),
+            })
+        }
+        .map_err(|e| corrupt(e.to_string()))?;
+        f.state.validate().map_err(|e| corrupt(e.to_string()))?;
+        self.requests = f.requests;
+        Ok(Some(f.state))
     }
 
-    /// Replaces the state file atomically and durably.
-    pub fn save(&self, state: &State) -> Result<(), StoreError> {
-        let io_err = |source| StoreError::Io {
-            dir: self.dir.clone(),
-            source,
+    /// Whether request `id` was committed (among the last ones).
+    pub fn committed(&self, id: &str) -> bool {
+        self.requests.iter().any(|r| r == id)
+    }
+
+    /// Drops request `id` from the committed ones: its change was rolled back.
+    pub fn forget(&mut self, id: &str) {
+        self.requests.retain(|r| r != id);
+    }
+
+    /// Replaces the state file atomically and durably, recording `request` as committed with
+    /// it. On failure nothing changed and no temp file is left.
+    pub fn save(&mut self, state: &State, request: Option<&str>) -> Result<(), StoreError> {
+        let mut requests = self.requests.clone();
+        if let Some(id) = request {
+            requests.push_back(id.to_owned());
+            while requests.len() > REMEMBERED {
+                requests.pop_front();
+            }
+        }
+        let f = StateFile {
+            state: state.clone(),
+            requests,
         };
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err)?;
-        let text = serde_json::to_string_pretty(state).expect("state serializes");
-        f.write_all(text.as_bytes()).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
-        drop(f);
-        fs::rename(&tmp, self.path()).map_err(io_err)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err)?;
+        let written = write_durably(&tmp, &self.path(), &f);
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::Write {
+                file: self.path(),
+                source,
+            });
+        }
+        self.requests = f.requests;
         Ok(())
     }
+}
+
+fn write_durably(tmp: &Path, path: &Path, f: &StateFile) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(tmp)?;
+    let text = serde_json::to_vec_pretty(f).map_err(io::Error::other)?;
+    file.write_all(&text)?;
+    file.sync_data()?;
+    drop(file);
+    fs::rename(tmp, path)?;
+    File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
 }
 
 #[cfg(test)]
@@ -130,25 +218,41 @@ mod tests {
     #[test]
     fn save_load_and_one_owner() {
         let dir = tmpdir("a");
-        let store = Store::open(&dir).unwrap();
+        let mut store = Store::open(&dir).unwrap();
         assert_eq!(store.load().unwrap(), None);
         let s = State::default()
             .with_vip(Vip::new("10.0.0.1:80/tcp".parse().unwrap()))
             .unwrap();
-        store.save(&s).unwrap();
-        assert_eq!(store.load().unwrap(), Some(s));
+        store.save(&s, Some("req-1")).unwrap();
         assert!(matches!(Store::open(&dir), Err(StoreError::Locked(_))));
         drop(store);
-        assert!(Store::open(&dir).is_ok());
+        let mut store = Store::open(&dir).unwrap();
+        assert_eq!(store.load().unwrap(), Some(s));
+        assert!(store.committed("req-1") && !store.committed("req-2"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_first_format_still_loads() {
+        let dir = tmpdir("c");
+        let mut store = Store::open(&dir).unwrap();
+        fs::write(
+            store.path(),
+            r#"{"version": 1, "vip": [{"address": "10.0.0.1:80/tcp"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(store.load().unwrap().unwrap().vips.len(), 1);
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn corrupt_state_is_an_error_not_a_reset() {
         let dir = tmpdir("b");
-        let store = Store::open(&dir).unwrap();
-        fs::write(store.path(), "{ not json").unwrap();
-        assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
+        let mut store = Store::open(&dir).unwrap();
+        fs::write(store.path(), "{\n  \"state\": {\n    \"vip\": 3\n  }\n}").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("--start-empty"), "{err}");
         fs::write(
             store.path(),
             r#"{"version": 1, "vip": [{"address": "10.0.0.1:80/tcp", "ring_size": 4}]}"#,
@@ -156,6 +260,23 @@ mod tests {
         .unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("ring_size"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file_and_the_old_state() {
+        let dir = tmpdir("d");
+        let mut store = Store::open(&dir).unwrap();
+        let s = State::default();
+        store.save(&s, None).unwrap();
+        // A directory where the temp file would go makes the write fail.
+        let tmp = dir.join("state.json.tmp");
+        fs::create_dir(&tmp).unwrap();
+        let err = store
+            .save(&s.with_detach().unwrap_or(s.clone()), Some("x"))
+            .unwrap_err();
+        assert!(err.to_string().contains("nothing was changed"), "{err}");
+        assert!(!store.committed("x"));
         let _ = fs::remove_dir_all(&dir);
     }
 }

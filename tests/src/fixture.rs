@@ -8,7 +8,7 @@ use lb_common::Config;
 use lb_userspace::{
     addr,
     balancer::Balancer,
-    service::{BackendSpec, Services, VipId, VipSpec},
+    state::{BackendSpec, VipId, VipSpec},
 };
 
 pub const IF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -37,7 +37,6 @@ pub const B6_2: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
 
 pub struct Lab {
     pub bal: Balancer,
-    pub svc: Services,
 }
 
 pub fn vip(addr: impl Into<IpAddr>, port: u16, proto: &str) -> VipId {
@@ -72,7 +71,6 @@ impl Lab {
     pub fn new() -> anyhow::Result<Self> {
         let mut bal = Balancer::load()?;
         bal.set_config(&config())?;
-        let mut svc = Services::new();
         let three = [B1.into(), B2.into(), B3.into()];
         let specs = [
             (vip(VIP, 80, "tcp"), vec![B1.into()], false),
@@ -88,9 +86,9 @@ impl Lab {
             spec.ring_size = 251;
             spec.affinity_src_ip = affinity;
             spec.backends = backends(&addrs);
-            svc.set_vip(&mut bal, spec)?;
+            bal.set_vip(spec)?;
         }
-        Ok(Self { bal, svc })
+        Ok(Self { bal })
     }
 
     /// Runs the balancer once on `frame`: (XDP action, output frame).

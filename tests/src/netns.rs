@@ -73,6 +73,26 @@ impl Netns {
         ip(&a)
     }
 
+    /// The MAC address of `iface` in this namespace.
+    pub fn mac(&self, iface: &str) -> anyhow::Result<[u8; 6]> {
+        let out = self.ip(&["-j", "link", "show", "dev", iface])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let s = v[0]["address"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no address for {iface}: {out}"))?;
+        lb_userspace::addr::parse_mac(s).ok_or_else(|| anyhow::anyhow!("bad MAC {s}"))
+    }
+
+    /// The index of `iface` in this namespace.
+    pub fn ifindex(&self, iface: &str) -> anyhow::Result<u32> {
+        let out = self.ip(&["-j", "link", "show", "dev", iface])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["ifindex"]
+            .as_u64()
+            .map(|i| i as u32)
+            .ok_or_else(|| anyhow::anyhow!("no ifindex for {iface}: {out}"))
+    }
+
     pub fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
         self.exec("sysctl", &["-qw", kv]).map(drop)
     }

@@ -29,9 +29,9 @@ use anyhow::{Context as _, bail};
 use lb_common::Config;
 use lb_userspace::{
     addr,
-    balancer::{Balancer, Mode},
-    decap::{self, Decap},
-    netdev,
+    balancer::Balancer,
+    datapath::Mode,
+    datapath::decap::{self, Decap},
 };
 
 use crate::netns::{Netns, ip, unique_prefix};
@@ -306,8 +306,8 @@ impl Topology {
 
     /// The balancer configuration for this topology: l0's MAC, the router's r1 as next hop.
     pub fn balancer_config(&self) -> anyhow::Result<Config> {
-        let if_mac = self.lb.run(|| netdev::mac(LB_IF))??;
-        let nh_mac = self.router.run(|| netdev::mac("r1"))??;
+        let if_mac = self.lb.mac(LB_IF)?;
+        let nh_mac = self.router.mac("r1")?;
         Ok(Config {
             src_v6: addr::to_words(LB_ADDR6.into()).0,
             src_v4: addr::to_words(LB_ADDR.into()).0[0],

@@ -342,11 +342,13 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     };
     let body = r#"{"address": "10.200.0.7:80/tcp", "bogus": 1}"#;
     let r = raw(&format!(
-        "POST /v1/vips HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/vips HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     ));
     assert!(r.starts_with("HTTP/1.1 400") && r.contains("bogus"), "{r}");
-    assert!(raw("GET /v1/nothing HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(
+        raw("GET /v1/nothing HTTP/1.1\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 404")
+    );
 
     // Without an agent, the CLI says how to start one.
     let o = cli(

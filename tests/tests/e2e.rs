@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use lb_common::stat;
-use lb_userspace::service::{BackendSpec, Services, VipSpec};
+use lb_userspace::state::{BackendSpec, VipSpec};
 use maglb_tests::{
     fixture::vip,
     netns::require_root,
@@ -82,12 +82,11 @@ fn real_tcp_and_udp_through_the_balancer() {
     require_root();
     let t = Topology::build("e2e", 3).expect("topology");
     let mut bal = t.attach_balancer().expect("attach balancer");
-    let mut svc = Services::new();
     let weights = [1, 2, 1];
     for (port, proto) in [(TCP_PORT, "tcp"), (UDP_PORT, "udp")] {
         let mut spec = VipSpec::new(vip(VIP, port, proto));
         spec.backends = specs(&weights);
-        svc.set_vip(&mut bal, spec).expect("set VIP");
+        bal.set_vip(spec).expect("set VIP");
     }
 
     // Thousands of real TCP connections: all succeed, spread by weight.
@@ -119,7 +118,7 @@ fn real_tcp_and_udp_through_the_balancer() {
     // The datapath counted what it forwarded.
     let tx = bal.global_stat(stat::TX_ENCAP).packets;
     assert!(tx >= 3000 * 4 + 2000, "only {tx} packets encapsulated");
-    let vi = svc.vip_index(&vip(VIP, TCP_PORT, "tcp")).unwrap();
+    let vi = bal.vip_index(&vip(VIP, TCP_PORT, "tcp")).unwrap();
     assert!(bal.vip_stats(vi).packets >= 3000 * 4);
 }
 
@@ -128,11 +127,10 @@ fn removing_a_backend_keeps_established_connections_to_the_others() {
     require_root();
     let t = Topology::build("e2r", 3).expect("topology");
     let mut bal = t.attach_balancer().expect("attach balancer");
-    let mut svc = Services::new();
     let id = vip(VIP, TCP_PORT, "tcp");
     let mut spec = VipSpec::new(id);
     spec.backends = specs(&[1, 1, 1]);
-    svc.set_vip(&mut bal, spec).unwrap();
+    bal.set_vip(spec).unwrap();
 
     // 60 long-lived connections, spread over all three backends.
     let conns = t
@@ -147,7 +145,7 @@ fn removing_a_backend_keeps_established_connections_to_the_others() {
     );
 
     // Take b2 out of the table.
-    svc.set_backends(&mut bal, &id, specs(&[1, 1])).unwrap();
+    bal.set_backends(&id, specs(&[1, 1])).unwrap();
 
     // New connections avoid it ...
     let (seen, failed) = spread(&t, 300, 2, || {
@@ -181,10 +179,9 @@ fn path_mtu_discovery_works_through_the_balancer() {
     require_root();
     let t = Topology::build("e2m", 1).expect("topology");
     let mut bal = t.attach_balancer().expect("attach balancer");
-    let mut svc = Services::new();
     let mut spec = VipSpec::new(vip(VIP, TCP_PORT, "tcp"));
     spec.backends = specs(&[1]);
-    svc.set_vip(&mut bal, spec).unwrap();
+    bal.set_vip(spec).unwrap();
     // Full-sized segments (1500 bytes) cannot be encapsulated within the 1500-byte MTU: the
     // balancer answers with fragmentation-needed (MTU 1480), the client's kernel lowers its
     // path MTU and resends, and the request gets through.
@@ -210,7 +207,6 @@ fn real_ipv6_tcp_and_udp_6in6() {
     require_root();
     let t = Topology::build("e26", 3).expect("topology");
     let mut bal = t.attach_balancer().expect("attach balancer");
-    let mut svc = Services::new();
     let weights = [2, 1, 1];
     for (port, proto) in [(TCP_PORT, "tcp"), (UDP_PORT, "udp")] {
         let mut spec = VipSpec::new(vip(VIP6, port, proto));
@@ -219,7 +215,7 @@ fn real_ipv6_tcp_and_udp_6in6() {
             .enumerate()
             .map(|(i, &w)| BackendSpec::new(backend_addr6(i).into(), w))
             .collect();
-        svc.set_vip(&mut bal, spec).expect("set VIP");
+        bal.set_vip(spec).expect("set VIP");
     }
     let (seen, failed) = spread(&t, 1200, 2, || {
         topology::tcp_request(vip6_addr(TCP_PORT), TIMEOUT)

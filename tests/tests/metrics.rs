@@ -24,7 +24,7 @@ const PACKAGING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging");
 fn scrape(t: &Topology) -> String {
     t.lb.run(|| -> std::io::Result<String> {
         let mut s = TcpStream::connect("127.0.0.1:9477")?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out)
@@ -155,19 +155,23 @@ fn alert_rules_and_dashboard_use_exported_metrics() {
     let (ok, out) = promtool(&["check", "rules", &rules], None);
     assert!(ok, "promtool check rules: {out}");
 
-    // Every maglb_* name in the rules and the dashboard is a family the agent exports.
-    let snapshot = lb_userspace::metrics::Snapshot {
-        attached: true,
-        forwarding: true,
-        vips: vec![],
-        global: vec![],
-        rebuilds: 0,
-        rebuild_seconds: lb_userspace::metrics::Histogram::new(
-            lb_userspace::metrics::REBUILD_BUCKETS,
-        ),
-        vrrp: None,
-    };
-    let exported: BTreeSet<String> = lb_userspace::metrics::render(&snapshot)
+    // Every maglb_* name in the rules and the dashboard is a family a running agent exports.
+    let scratch = Scratch::new("mal");
+    let (t, a, vip) = setup("mal", &scratch);
+    // A probed backend, so that the probe latency family has samples.
+    a.ok(&[
+        "vip",
+        "health",
+        &vip,
+        "--kind",
+        "udp",
+        "--interval-ms",
+        "200",
+        "--timeout-ms",
+        "100",
+    ]);
+    std::thread::sleep(Duration::from_millis(600));
+    let exported: BTreeSet<String> = scrape(&t)
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| l.split(' ').next().unwrap().to_owned())

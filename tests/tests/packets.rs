@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::stat;
-use lb_userspace::decap::{self, Decap};
+use lb_userspace::datapath::decap::{self, Decap};
 use maglb_tests::{
     fixture::{self, *},
     packet::{self, *},
@@ -85,8 +85,8 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// The backend set changes: B1 stays listed but takes no new flows (drained), B2 takes them.
-fn drain_b1_add_b2() -> Vec<lb_userspace::service::BackendSpec> {
-    use lb_userspace::service::BackendSpec;
+fn drain_b1_add_b2() -> Vec<lb_userspace::state::BackendSpec> {
+    use lb_userspace::state::BackendSpec;
     vec![
         BackendSpec::new(B1.into(), 0),
         BackendSpec::new(B2.into(), 1),
@@ -328,9 +328,7 @@ fn icmp_error_to_its_flows_backend_even_after_the_table_changed() {
     // ... then B1 is drained and B2 added: the error about the established flow still goes
     // to B1.
     let id = vip(VIP, 80, "tcp");
-    lab.svc
-        .set_backends(&mut lab.bal, &id, drain_b1_add_b2())
-        .unwrap();
+    lab.bal.set_backends(&id, drain_b1_add_b2()).unwrap();
     let reply = ipv4(
         V4::new(VIP, CLIENT, TCP),
         &[],
@@ -487,9 +485,7 @@ fn established_flows_keep_their_backend_until_reset() {
     let id = vip(VIP, 80, "tcp");
     let old = to_lb(&syn4(CLIENT, VIP, 41000, 80), ETH_IP);
     assert_eq!(lab.run(&old).1[30..34], B1.octets());
-    lab.svc
-        .set_backends(&mut lab.bal, &id, drain_b1_add_b2())
-        .unwrap();
+    lab.bal.set_backends(&id, drain_b1_add_b2()).unwrap();
     assert_eq!(
         lab.run(&old).1[30..34],
         B1.octets(),
@@ -501,7 +497,7 @@ fn established_flows_keep_their_backend_until_reset() {
         B2.octets(),
         "new flow not on the new table"
     );
-    lab.svc.reset_flows(&mut lab.bal, &id, B1.into()).unwrap();
+    lab.bal.reset_flows(&id, B1.into()).unwrap();
     assert_eq!(
         lab.run(&old).1[30..34],
         B2.octets(),
@@ -527,9 +523,9 @@ fn counters_per_vip_and_backend() {
     for _ in 0..5 {
         assert_eq!(lab.run(&to_lb(&inner, ETH_IP)).0, TX);
     }
-    let vi = lab.svc.vip_index(&vip(VIP, 80, "tcp")).unwrap();
+    let vi = lab.bal.vip_index(&vip(VIP, 80, "tcp")).unwrap();
     let bi = lab
-        .svc
+        .bal
         .backend_index(&vip(VIP, 80, "tcp"), &B1.into())
         .unwrap();
     let v = lab.bal.vip_stats(vi);
@@ -749,7 +745,7 @@ fn balancer_output_decapsulates_to_the_original_packet() {
 
 #[test]
 fn a_down_or_removed_backend_loses_its_flows() {
-    use lb_userspace::service::BackendSpec;
+    use lb_userspace::state::BackendSpec;
     let mut lab = lab();
     let id = vip(VIP, 80, "tcp");
     let f = to_lb(&syn4(CLIENT, VIP, 42000, 80), ETH_IP);
@@ -758,9 +754,7 @@ fn a_down_or_removed_backend_loses_its_flows() {
     let mut b1 = BackendSpec::new(B1.into(), 1);
     b1.live = false;
     let b2 = BackendSpec::new(B2.into(), 1);
-    lab.svc
-        .set_backends(&mut lab.bal, &id, vec![b1, b2])
-        .unwrap();
+    lab.bal.set_backends(&id, vec![b1, b2]).unwrap();
     assert_eq!(
         lab.run(&f).1[30..34],
         B2.octets(),
@@ -768,9 +762,7 @@ fn a_down_or_removed_backend_loses_its_flows() {
     );
     // B1 recovers: the moved flow stays where it is now.
     b1.live = true;
-    lab.svc
-        .set_backends(&mut lab.bal, &id, vec![b1, b2])
-        .unwrap();
+    lab.bal.set_backends(&id, vec![b1, b2]).unwrap();
     assert_eq!(lab.run(&f).1[30..34], B2.octets(), "flow moved back");
     // A flow on a backend that leaves the VIP moves too.
     let g = to_lb(&syn4(CLIENT, VIP, 42001, 80), ETH_IP);
@@ -780,7 +772,7 @@ fn a_down_or_removed_backend_loses_its_flows() {
     } else {
         (b1, B2)
     };
-    lab.svc.set_backends(&mut lab.bal, &id, vec![stay]).unwrap();
+    lab.bal.set_backends(&id, vec![stay]).unwrap();
     let now = lab.run(&g).1[30..34].to_vec();
     assert_ne!(now, gone.octets(), "flow stayed on a removed backend");
 }

@@ -7,7 +7,7 @@ use std::{
     process::{Child, Stdio},
 };
 
-use lb_userspace::service::{BackendSpec, Services, VipSpec};
+use lb_userspace::state::{BackendSpec, VipSpec};
 
 use super::{Report, median, verdict};
 use crate::{
@@ -134,12 +134,11 @@ pub fn run(report: &mut Report, _bin: &Path) -> anyhow::Result<()> {
     let scratch = Scratch::new("bcn");
     let t = Topology::build("bcn", 3)?;
     let mut bal = t.attach_balancer()?;
-    let mut svc = Services::new();
     let mut spec = VipSpec::new(vip(VIP, PORT, "tcp"));
     spec.backends = (0..3)
         .map(|i| BackendSpec::new(backend_addr(i).into(), 1))
         .collect();
-    svc.set_vip(&mut bal, spec)?;
+    bal.set_vip(spec)?;
     std::fs::create_dir_all(&scratch.0.dir)?;
     let _nginx: Vec<Proc> = t
         .backends

@@ -4,7 +4,7 @@
 
 use std::{net::Ipv4Addr, path::Path, time::Instant};
 
-use lb_userspace::{api, client};
+use lb_userspace::api::{self, client};
 
 use super::{Report, median, verdict};
 use crate::{

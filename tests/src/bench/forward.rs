@@ -16,9 +16,10 @@ use aya::{
 use lb_common::Config;
 use lb_userspace::{
     addr,
-    balancer::{Balancer, Mode},
-    netdev, programs,
-    service::{BackendSpec, Services, VipSpec},
+    balancer::Balancer,
+    datapath::Mode,
+    programs,
+    state::{BackendSpec, VipSpec},
 };
 
 use super::{Report, median, verdict};
@@ -105,10 +106,8 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
         )?;
         ns.ip(&["link", "set", dev, "up"])?;
     }
-    let g0 = gen_ns.run(|| -> anyhow::Result<(u32, [u8; 6])> {
-        Ok((netdev::index("g0")?, netdev::mac("g0")?))
-    })??;
-    let l0_mac = lb.run(|| netdev::mac("l0"))??;
+    let g0 = (gen_ns.ifindex("g0")?, gen_ns.mac("g0")?);
+    let l0_mac = lb.mac("l0")?;
 
     let mut rows = Vec::new();
     for size in [64usize, 512] {
@@ -146,12 +145,11 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
                 let bal = lb.run(move || -> anyhow::Result<Balancer> {
                     let mut bal = Balancer::load()?;
                     bal.set_config(&cfg)?;
-                    let mut svc = Services::new();
                     let mut spec = VipSpec::new(vip(VIP, 9, "udp"));
                     spec.backends = (1..=3)
                         .map(|i| BackendSpec::new(Ipv4Addr::new(10, 70, 0, i).into(), 1))
                         .collect();
-                    svc.set_vip(&mut bal, spec)?;
+                    bal.set_vip(spec)?;
                     bal.attach("l0", Mode::Native)?;
                     Ok(bal)
                 })??;

@@ -2,7 +2,9 @@
 //!
 //! Both are pure. The state machine is driven with explicit times and returns the actions to
 //! take (send an advertisement, become master, become backup), so it is tested without a
-//! network; `agent::vrrp` does the I/O.
+//! network; [`speaker`] does the I/O.
+
+pub mod speaker;
 
 use std::{
     net::IpAddr,
@@ -154,23 +156,8 @@ impl Advert {
     }
 }
 
-/// RFC 5798 states.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    Initialize,
-    Backup,
-    Master,
-}
-
-impl State {
-    pub fn name(self) -> &'static str {
-        match self {
-            State::Initialize => "initialize",
-            State::Backup => "backup",
-            State::Master => "master",
-        }
-    }
-}
+/// RFC 5798 states (the API's type: what `maglb vrrp status` shows).
+pub use crate::api::VrrpState as State;
 
 /// What the caller must do.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use lb_common::{AddrKey, Counter, stat};
 
 use crate::{
     addr,
-    balancer::{BalancerError, Mode, attach_xdp, pin_link},
+    datapath::{DatapathError, Mode, attach_xdp, pin_link},
     netlink, programs,
     state::check_ifname,
 };
@@ -33,21 +33,21 @@ pub struct Decap {
     ebpf: Ebpf,
 }
 
-fn prog<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, BalancerError> {
+fn prog<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DatapathError> {
     ebpf.program_mut(name)
-        .ok_or(BalancerError::Missing(name))?
+        .ok_or(DatapathError::Missing(name))?
         .try_into()
-        .map_err(|source| BalancerError::Program { name, source })
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 impl Decap {
     /// Loads both programs.
-    pub fn load() -> Result<Self, BalancerError> {
+    pub fn load() -> Result<Self, DatapathError> {
         Self::open(None)
     }
 
     /// Loads both programs; with `pins`, the maps are pinned there (reused if present).
-    fn open(pins: Option<&Path>) -> Result<Self, BalancerError> {
+    fn open(pins: Option<&Path>) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = pins
             .map(|d| {
@@ -60,11 +60,11 @@ impl Decap {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(programs::DECAP).map_err(BalancerError::Load)?;
+        let mut ebpf = loader.load(programs::DECAP).map_err(DatapathError::Load)?;
         for name in [PROGRAM, PASS_PROGRAM] {
             prog(&mut ebpf, name)?
                 .load()
-                .map_err(|source| BalancerError::Program { name, source })?;
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(Self { ebpf })
     }
@@ -76,18 +76,18 @@ impl Decap {
         program: &'static str,
         iface: &str,
         mode: Mode,
-    ) -> Result<(), BalancerError> {
+    ) -> Result<(), DatapathError> {
         attach_xdp(prog(&mut self.ebpf, program)?, iface, mode)?;
         Ok(())
     }
 
     /// A program, for `BPF_PROG_TEST_RUN`.
-    pub fn program(&mut self, name: &'static str) -> Result<&mut Xdp, BalancerError> {
+    pub fn program(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
         prog(&mut self.ebpf, name)
     }
 
     /// Accepts encapsulated packets addressed to `a`.
-    pub fn add_addr(&mut self, a: IpAddr) -> Result<(), BalancerError> {
+    pub fn add_addr(&mut self, a: IpAddr) -> Result<(), DatapathError> {
         let (words, family) = addr::to_words(a);
         let mut map = self.addrs()?;
         let key = AddrKey {
@@ -96,14 +96,14 @@ impl Decap {
             proto: 0,
             _pad: [0; 2],
         };
-        map.insert(key, 1, 0).map_err(|source| BalancerError::Map {
+        map.insert(key, 1, 0).map_err(|source| DatapathError::Map {
             map: "DECAP_ADDRS",
             source,
         })
     }
 
     /// Accepts exactly the addresses in `addrs` (entries for others are removed).
-    pub fn set_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), BalancerError> {
+    pub fn set_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
         let mut map = self.addrs()?;
         let old: Vec<AddrKey> = map.keys().filter_map(Result::ok).collect();
         for k in old {
@@ -115,12 +115,12 @@ impl Decap {
         Ok(())
     }
 
-    fn addrs(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u32>, BalancerError> {
+    fn addrs(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u32>, DatapathError> {
         self.ebpf
             .map_mut("DECAP_ADDRS")
-            .ok_or(BalancerError::Missing("map DECAP_ADDRS"))?
+            .ok_or(DatapathError::Missing("map DECAP_ADDRS"))?
             .try_into()
-            .map_err(|source| BalancerError::Map {
+            .map_err(|source| DatapathError::Map {
                 map: "DECAP_ADDRS",
                 source,
             })
@@ -156,7 +156,7 @@ pub enum DecapError {
     #[error("decap is not attached to {iface} (no pin under {dir})")]
     NotAttached { iface: String, dir: PathBuf },
     #[error(transparent)]
-    Datapath(#[from] BalancerError),
+    Datapath(#[from] DatapathError),
     #[error("pins under {dir}")]
     Pin {
         dir: PathBuf,
@@ -176,7 +176,8 @@ fn pin_err(dir: &Path) -> impl Fn(&dyn std::fmt::Display) -> DecapError + '_ {
     }
 }
 
-fn local_addresses() -> Result<Vec<IpAddr>, DecapError> {
+/// Checks that `iface` exists, and lists every address of this host.
+fn local_addresses(iface: &str) -> Result<Vec<IpAddr>, DecapError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -184,10 +185,13 @@ fn local_addresses() -> Result<Vec<IpAddr>, DecapError> {
             dir: PathBuf::new(),
             source: e,
         })?;
-    Ok(rt.block_on(async {
+    rt.block_on(async {
         let h = netlink::connect()?;
-        netlink::all_addresses(&h).await
-    })?)
+        netlink::link(&h, iface)
+            .await
+            .map_err(|e| DecapError::BadInterface(e.to_string()))?;
+        Ok(netlink::all_addresses(&h).await?)
+    })
 }
 
 /// `maglb decap attach`: attaches the decap program to `iface` and pins it, so it stays
@@ -195,7 +199,7 @@ fn local_addresses() -> Result<Vec<IpAddr>, DecapError> {
 /// to refresh the addresses.
 pub fn attach_pinned(pin_dir: &Path, iface: &str, mode: Mode) -> Result<Vec<IpAddr>, DecapError> {
     check_ifname(iface).map_err(DecapError::BadInterface)?;
-    crate::netdev::index(iface).map_err(|e| DecapError::BadInterface(e.to_string()))?;
+    let addrs = local_addresses(iface)?;
     crate::bpffs::ensure(pin_dir)?;
     let dir = pin_dir.join(iface);
     std::fs::create_dir_all(&dir).map_err(|e| pin_err(&dir)(&e))?;
@@ -206,7 +210,6 @@ pub fn attach_pinned(pin_dir: &Path, iface: &str, mode: Mode) -> Result<Vec<IpAd
         let id = attach_xdp(prog, iface, mode)?;
         pin_link(prog, id, &link_path)?;
     }
-    let addrs = local_addresses()?;
     d.set_addrs(&addrs)?;
     Ok(addrs)
 }

@@ -1,16 +1,28 @@
-//! The agent's JSON API over its Unix socket (HTTP/1.1, so `curl --unix-socket` works).
+//! The agent's JSON API over its Unix sockets (HTTP/1.1, so `curl --unix-socket` works).
 //! These types cross the socket; the CLI and the agent share them. See `docs/api.md`.
+//! [`server`] serves them (hyper and axum), [`client`] is the CLI's side.
 
-use std::{collections::BTreeMap, net::IpAddr};
+pub mod client;
+mod page;
+pub mod server;
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    service::VipId,
-    state::{Affinity, AttachMode, BackendState, HealthCheck, ProbeKind},
-};
+use crate::state::{Affinity, AttachMode, BackendState, HealthCheck, ProbeKind, VipId};
 
 pub const DEFAULT_SOCKET: &str = "/run/maglb/maglb.sock";
+/// The read-only socket next to an API socket (`maglb.sock` -> `maglb-read.sock`): status,
+/// lists, counters and health for any local user.
+pub fn read_socket_for(socket: &std::path::Path) -> std::path::PathBuf {
+    let stem = socket
+        .file_stem()
+        .map_or("maglb".into(), |s| s.to_string_lossy().into_owned());
+    socket.with_file_name(format!("{stem}-read.sock"))
+}
+/// The header that carries a client's request id.
+pub const REQUEST_ID_HEADER: &str = "x-maglb-request-id";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/maglb";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/maglb";
 /// Where the agent serves Prometheus metrics.
@@ -173,4 +185,58 @@ pub struct Status {
     pub backends: usize,
     pub state_file: String,
     pub bpffs: String,
+}
+
+/// Whether a request (by its id) was committed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RequestStatus {
+    pub id: String,
+    pub committed: bool,
+}
+
+/// Differences between the maps and the state (`maglb verify`); empty when they agree.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Verification {
+    pub differences: Vec<String>,
+}
+
+/// A VRRP router's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VrrpState {
+    #[default]
+    Initialize,
+    Backup,
+    Master,
+}
+
+impl fmt::Display for VrrpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VrrpState::Initialize => "initialize",
+            VrrpState::Backup => "backup",
+            VrrpState::Master => "master",
+        })
+    }
+}
+
+/// What `maglb vrrp status` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VrrpStatus {
+    pub state: VrrpState,
+    pub vrid: u8,
+    pub interface: String,
+    /// Configured priority, and the one advertised now (after tracking and release).
+    pub priority: u8,
+    pub effective_priority: u8,
+    pub master: Option<String>,
+    pub reason: String,
+    pub since_s: f64,
+    pub transitions: u64,
+    pub adverts_sent: u64,
+    pub adverts_received: u64,
+    /// Advertisements refused, by reason (ttl, version, checksum, vrid, ...).
+    pub invalid: BTreeMap<String, u64>,
+    /// Released with `maglb vrrp release`: stays backup until `maglb vrrp claim`.
+    pub released: bool,
 }

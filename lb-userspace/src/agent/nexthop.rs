@@ -1,0 +1,104 @@
+//! The datapath configuration: interface MAC, MTU, outer sources and the next hop's MAC,
+//! computed from the kernel's tables (rtnetlink) and handed to the writer when it changes.
+//! It runs every second, and at once when the state changes, so a changed neighbour entry
+//! reaches the datapath within a second. It has its own netlink connection: two dumps at
+//! once on one netlink socket fail with EBUSY.
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use lb_common::Config;
+use rtnetlink::Handle;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::{
+    addr, netlink,
+    state::State,
+    writer::{Command, Snapshot, WriterHandle},
+};
+
+/// Runs until the writer goes.
+pub async fn run(writer: WriterHandle, mut snap: watch::Receiver<Arc<Snapshot>>) {
+    let nl = match netlink::connect() {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "no netlink connection for the next hop; the datapath will not forward");
+            return;
+        }
+    };
+    let mut last_error = String::new();
+    loop {
+        let s = snap.borrow_and_update().clone();
+        if let Some(iface) = s.state.balancer.interface.clone().filter(|_| s.attached) {
+            match desired_config(&s.state, &iface, &nl).await {
+                Ok((config, nexthop)) => {
+                    last_error.clear();
+                    if config != s.config || nexthop != s.nexthop {
+                        let cmd = Command::Config { config, nexthop };
+                        if writer.send(cmd).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if e != last_error {
+                        warn!(error = %e, "datapath configuration not complete");
+                        last_error = e;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            r = snap.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn desired_config(
+    state: &State,
+    iface: &str,
+    nl: &Handle,
+) -> anyhow::Result<(Config, Option<(IpAddr, [u8; 6])>)> {
+    let b = &state.balancer;
+    let link = netlink::link(nl, iface).await?;
+    let mtu = match b.mtu {
+        Some(m) => m,
+        None => link.mtu.min(u16::MAX as u32) as u16,
+    };
+    let (a4, a6) = netlink::addresses(nl, link.index).await?;
+    let src_v4 = b.source_v4.map(Into::into).or(a4);
+    let src_v6 = b.source_v6.map(Into::into).or(a6);
+    let mut cfg = Config {
+        src_v6: src_v6.map(|a| addr::to_words(a).0).unwrap_or_default(),
+        src_v4: src_v4.map(|a| addr::to_words(a).0[0]).unwrap_or(0),
+        mtu,
+        ready: 0,
+        if_mac: link.mac,
+        nh_mac: [0; 6],
+    };
+    let target = b.nexthop.or_else(|| {
+        state
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter())
+            .map(|b| b.address)
+            .next()
+    });
+    let nexthop = match (&b.nexthop_mac, target) {
+        (Some(mac), _) => {
+            cfg.nh_mac = addr::parse_mac(mac).expect("validated");
+            None
+        }
+        (None, Some(t)) => {
+            let (gw, mac) = netlink::nexthop_mac(nl, t).await?;
+            cfg.nh_mac = mac;
+            Some((gw, mac))
+        }
+        (None, None) => None,
+    };
+    // Forward only with a next hop to send to; until then everything goes to the kernel.
+    cfg.ready = u16::from(cfg.nh_mac != [0; 6]);
+    Ok((cfg, nexthop))
+}

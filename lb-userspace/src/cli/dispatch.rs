@@ -1,0 +1,404 @@
+//! What each subcommand does: `agent` runs the daemon, `decap` works on a backend without an
+//! agent, every other subcommand is one or a few API calls.
+
+use std::{
+    io::{IsTerminal as _, Write},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use clap::CommandFactory as _;
+
+use super::{
+    Error,
+    args::{
+        AffinityArg, BackendCmd, Cli, Cmd, ConfigCmd, DecapCmd, LogFormat, Output, VipCmd, VrrpCmd,
+    },
+    output,
+};
+use crate::{
+    agent,
+    api::{
+        self,
+        client::{self, ClientError},
+    },
+    datapath::decap,
+    state::{Affinity, AttachMode, ProbeKind, State},
+};
+
+/// The socket for reads: the API socket, or the read-only one when the API socket is not
+/// open to this user.
+fn reader(cli: &Cli) -> PathBuf {
+    match std::os::unix::net::UnixStream::connect(&cli.socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => cli
+            .read_socket
+            .clone()
+            .unwrap_or_else(|| api::read_socket_for(&cli.socket)),
+        _ => cli.socket.clone(),
+    }
+}
+
+fn send(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> Result<api::Changes, ClientError> {
+    client::send(sock, method, path, body)
+}
+
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
+    let sock = cli.socket.as_path();
+    let read = reader(&cli);
+    let read = read.as_path();
+    match cli.cmd {
+        Cmd::Agent {
+            state_dir,
+            bpffs,
+            log_format,
+            metrics_listen,
+            read_socket_path,
+            initial_config,
+            start_empty,
+        } => {
+            let metrics = match metrics_listen.as_str() {
+                "off" => None,
+                a => Some(a.parse().map_err(|_| {
+                    format!(
+                        "--metrics-listen {a:?}: expected ADDR:PORT (e.g. 127.0.0.1:9477) or off"
+                    )
+                })?),
+            };
+            init_logs(log_format);
+            agent::run(agent::Options {
+                socket: cli.socket.clone(),
+                read_socket: match read_socket_path.as_deref() {
+                    Some("off") => None,
+                    Some(p) => Some(p.into()),
+                    None => Some(api::read_socket_for(&cli.socket)),
+                },
+                state_dir,
+                bpffs,
+                metrics,
+                initial_config,
+                start_empty,
+            })?;
+        }
+        Cmd::Attach { iface, mode } => {
+            let req = api::AttachRequest {
+                iface,
+                mode: mode.into(),
+            };
+            output::changes(out, &send(sock, "POST", "/v1/attach", &req)?)?;
+        }
+        Cmd::Detach => output::changes(out, &send(sock, "POST", "/v1/detach", &())?)?,
+        Cmd::Vip { cmd } => vip(sock, read, cmd, out)?,
+        Cmd::Backend { cmd } => backend(sock, read, cmd, out)?,
+        Cmd::Health { output } => {
+            let body = client::call(read, "GET", "/v1/health", None)?;
+            match output {
+                Output::Json => output::json(out, &body)?,
+                Output::Table => {
+                    output::probes(out, &serde_json::from_str::<Vec<api::ProbeView>>(&body)?)?
+                }
+            }
+        }
+        Cmd::Stats {
+            watch: true,
+            interval_ms,
+            count,
+            ..
+        } => watch(read, Duration::from_millis(interval_ms), count, out)?,
+        Cmd::Stats { output, .. } => {
+            let body = client::call(read, "GET", "/v1/stats", None)?;
+            match output {
+                Output::Json => output::json(out, &body)?,
+                Output::Table => output::stats(out, &serde_json::from_str(&body)?)?,
+            }
+        }
+        Cmd::Status { output } => {
+            let body = client::call(read, "GET", "/v1/status", None)?;
+            match output {
+                Output::Json => output::json(out, &body)?,
+                Output::Table => output::status(out, &serde_json::from_str(&body)?)?,
+            }
+        }
+        Cmd::Apply { file } => {
+            let text = read_file(&file)?;
+            // Checked here first: a bad file never reaches the agent.
+            State::from_toml(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let c = send(sock, "POST", "/v1/apply", &api::ConfigText { config: text })?;
+            output::changes(out, &c)?;
+        }
+        Cmd::Validate { file } => validate(read, &file, out)?,
+        Cmd::Vrrp { cmd } => match cmd {
+            VrrpCmd::Status { output } => {
+                let body = client::call(read, "GET", "/v1/vrrp", None)?;
+                match output {
+                    Output::Json => output::json(out, &body)?,
+                    Output::Table => output::vrrp(out, &serde_json::from_str(&body)?)?,
+                }
+            }
+            VrrpCmd::Release => {
+                output::changes(out, &send(sock, "POST", "/v1/vrrp/release", &())?)?
+            }
+            VrrpCmd::Claim => output::changes(out, &send(sock, "POST", "/v1/vrrp/claim", &())?)?,
+        },
+        Cmd::Config {
+            cmd: ConfigCmd::Export,
+        } => {
+            let c: api::ConfigText = client::get(read, "/v1/config")?;
+            write!(out, "{}", c.config)?;
+        }
+        Cmd::Verify => {
+            let v: api::Verification = client::get(sock, "/v1/verify")?;
+            for d in &v.differences {
+                writeln!(out, "{d}")?;
+            }
+            if !v.differences.is_empty() {
+                return Err(format!(
+                    "{} differences between the maps and the state",
+                    v.differences.len()
+                )
+                .into());
+            }
+        }
+        Cmd::Decap { cmd } => decap_cmd(cmd, out)?,
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "maglb", out);
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn vip(sock: &Path, read: &Path, cmd: VipCmd, out: &mut impl Write) -> Result<(), Error> {
+    match cmd {
+        VipCmd::Add {
+            vip,
+            affinity,
+            ring_size,
+        } => {
+            let req = api::VipRequest {
+                address: vip,
+                affinity: affinity.map(|AffinityArg::SrcIp| Affinity::SrcIp),
+                ring_size,
+            };
+            output::changes(out, &send(sock, "POST", "/v1/vips", &req)?)?;
+        }
+        VipCmd::Switch { vip, to, percent } => {
+            let req = api::SwitchRequest {
+                address: vip,
+                to,
+                percent,
+            };
+            output::changes(out, &send(sock, "POST", "/v1/vips/switch", &req)?)?;
+        }
+        VipCmd::Health { vip, check } => {
+            if check.kind.is_none() {
+                return Err("--kind is required (none removes the check)".into());
+            }
+            let check = check.check();
+            let req = api::HealthRequest {
+                vip,
+                backend: None,
+                health: (check.kind != ProbeKind::None).then_some(check),
+            };
+            output::changes(out, &send(sock, "POST", "/v1/health", &req)?)?;
+        }
+        VipCmd::Del { vip } => output::changes(
+            out,
+            &send(sock, "DELETE", "/v1/vips", &api::VipRef { address: vip })?,
+        )?,
+        VipCmd::List { output } => {
+            let body = client::call(read, "GET", "/v1/vips", None)?;
+            match output {
+                Output::Json => output::json(out, &body)?,
+                Output::Table => {
+                    output::vips(out, &serde_json::from_str::<Vec<api::VipView>>(&body)?)?
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn backend(sock: &Path, read: &Path, cmd: BackendCmd, out: &mut impl Write) -> Result<(), Error> {
+    let req = |vip, address, weight| api::BackendRequest {
+        vip,
+        address,
+        weight,
+        backup: None,
+        pool: None,
+    };
+    let (method, path, body) = match cmd {
+        BackendCmd::Add {
+            vip,
+            address,
+            weight,
+            backup,
+            pool,
+        } => {
+            let mut r = req(vip, address, Some(weight));
+            r.backup = Some(backup);
+            r.pool = pool;
+            ("POST", "/v1/backends", r)
+        }
+        BackendCmd::Del { vip, address } => ("DELETE", "/v1/backends", req(vip, address, None)),
+        BackendCmd::SetWeight {
+            vip,
+            address,
+            weight,
+        } => (
+            "POST",
+            "/v1/backends/weight",
+            req(vip, address, Some(weight)),
+        ),
+        BackendCmd::Drain { vip, address } => {
+            ("POST", "/v1/backends/drain", req(vip, address, None))
+        }
+        BackendCmd::Disable { vip, address } => {
+            ("POST", "/v1/backends/disable", req(vip, address, None))
+        }
+        BackendCmd::Enable { vip, address } => {
+            ("POST", "/v1/backends/enable", req(vip, address, None))
+        }
+        BackendCmd::Health {
+            vip,
+            address,
+            inherit,
+            check,
+        } => {
+            if !inherit && check.kind.is_none() {
+                return Err(
+                    "give --kind (none turns checks off for this backend) or --inherit".into(),
+                );
+            }
+            let r = api::HealthRequest {
+                vip,
+                backend: Some(address),
+                health: (!inherit).then(|| check.check()),
+            };
+            return Ok(output::changes(
+                out,
+                &send(sock, "POST", "/v1/health", &r)?,
+            )?);
+        }
+        BackendCmd::List { vip, output } => {
+            let vips: Vec<api::VipView> = client::get(read, "/v1/vips")?;
+            if let Some(v) = &vip
+                && !vips.iter().any(|x| x.address == *v)
+            {
+                return Err(format!("VIP {v} does not exist: see `maglb vip list`").into());
+            }
+            let vips: Vec<_> = vips
+                .into_iter()
+                .filter(|v| vip.is_none_or(|id| v.address == id))
+                .collect();
+            return {
+                let _: () = match output {
+                    Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&vips)?)?,
+                    Output::Table => output::backends(out, &vips)?,
+                };
+                Ok(())
+            };
+        }
+    };
+    output::changes(out, &send(sock, method, path, &body)?)?;
+    Ok(())
+}
+
+fn validate(read: &Path, file: &Path, out: &mut impl Write) -> Result<(), Error> {
+    let text = read_file(file)?;
+    let s = State::from_toml(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let backends: usize = s.vips.iter().map(|v| v.backends.len()).sum();
+    writeln!(
+        out,
+        "{} is valid: {} VIPs, {backends} backends",
+        file.display(),
+        s.vips.len()
+    )?;
+    match client::send::<_, api::Changes>(
+        read,
+        "POST",
+        "/v1/validate",
+        &api::ConfigText { config: text },
+    ) {
+        Ok(c) if c.changes.is_empty() => writeln!(out, "apply would change nothing")?,
+        Ok(c) => {
+            writeln!(out, "apply would:")?;
+            for l in c.changes {
+                writeln!(out, "  {l}")?;
+            }
+        }
+        Err(ClientError::NoAgent { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+fn decap_cmd(cmd: DecapCmd, out: &mut impl Write) -> Result<(), Error> {
+    match cmd {
+        DecapCmd::Attach {
+            iface,
+            mode,
+            pin_dir,
+        } => {
+            let addrs = decap::attach_pinned(&pin_dir, &iface, AttachMode::from(mode).to_mode())?;
+            writeln!(
+                out,
+                "decap attached to {iface}; decapsulating packets to {} local addresses",
+                addrs.len()
+            )?;
+        }
+        DecapCmd::Detach { iface, pin_dir } => {
+            decap::detach_pinned(&pin_dir, &iface)?;
+            writeln!(out, "decap detached from {iface}")?;
+        }
+        DecapCmd::Status { pin_dir, output } => {
+            let st = decap::status_pinned(&pin_dir)?;
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&st)?)?,
+                Output::Table => output::decap(out, &st, &pin_dir)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `maglb stats --watch`: rates between two refreshes, per VIP and backend.
+fn watch(
+    sock: &Path,
+    every: Duration,
+    count: Option<u64>,
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    let tty = std::io::stdout().is_terminal();
+    let mut prev: api::Stats = client::get(sock, "/v1/stats")?;
+    let mut at = Instant::now();
+    for _ in 0..count.unwrap_or(u64::MAX) {
+        std::thread::sleep(every);
+        let cur: api::Stats = client::get(sock, "/v1/stats")?;
+        let dt = at.elapsed().as_secs_f64();
+        at = Instant::now();
+        output::rates(out, &prev, &cur, dt, every, tty)?;
+        prev = cur;
+    }
+    Ok(())
+}
+
+fn read_file(p: &Path) -> Result<String, String> {
+    std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAGLB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}

@@ -1,0 +1,345 @@
+//! What the read commands print: tables for people, JSON on request. Every function writes
+//! to the given output and returns its I/O error, so that output to a closed pipe ends the
+//! command quietly instead of panicking.
+
+use std::{
+    io::{self, Write},
+    time::Duration,
+};
+
+use crate::{
+    api::{self, Changes, ProbeView, Stats, Status, VipView, VrrpStatus},
+    datapath::decap::DecapStatus,
+};
+
+pub fn json(out: &mut impl Write, body: &str) -> io::Result<()> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    )
+}
+
+pub fn changes(out: &mut impl Write, c: &Changes) -> io::Result<()> {
+    if c.changes.is_empty() {
+        writeln!(out, "no change")?;
+    }
+    for l in &c.changes {
+        writeln!(out, "{l}")?;
+    }
+    Ok(())
+}
+
+/// STATE, LAST, LATENCY, SINCE cells of a health view ("-" without a check).
+fn health_cells(h: Option<&api::HealthView>) -> (String, String, String, String) {
+    match h {
+        None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        Some(h) => (
+            if h.up { "up" } else { "down" }.into(),
+            h.last.clone().unwrap_or_else(|| "-".into()),
+            h.latency_ms.map_or("-".into(), |l| format!("{l:.1}ms")),
+            format!("{:.0}s", h.since_s),
+        ),
+    }
+}
+
+pub fn vips(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<28} {:<9} {:>9} {:>9} {:>12} {:>14}",
+        "VIP", "AFFINITY", "RING", "BACKENDS", "PACKETS", "BYTES"
+    )?;
+    for v in vips {
+        writeln!(
+            out,
+            "{:<28} {:<9} {:>9} {:>9} {:>12} {:>14}",
+            v.address.to_string(),
+            if v.affinity.is_some() { "src-ip" } else { "-" },
+            v.ring_size,
+            v.backends.len(),
+            v.counters.packets,
+            v.counters.bytes
+        )?;
+    }
+    Ok(())
+}
+
+pub fn probes(out: &mut impl Write, probes: &[ProbeView]) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
+        "VIP", "BACKEND", "KIND", "TARGET", "STATE", "LAST", "LATENCY", "SINCE"
+    )?;
+    for p in probes {
+        let h = health_cells(p.health.as_ref());
+        writeln!(
+            out,
+            "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
+            p.vip.to_string(),
+            p.backend.to_string(),
+            p.kind.to_string(),
+            p.target,
+            h.0,
+            h.1,
+            h.2,
+            h.3
+        )?;
+    }
+    Ok(())
+}
+
+pub fn stats(out: &mut impl Write, s: &Stats) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<28} {:<40} {:>12} {:>14}",
+        "VIP", "BACKEND", "PACKETS", "BYTES"
+    )?;
+    for v in &s.vips {
+        writeln!(
+            out,
+            "{:<28} {:<40} {:>12} {:>14}",
+            v.address.to_string(),
+            "",
+            v.counters.packets,
+            v.counters.bytes
+        )?;
+        for b in &v.backends {
+            let name = format!("{} ({}, w{})", b.address, b.state, b.weight);
+            writeln!(
+                out,
+                "{:<28} {:<40} {:>12} {:>14}",
+                "", name, b.counters.packets, b.counters.bytes
+            )?;
+        }
+    }
+    writeln!(out, "\n{:<28} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES")?;
+    for (name, c) in &s.global {
+        writeln!(out, "{name:<28} {:>12} {:>14}", c.packets, c.bytes)?;
+    }
+    Ok(())
+}
+
+pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
+    let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    writeln!(out, "agent        maglb {} (pid {})", s.version, s.pid)?;
+    writeln!(
+        out,
+        "interface    {} ({}, {})",
+        or(&s.interface),
+        s.mode,
+        if s.attached {
+            "attached"
+        } else {
+            "not attached"
+        }
+    )?;
+    writeln!(
+        out,
+        "forwarding   {}",
+        if s.ready {
+            "yes"
+        } else {
+            "no (passing everything to the kernel)"
+        }
+    )?;
+    writeln!(
+        out,
+        "next hop     {} {}",
+        or(&s.nexthop),
+        or(&s.nexthop_mac)
+    )?;
+    writeln!(
+        out,
+        "outer source {} {}",
+        or(&s.source_v4),
+        or(&s.source_v6)
+    )?;
+    writeln!(out, "mtu          {}", s.mtu)?;
+    writeln!(out, "vips         {}", s.vips)?;
+    writeln!(out, "backends     {}", s.backends)?;
+    writeln!(out, "state file   {}", s.state_file)?;
+    writeln!(out, "bpffs        {}", s.bpffs)
+}
+
+pub fn vrrp(out: &mut impl Write, v: &VrrpStatus) -> io::Result<()> {
+    writeln!(
+        out,
+        "state        {} (vrid {} on {})",
+        v.state, v.vrid, v.interface
+    )?;
+    writeln!(
+        out,
+        "master       {}",
+        v.master.clone().unwrap_or_else(|| "-".into())
+    )?;
+    let rel = if v.released { ", released" } else { "" };
+    writeln!(
+        out,
+        "priority     {} (configured {}){rel}",
+        v.effective_priority, v.priority
+    )?;
+    writeln!(out, "last change  {:.0} s ago: {}", v.since_s, v.reason)?;
+    writeln!(out, "transitions  {}", v.transitions)?;
+    writeln!(
+        out,
+        "adverts      {} sent, {} received",
+        v.adverts_sent, v.adverts_received
+    )?;
+    let invalid: Vec<String> = v.invalid.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let invalid = if invalid.is_empty() {
+        "none".into()
+    } else {
+        invalid.join(", ")
+    };
+    writeln!(out, "refused      {invalid}")
+}
+
+pub fn backends(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
+        "VIP",
+        "BACKEND",
+        "WEIGHT",
+        "STATE",
+        "POOL",
+        "HEALTH",
+        "LAST",
+        "LATENCY",
+        "SINCE",
+        "PACKETS",
+        "BYTES"
+    )?;
+    let any_backup = vips.iter().any(|v| v.backends.iter().any(|b| b.backup));
+    for v in vips {
+        for b in &v.backends {
+            let h = health_cells(b.health.as_ref());
+            let state = if b.backup {
+                format!("{}*", b.state)
+            } else {
+                b.state.to_string()
+            };
+            writeln!(
+                out,
+                "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
+                v.address.to_string(),
+                b.address.to_string(),
+                b.weight,
+                state,
+                b.pool,
+                h.0,
+                h.1,
+                h.2,
+                h.3,
+                b.counters.packets,
+                b.counters.bytes
+            )?;
+        }
+    }
+    if any_backup {
+        writeln!(out, "(* backup)")?;
+    }
+    Ok(())
+}
+
+pub fn decap(
+    out: &mut impl Write,
+    st: &[DecapStatus],
+    pin_dir: &std::path::Path,
+) -> io::Result<()> {
+    if st.is_empty() {
+        return writeln!(
+            out,
+            "decap is not attached anywhere (pins under {})",
+            pin_dir.display()
+        );
+    }
+    writeln!(
+        out,
+        "{:<16} {:>12} {:>14}",
+        "INTERFACE", "DECAPSULATED", "BYTES"
+    )?;
+    for s in st {
+        writeln!(out, "{:<16} {:>12} {:>14}", s.iface, s.packets, s.bytes)?;
+    }
+    Ok(())
+}
+
+/// One screen of `maglb stats --watch`: rates between two reads, per VIP and backend.
+pub fn rates(
+    out: &mut impl Write,
+    prev: &Stats,
+    cur: &Stats,
+    dt: f64,
+    every: Duration,
+    tty: bool,
+) -> io::Result<()> {
+    let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / dt;
+    if tty {
+        write!(out, "\x1b[2J\x1b[H")?;
+    }
+    writeln!(
+        out,
+        "maglb stats --watch (every {:.1} s, Ctrl-C to stop)",
+        every.as_secs_f64()
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:<26} {:>10} {:>12} {:>11} {:<8} {:<6}",
+        "VIP", "BACKEND", "PKT/S", "BIT/S", "NEWFLOWS/S", "STATE", "HEALTH"
+    )?;
+    for v in &cur.vips {
+        let old = prev.vips.iter().find(|o| o.address == v.address);
+        let (p0, b0, f0) = old.map_or((0, 0, 0), |o| {
+            (o.counters.packets, o.counters.bytes, o.new_flows)
+        });
+        writeln!(
+            out,
+            "{:<28} {:<26} {:>10.0} {:>12} {:>11.0}",
+            v.address.to_string(),
+            "",
+            rate(v.counters.packets, p0),
+            si(8.0 * rate(v.counters.bytes, b0)),
+            rate(v.new_flows, f0)
+        )?;
+        for b in &v.backends {
+            let ob = old.and_then(|o| o.backends.iter().find(|x| x.address == b.address));
+            let (p0, b0) = ob.map_or((0, 0), |o| (o.counters.packets, o.counters.bytes));
+            let health = b
+                .health
+                .as_ref()
+                .map_or("-", |h| if h.up { "up" } else { "down" });
+            writeln!(
+                out,
+                "{:<28} {:<26} {:>10.0} {:>12} {:>11} {:<8} {:<6}",
+                "",
+                b.address.to_string(),
+                rate(b.counters.packets, p0),
+                si(8.0 * rate(b.counters.bytes, b0)),
+                "",
+                b.state.to_string(),
+                health
+            )?;
+        }
+    }
+    let drops = |s: &Stats| -> u64 {
+        s.global
+            .iter()
+            .filter(|(k, _)| k.starts_with("drop_"))
+            .map(|(_, c)| c.packets)
+            .sum()
+    };
+    writeln!(out, "drops/s {:.0}", rate(drops(cur), drops(prev)))?;
+    out.flush()
+}
+
+/// 1234567.0 -> "1.2M".
+pub fn si(v: f64) -> String {
+    match v {
+        v if v >= 1e9 => format!("{:.1}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}

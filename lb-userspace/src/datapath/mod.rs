@@ -1,0 +1,457 @@
+//! The balancer's program and maps: load (fresh or pinned), attach, carry out the writes a
+//! plan lists ([`crate::reconcile::Op`]), read back what the maps hold, and hand readers a
+//! counters handle of their own.
+//!
+//! Only the agent's writer (and tests) hold a [`Datapath`]; readers get [`Counters`], which
+//! has its own file descriptors and never waits for a write.
+
+mod counters;
+pub mod decap;
+mod link;
+mod rings;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, Xdp, xdp::XdpLinkId},
+};
+use lb_common::{
+    AddrKey, Backend, Config, ConnEntry, Counter, FlowKey, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
+};
+use tracing::{info, warn};
+
+use self::rings::Rings;
+pub use self::{
+    counters::Counters,
+    link::{Mode, attach_xdp, pin_link},
+};
+use crate::{
+    programs,
+    reconcile::{Observed, Op},
+};
+
+/// Errors from loading, attaching or writing the balancer.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the balancer object")]
+    Load(#[source] EbpfError),
+    #[error("the balancer object has no {0}")]
+    Missing(&'static str),
+    #[error("loading program {name} into the kernel (the verifier's log follows)")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "attaching XDP to {iface} in {mode} mode{hint}",
+        hint = if *.mode == "native" { " (if the driver has no native XDP, use generic mode)" } else { "" }
+    )]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("ring map of VIP index {index}")]
+    Ring {
+        index: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinned objects under {dir}")]
+    Pin {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+fn pin_error(dir: &Path, e: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Pin {
+        dir: dir.to_owned(),
+        source: io::Error::other(e.to_string()),
+    }
+}
+
+pub const PROGRAM: &str = "maglb_balancer";
+
+/// The maps, by the names the object gives them.
+pub const MAPS: [&str; 11] = [
+    "VIPS",
+    "VIP_ADDRS",
+    "RINGS",
+    "BACKENDS",
+    "CONNTRACK",
+    "CONFIG",
+    "VIP_STATS",
+    "BACKEND_STATS",
+    "GLOBAL_STATS",
+    "VIP_NEW_FLOWS",
+    "VIP_FILTER",
+];
+
+/// Version of the map layout. Pins live in a directory of that name under the BPF filesystem
+/// directory, so a maglb with other maps never reads them as its own. Bump it whenever a
+/// map's key, value or size changes. A newer agent that finds an older layout pinned migrates
+/// it (see [`Datapath::load_pinned`]).
+pub const LAYOUT: &str = "maps-v3";
+const LINK_FILE: &str = "link";
+
+/// The maps user space writes and reads.
+struct Maps {
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    vip_addrs: HashMap<MapData, AddrKey, VipMeta>,
+    backends: Array<MapData, Backend>,
+    conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    config: Array<MapData, Config>,
+    vip_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    vip_new_flows: PerCpuArray<MapData, u64>,
+    vip_filter: Array<MapData, u64>,
+    /// What `vip_filter` holds (read back when the maps are adopted).
+    filter: Vec<u64>,
+}
+
+/// The loaded balancer.
+pub struct Datapath {
+    ebpf: Ebpf,
+    link: Option<XdpLinkId>,
+    /// Where maps and the XDP link are pinned, if they are (the agent pins; tests do not).
+    pin_dir: Option<PathBuf>,
+    maps: Maps,
+    rings: Rings,
+    /// A directory of an older layout whose link the program takes over once the maps carry
+    /// the state ([`Datapath::finish_migration`]).
+    migrating_from: Option<PathBuf>,
+    counters: Counters,
+}
+
+impl Datapath {
+    /// Loads the balancer program with fresh, unpinned maps (nothing is attached yet).
+    pub fn load() -> Result<Self, DatapathError> {
+        Self::open(None)
+    }
+
+    /// Loads the balancer program with its maps pinned under `bpffs/LAYOUT`: maps already
+    /// pinned there are reused (their contents survive), missing ones are created and pinned.
+    /// If an XDP link is pinned there, the new program replaces the old one on it atomically,
+    /// so forwarding never stops; a link whose interface is gone is unpinned (and logged).
+    ///
+    /// If only an older layout is pinned, its maps are left alone and fresh ones are made; the
+    /// caller writes the state into them and then calls [`Datapath::finish_migration`], which
+    /// moves the old link to this program in one atomic replace. Connection-table entries and
+    /// counters do not carry over; established flows keep their backend through the Maglev
+    /// table as long as the backend set is unchanged.
+    pub fn load_pinned(bpffs: &Path) -> Result<Self, DatapathError> {
+        std::fs::create_dir_all(bpffs).map_err(|e| pin_error(bpffs, e))?;
+        let older = link::older_layouts(bpffs, LAYOUT).map_err(|e| pin_error(bpffs, e))?;
+        let dir = bpffs.join(LAYOUT);
+        std::fs::create_dir_all(&dir).map_err(|e| pin_error(&dir, e))?;
+        let mut dp = Self::open(Some(&dir))?;
+        let link = dir.join(LINK_FILE);
+        if link.exists() {
+            match link::adopt(dp.program(), &link) {
+                Ok(id) => dp.link = Some(id),
+                Err(e) => {
+                    warn!(link = %link.display(), error = %crate::error_chain(&e),
+                        "the pinned XDP link is defunct (its interface is gone?); unpinned it, starting detached");
+                    link::unpin(&link).map_err(|e| pin_error(&dir, e))?;
+                }
+            }
+        } else if let Some(old) = older.into_iter().find(|d| d.join(LINK_FILE).exists()) {
+            info!(from = %old.display(), to = %dir.display(), "an older map layout is pinned; migrating");
+            dp.migrating_from = Some(old);
+        }
+        Ok(dp)
+    }
+
+    fn open(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(programs::BALANCER)
+            .map_err(DatapathError::Load)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DatapathError::Missing(PROGRAM))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name: PROGRAM,
+                source,
+            })?;
+        prog.load().map_err(|source| DatapathError::Program {
+            name: PROGRAM,
+            source,
+        })?;
+        macro_rules! take {
+            ($name:literal) => {{
+                let map = ebpf
+                    .take_map($name)
+                    .ok_or(DatapathError::Missing(concat!("map ", $name)))?;
+                map.try_into().map_err(map_err($name))?
+            }};
+        }
+        let rings = ebpf
+            .take_map("RINGS")
+            .ok_or(DatapathError::Missing("map RINGS"))?;
+        let outer_id = match &rings {
+            aya::maps::Map::ArrayOfMaps(m) => m.info().map_err(map_err("RINGS"))?.id(),
+            _ => return Err(DatapathError::Missing("map RINGS (an array of maps)")),
+        };
+        let outer: ArrayOfMaps<MapData, Array<MapData, u32>> =
+            rings.try_into().map_err(map_err("RINGS"))?;
+        let global_stats: PerCpuArray<MapData, Counter> = take!("GLOBAL_STATS");
+        let maps = Maps {
+            vips: take!("VIPS"),
+            vip_addrs: take!("VIP_ADDRS"),
+            backends: take!("BACKENDS"),
+            conntrack: take!("CONNTRACK"),
+            config: take!("CONFIG"),
+            vip_stats: take!("VIP_STATS"),
+            backend_stats: take!("BACKEND_STATS"),
+            vip_new_flows: take!("VIP_NEW_FLOWS"),
+            vip_filter: take!("VIP_FILTER"),
+            filter: Vec::new(),
+        };
+        let counters = Counters::new(
+            &maps.vip_stats,
+            &maps.backend_stats,
+            &global_stats,
+            &maps.vip_new_flows,
+        )?;
+        Ok(Self {
+            ebpf,
+            link: None,
+            pin_dir: pin_dir.map(Path::to_owned),
+            maps,
+            rings: Rings::new(outer, outer_id),
+            migrating_from: None,
+            counters,
+        })
+    }
+
+    /// A handle on the counters for readers (its own file descriptors).
+    pub fn counters(&self) -> Counters {
+        self.counters.clone()
+    }
+
+    /// Whether the program is attached (by this process or through a pinned link).
+    pub fn is_attached(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// Whether an older layout waits for [`Datapath::finish_migration`].
+    pub fn is_migrating(&self) -> bool {
+        self.migrating_from.is_some()
+    }
+
+    /// The program, for attaching elsewhere or for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Datapath::open")
+    }
+
+    /// Attaches the program to `iface` (in the calling thread's network namespace). With a
+    /// pin directory, the link is pinned: it outlives this process.
+    pub fn attach(&mut self, iface: &str, mode: Mode) -> Result<(), DatapathError> {
+        let mut link = attach_xdp(self.program(), iface, mode)?;
+        if let Some(dir) = self.pin_dir.clone() {
+            link = pin_link(self.program(), link, &dir.join(LINK_FILE))?;
+        }
+        self.link = Some(link);
+        Ok(())
+    }
+
+    /// Detaches the program (and removes its pinned link).
+    pub fn detach(&mut self) -> Result<(), DatapathError> {
+        if let Some(id) = self.link.take() {
+            let _ = self.program().detach(id);
+        }
+        if let Some(dir) = &self.pin_dir {
+            let path = dir.join(LINK_FILE);
+            if path.exists() {
+                link::unpin(&path).map_err(|e| pin_error(dir, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over the link of the older layout found at load (one atomic program replace),
+    /// copies its configuration when its layout is the same, and removes its pins.
+    pub fn finish_migration(&mut self) -> Result<(), DatapathError> {
+        let Some(old) = self.migrating_from.take() else {
+            return Ok(());
+        };
+        let dir = self.pin_dir.clone().expect("migration only with pins");
+        let new_link = dir.join(LINK_FILE);
+        match link::adopt(self.program(), &old.join(LINK_FILE)) {
+            Ok(id) => {
+                let id = link::repin(self.program(), id, &new_link)?;
+                self.link = Some(id);
+                info!(from = %old.display(), "took over the XDP link of the older layout");
+            }
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "the older layout's link is defunct; starting detached")
+            }
+        }
+        std::fs::remove_dir_all(&old).map_err(|e| pin_error(&old, e))?;
+        Ok(())
+    }
+
+    /// The configuration of an older layout, when its `CONFIG` map has today's value size
+    /// (so that a migration forwards from its first moment).
+    pub fn older_config(&self) -> Option<Config> {
+        let old = self.migrating_from.as_ref()?;
+        let map = MapData::from_pin(old.join("CONFIG")).ok()?;
+        let map: Array<MapData, Config> =
+            Array::try_from(aya::maps::Map::from_map_data(map).ok()?).ok()?;
+        map.get(&0, 0).ok()
+    }
+
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        self.maps.config.get(&0, 0).map_err(map_err("CONFIG"))
+    }
+
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), DatapathError> {
+        self.maps.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// Carries out a plan's writes in order. Ring maps made by consecutive `NewRing` ops are
+    /// installed together, so their RCU grace periods overlap.
+    pub fn apply(&mut self, ops: Vec<Op>) -> Result<(), DatapathError> {
+        let mut installs = Vec::new();
+        for op in ops {
+            if let Op::InstallRing { index } = op {
+                installs.push(index);
+                continue;
+            }
+            if !installs.is_empty() {
+                self.rings.install(&std::mem::take(&mut installs))?;
+            }
+            self.apply_one(op)?;
+        }
+        self.rings.install(&installs)
+    }
+
+    fn apply_one(&mut self, op: Op) -> Result<(), DatapathError> {
+        let m = &mut self.maps;
+        match op {
+            Op::ZeroVipCounters(i) => {
+                counters::zero(&mut m.vip_stats, i, "VIP_STATS")?;
+                counters::zero(&mut m.vip_new_flows, i, "VIP_NEW_FLOWS")
+            }
+            Op::ZeroSlotCounters(i) => counters::zero(&mut m.backend_stats, i, "BACKEND_STATS"),
+            Op::SetBackend { slot, backend } => m
+                .backends
+                .set(slot, backend, 0)
+                .map_err(map_err("BACKENDS")),
+            Op::NewRing { index, ring_size } => self.rings.create(index, ring_size),
+            Op::WriteTable {
+                index,
+                offset,
+                table,
+            } => self.rings.write(index, offset, &table),
+            Op::InstallRing { .. } => unreachable!("batched by apply"),
+            Op::SetVip { key, meta } => m.vips.insert(key, meta, 0).map_err(map_err("VIPS")),
+            Op::DelVip { key } => ignore_missing(m.vips.remove(&key)).map_err(map_err("VIPS")),
+            Op::SetAddr { key, meta } => m
+                .vip_addrs
+                .insert(key, meta, 0)
+                .map_err(map_err("VIP_ADDRS")),
+            Op::DelAddr { key } => {
+                ignore_missing(m.vip_addrs.remove(&key)).map_err(map_err("VIP_ADDRS"))
+            }
+            Op::SetFilter(words) => set_filter(m, &words),
+        }
+    }
+
+    /// What the maps hold: VIP entries, used backend slots, ring maps and active tables,
+    /// address entries and the filter.
+    pub fn observe(&self) -> Result<Observed, DatapathError> {
+        let m = &self.maps;
+        let vips: Vec<(VipKey, VipMeta)> = m.vips.iter().filter_map(Result::ok).collect();
+        let slots = (0..MAX_BACKENDS)
+            .filter_map(|i| Some((i, m.backends.get(&i, 0).ok()?)))
+            .filter(|(_, b)| b.generation != 0)
+            .collect();
+        let rings = self.rings.observe(MAX_VIPS);
+        let mut tables = std::collections::BTreeMap::new();
+        for (_, meta) in &vips {
+            if rings.get(&meta.index) == Some(&meta.ring_size) {
+                let t = self.rings.read(meta.index, meta.ring_off, meta.ring_size)?;
+                tables.insert(meta.index, t);
+            }
+        }
+        Ok(Observed {
+            vips,
+            slots,
+            rings,
+            tables,
+            addrs: m.vip_addrs.iter().filter_map(Result::ok).collect(),
+            filter: (0..lb_common::VIP_FILTER_WORDS)
+                .map(|i| m.vip_filter.get(&i, 0).unwrap_or(0))
+                .collect(),
+        })
+    }
+
+    /// A connection-table entry, if any.
+    pub fn conntrack(&self, flow: &FlowKey) -> Option<ConnEntry> {
+        self.maps.conntrack.get(flow, 0).ok()
+    }
+
+    /// Number of connection-table entries (walks the table).
+    pub fn conntrack_len(&self) -> usize {
+        self.maps.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+}
+
+/// Makes the VIP address filter hold `words`, writing only the words that differ.
+fn set_filter(m: &mut Maps, words: &[u64]) -> Result<(), DatapathError> {
+    if m.filter.len() != words.len() {
+        m.filter = (0..words.len() as u32)
+            .map(|i| m.vip_filter.get(&i, 0).unwrap_or(0))
+            .collect();
+    }
+    for (i, (old, new)) in m.filter.iter_mut().zip(words).enumerate() {
+        if old != new {
+            m.vip_filter
+                .set(i as u32, new, 0)
+                .map_err(map_err("VIP_FILTER"))?;
+            *old = *new;
+        }
+    }
+    Ok(())
+}
+
+/// Deleting a key that is not there is not an error here.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}

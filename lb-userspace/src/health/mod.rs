@@ -1,0 +1,116 @@
+//! Health checks: probes of each backend ([`probe`]), the pure up/down state machine
+//! ([`Tracker`]), and the supervisor task that runs one probe task per checked backend and
+//! tells the writer about transitions ([`supervisor`]).
+//!
+//! `Tracker` is pure: results in, transitions out (up after `rise` consecutive successes,
+//! down after `fall` consecutive failures, so one lost probe never flaps a backend).
+
+mod probe;
+pub mod supervisor;
+
+use std::time::{Duration, Instant};
+
+pub use self::probe::{Probe, ProbeResult, Prober};
+
+/// Up/down state of one backend of one VIP.
+#[derive(Clone, Debug)]
+pub struct Tracker {
+    pub up: bool,
+    ok_run: u32,
+    fail_run: u32,
+    /// "ok", or why the last probe failed.
+    pub last: Option<String>,
+    pub latency: Option<Duration>,
+    /// When `up` last changed (or tracking began).
+    pub since: Instant,
+    pub checks: u64,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tracker {
+    /// A new backend counts as up until `fall` probes fail, so adding one takes effect at once.
+    pub fn new() -> Self {
+        Self {
+            up: true,
+            ok_run: 0,
+            fail_run: 0,
+            last: None,
+            latency: None,
+            since: Instant::now(),
+            checks: 0,
+        }
+    }
+
+    /// Records a probe result; returns the new state when it changed.
+    pub fn record(
+        &mut self,
+        r: &ProbeResult,
+        latency: Duration,
+        rise: u32,
+        fall: u32,
+    ) -> Option<bool> {
+        self.checks += 1;
+        self.latency = Some(latency);
+        match r {
+            Ok(()) => {
+                self.last = Some("ok".into());
+                self.ok_run += 1;
+                self.fail_run = 0;
+            }
+            Err(why) => {
+                self.last = Some(why.clone());
+                self.fail_run += 1;
+                self.ok_run = 0;
+            }
+        }
+        let next = if self.up {
+            self.fail_run < fall
+        } else {
+            self.ok_run >= rise
+        };
+        if next == self.up {
+            return None;
+        }
+        self.up = next;
+        self.since = Instant::now();
+        Some(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> ProbeResult {
+        Ok(())
+    }
+    fn bad() -> ProbeResult {
+        Err("timeout".into())
+    }
+
+    #[test]
+    fn rise_and_fall_without_flapping() {
+        let d = Duration::from_millis(1);
+        let mut t = Tracker::new();
+        assert!(t.up);
+        // One or two lost probes do not take it down with fall = 3.
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&ok(), d, 2, 3), None);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&bad(), d, 2, 3), Some(false));
+        assert_eq!(t.last.as_deref(), Some("timeout"));
+        // One success does not bring it back with rise = 2.
+        assert_eq!(t.record(&ok(), d, 2, 3), None);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&ok(), d, 2, 3), None);
+        assert_eq!(t.record(&ok(), d, 2, 3), Some(true));
+        assert_eq!(t.checks, 10);
+    }
+}

@@ -1,0 +1,250 @@
+//! What a scrape reads at scrape time: the datapath's counters (per-CPU, summed; they live in
+//! the pinned maps, so they survive agent restarts), the latest snapshot (attachment, health)
+//! and the VRRP speaker's status.
+
+use std::fmt;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+
+use crate::views::Views;
+
+pub struct Scrape(pub Views);
+
+impl fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Global counters by name prefix, as one family with a label.
+const GROUPS: &[(&str, &str, &str, &str)] = &[
+    (
+        "drop_",
+        "maglb_dropped_packets",
+        "reason",
+        "Packets dropped by the balancer, by reason",
+    ),
+    (
+        "pass_",
+        "maglb_passed_packets",
+        "reason",
+        "Packets handed to the kernel untouched, by reason",
+    ),
+    (
+        "error_",
+        "maglb_errors",
+        "reason",
+        "Datapath errors, by reason",
+    ),
+    (
+        "icmp_",
+        "maglb_icmp_packets",
+        "action",
+        "ICMP handled by the balancer, by action",
+    ),
+];
+
+fn counters(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, i64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn no_labels() -> Labels {
+    Vec::new()
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let views = &self.0;
+        let s = views.snapshot();
+        let c = &views.counters;
+        let version = vec![("version", env!("CARGO_PKG_VERSION").to_owned())];
+        gauges(
+            &mut enc,
+            "maglb_build_info",
+            "maglb version (always 1)",
+            [(version, 1)],
+        )?;
+        gauges(
+            &mut enc,
+            "maglb_attached",
+            "1 when the XDP balancer is attached",
+            [(no_labels(), i64::from(s.attached))],
+        )?;
+        gauges(
+            &mut enc,
+            "maglb_forwarding",
+            "1 when the datapath forwards (next hop known)",
+            [(no_labels(), i64::from(s.forwarding()))],
+        )?;
+        let vips: Vec<(String, u32)> = s
+            .placement
+            .iter()
+            .map(|(id, p)| (id.to_string(), p.index))
+            .collect();
+        let vip = |v: &str| vec![("vip", v.to_owned())];
+        counters(
+            &mut enc,
+            "maglb_vip_packets",
+            "Packets to a VIP sent to a backend",
+            vips.iter().map(|(v, i)| (vip(v), c.vip(*i).packets)),
+        )?;
+        counters(
+            &mut enc,
+            "maglb_vip_bytes",
+            "Bytes (IP packets, before encapsulation) to a VIP sent to a backend",
+            vips.iter().map(|(v, i)| (vip(v), c.vip(*i).bytes)),
+        )?;
+        counters(
+            &mut enc,
+            "maglb_vip_new_flows",
+            "Flows that got a backend from the Maglev table",
+            vips.iter().map(|(v, i)| (vip(v), c.vip_new_flows(*i))),
+        )?;
+        let backends: Vec<(Labels, u32, bool)> = s
+            .placement
+            .iter()
+            .flat_map(|(id, p)| {
+                let s = &s;
+                p.slots.iter().map(move |(a, slot)| {
+                    let labels = vec![("vip", id.to_string()), ("backend", a.to_string())];
+                    (labels, *slot, s.is_up(id, a))
+                })
+            })
+            .collect();
+        counters(
+            &mut enc,
+            "maglb_backend_packets",
+            "Packets sent to a backend of a VIP",
+            backends
+                .iter()
+                .map(|(l, slot, _)| (l.clone(), c.backend(*slot).packets)),
+        )?;
+        counters(
+            &mut enc,
+            "maglb_backend_bytes",
+            "Bytes sent to a backend of a VIP",
+            backends
+                .iter()
+                .map(|(l, slot, _)| (l.clone(), c.backend(*slot).bytes)),
+        )?;
+        gauges(
+            &mut enc,
+            "maglb_backend_up",
+            "1 when the backend passes its health check (or has none)",
+            backends
+                .iter()
+                .map(|(l, _, up)| (l.clone(), i64::from(*up))),
+        )?;
+        let globals = c.globals();
+        let get = |n: &str| {
+            globals
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, c)| *c)
+                .unwrap_or_default()
+        };
+        for (name, help, value) in [
+            (
+                "maglb_conntrack_hits",
+                "Packets whose flow was in the connection table",
+                get("conntrack_hit").packets,
+            ),
+            (
+                "maglb_conntrack_misses",
+                "Packets whose flow was not in the connection table",
+                get("conntrack_miss").packets,
+            ),
+            (
+                "maglb_encapsulated_packets",
+                "Packets encapsulated and sent to backends",
+                get("tx_encap").packets,
+            ),
+            (
+                "maglb_encapsulated_bytes",
+                "Bytes sent to backends, outer headers included",
+                get("tx_encap").bytes,
+            ),
+        ] {
+            counters(&mut enc, name, help, [(no_labels(), value)])?;
+        }
+        for (prefix, family, label, help) in GROUPS {
+            counters(
+                &mut enc,
+                family,
+                help,
+                globals.iter().filter_map(|(name, c)| {
+                    let reason = name.strip_prefix(prefix)?;
+                    Some((vec![(*label, reason.to_owned())], c.packets))
+                }),
+            )?;
+        }
+        self.vrrp(&mut enc)
+    }
+}
+
+impl Scrape {
+    fn vrrp(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let v = self.0.vrrp();
+        let vrid = |v: &crate::api::VrrpStatus| vec![("vrid", v.vrid.to_string())];
+        gauges(
+            enc,
+            "maglb_vrrp_master",
+            "1 while this balancer is the VRRP master",
+            v.iter()
+                .map(|v| (vrid(v), i64::from(v.state == crate::api::VrrpState::Master))),
+        )?;
+        gauges(
+            enc,
+            "maglb_vrrp_priority",
+            "Advertised VRRP priority (after tracking)",
+            v.iter().map(|v| (vrid(v), i64::from(v.effective_priority))),
+        )?;
+        counters(
+            enc,
+            "maglb_vrrp_transitions",
+            "VRRP state changes",
+            v.iter().map(|v| (vrid(v), v.transitions)),
+        )?;
+        counters(
+            enc,
+            "maglb_vrrp_invalid_adverts",
+            "VRRP advertisements refused, by reason",
+            v.iter().flat_map(|v| {
+                v.invalid.iter().map(|(reason, n)| {
+                    (
+                        vec![("vrid", v.vrid.to_string()), ("reason", reason.clone())],
+                        *n,
+                    )
+                })
+            }),
+        )
+    }
+}

@@ -1,0 +1,465 @@
+//! The desired state: which interface the balancer is attached to, its settings, the VIPs
+//! and their backends. One schema serves the agent's state file (JSON) and the operator's
+//! `maglb.toml` (TOML).
+//!
+//! Everything here is pure (no I/O). Operations ([`ops`]) return a new state, checked whole
+//! by the one validation ([`validate`]), or a [`Refusal`] that names the field and the fix,
+//! and leave the old state untouched. [`spec`] turns a VIP into what the datapath must carry,
+//! given its backends' health; [`diff`] says what a change does, in words.
+
+mod diff;
+mod ops;
+mod spec;
+#[cfg(test)]
+mod tests;
+mod validate;
+mod vip_id;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use lb_common::DEFAULT_RING_SIZE;
+use serde::{Deserialize, Serialize};
+
+pub use self::{
+    ops::Change,
+    spec::{BackendSpec, MAX_WEIGHT, VipSpec},
+    validate::{check_ifname, check_pool, parse_statuses},
+    vip_id::{Proto, VipId},
+};
+
+pub const STATE_VERSION: u32 = 1;
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    #[default]
+    Native,
+    Generic,
+}
+
+impl AttachMode {
+    pub fn to_mode(self) -> crate::datapath::Mode {
+        match self {
+            AttachMode::Native => crate::datapath::Mode::Native,
+            AttachMode::Generic => crate::datapath::Mode::Generic,
+        }
+    }
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        })
+    }
+}
+
+/// Client affinity of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Affinity {
+    /// Hash on the client address only: a client keeps its backend across connections.
+    #[serde(rename = "src-ip")]
+    SrcIp,
+}
+
+/// Operator state of a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Takes new flows in proportion to its weight (while healthy).
+    #[default]
+    Active,
+    /// Takes no new flows; its established flows stay until they end.
+    Drain,
+    /// Out of service: no new flows, and its established flows move elsewhere.
+    Disabled,
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Active => "active",
+            BackendState::Drain => "drain",
+            BackendState::Disabled => "disabled",
+        })
+    }
+}
+
+/// The balancer's settings (`[balancer]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerSettings {
+    /// Interface the XDP program is attached to; none when detached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    #[serde(default)]
+    pub mode: AttachMode,
+    /// Largest outer packet toward the backends; default: the interface's MTU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Outer source address for IPv4 backends; default: the interface's first IPv4 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_v4: Option<Ipv4Addr>,
+    /// Outer source address for IPv6 backends; default: the interface's first global IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_v6: Option<Ipv6Addr>,
+    /// Next hop toward the backends; default: the route to the first backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nexthop: Option<IpAddr>,
+    /// A fixed next-hop MAC instead of resolving one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nexthop_mac: Option<String>,
+}
+
+fn default_ring() -> u32 {
+    DEFAULT_RING_SIZE
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_version() -> u32 {
+    STATE_VERSION
+}
+fn is_active(s: &BackendState) -> bool {
+    *s == BackendState::Active
+}
+fn is_default_ring(r: &u32) -> bool {
+    *r == DEFAULT_RING_SIZE
+}
+
+/// What a health check does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// No check: the backend counts as up.
+    #[default]
+    None,
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP GET, judged by status (and optionally body).
+    Http,
+    /// The same over TLS (SNI from `host`; the certificate is verified unless
+    /// `tls_insecure`).
+    Https,
+    /// A UDP datagram that must be answered.
+    Udp,
+}
+
+impl fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProbeKind::None => "none",
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Http => "http",
+            ProbeKind::Https => "https",
+            ProbeKind::Udp => "udp",
+        })
+    }
+}
+
+fn d_interval() -> u32 {
+    2000
+}
+fn d_timeout() -> u32 {
+    1000
+}
+fn d_rise() -> u32 {
+    2
+}
+fn d_fall() -> u32 {
+    3
+}
+fn d_path() -> String {
+    "/".into()
+}
+fn d_expect() -> String {
+    "200-399".into()
+}
+
+/// A health check (`health` of a VIP: the default for its backends; of a backend: its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default)]
+    pub kind: ProbeKind,
+    /// Time between checks.
+    #[serde(default = "d_interval")]
+    pub interval_ms: u32,
+    /// A check that takes longer fails.
+    #[serde(default = "d_timeout")]
+    pub timeout_ms: u32,
+    /// Consecutive successes that bring a down backend up.
+    #[serde(default = "d_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    #[serde(default = "d_fall")]
+    pub fall: u32,
+    /// Port to check; default: the VIP's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Source address of the checks; default: chosen by the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<IpAddr>,
+    /// HTTP: the path to GET.
+    #[serde(default = "d_path")]
+    pub path: String,
+    /// HTTP: statuses that pass, e.g. "200", "200-399", "200,204,301-302".
+    #[serde(default = "d_expect")]
+    pub expect_status: String,
+    /// HTTP: a substring the body must contain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_contains: Option<String>,
+    /// HTTP: the Host header; default: the backend's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// UDP: what to send (any answer passes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// HTTPS: a PEM file of the certificate authorities to trust (default: the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
+    /// HTTPS: do not verify the certificate (a self-signed one passes).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tls_insecure: bool,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: ProbeKind::None,
+            interval_ms: d_interval(),
+            timeout_ms: d_timeout(),
+            rise: d_rise(),
+            fall: d_fall(),
+            port: None,
+            source: None,
+            path: d_path(),
+            expect_status: d_expect(),
+            body_contains: None,
+            host: None,
+            payload: None,
+            tls_ca: None,
+            tls_insecure: false,
+        }
+    }
+}
+
+/// The pool of backends that name none.
+pub const DEFAULT_POOL: &str = "default";
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A backend of a VIP (`[[vip.backend]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendEntry {
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "is_active")]
+    pub state: BackendState,
+    /// Takes traffic only while no primary backend of the VIP is up.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub backup: bool,
+    /// The group it belongs to, for blue-green and canary splits; default "default".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Its own health check instead of the VIP's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+impl BackendEntry {
+    pub fn new(address: IpAddr, weight: u32) -> Self {
+        Self {
+            address,
+            weight,
+            state: BackendState::Active,
+            backup: false,
+            pool: None,
+            health: None,
+        }
+    }
+
+    pub fn pool(&self) -> &str {
+        self.pool.as_deref().unwrap_or(DEFAULT_POOL)
+    }
+}
+
+/// A VIP (`[[vip]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vip {
+    /// `ADDR:PORT/tcp|udp`, IPv6 as `[ADDR]:PORT/tcp`; port 0 takes all ports.
+    pub address: VipId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default = "default_ring", skip_serializing_if = "is_default_ring")]
+    pub ring_size: u32,
+    /// The default health check of its backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+    /// Which pools take new flows, and their relative shares (e.g. blue = 95, green = 5).
+    /// Empty: every backend, whatever its pool.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, u32>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendEntry>,
+}
+
+impl Vip {
+    pub fn new(address: VipId) -> Self {
+        Self {
+            address,
+            affinity: None,
+            ring_size: DEFAULT_RING_SIZE,
+            health: None,
+            pools: BTreeMap::new(),
+            backends: Vec::new(),
+        }
+    }
+
+    /// The health check that applies to a backend, if any.
+    pub fn check_for<'a>(&'a self, b: &'a BackendEntry) -> Option<&'a HealthCheck> {
+        b.health
+            .as_ref()
+            .or(self.health.as_ref())
+            .filter(|h| h.kind != ProbeKind::None)
+    }
+}
+
+fn d_vrrp_priority() -> u8 {
+    100
+}
+fn d_advert_cs() -> u16 {
+    100
+}
+fn d_true() -> bool {
+    true
+}
+fn d_penalty() -> u8 {
+    50
+}
+
+/// Active/passive failover with VRRPv3 (`[vrrp]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VrrpConfig {
+    /// Virtual router ID, 1-255; both balancers of a pair use the same.
+    pub vrid: u8,
+    /// 1-254, or 255 for the address owner; the higher wins.
+    #[serde(default = "d_vrrp_priority")]
+    pub priority: u8,
+    /// Advertisement interval, centiseconds (1-4095).
+    #[serde(default = "d_advert_cs")]
+    pub advert_interval_cs: u16,
+    /// Take over from a lower-priority master.
+    #[serde(default = "d_true")]
+    pub preempt: bool,
+    /// No preemption during this long after start.
+    #[serde(default)]
+    pub preempt_delay_ms: u32,
+    /// Interface for advertisements and addresses; default: the balancer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Addresses the master holds (IPv4): typically the next hop the router sends the VIPs
+    /// to, or the VIPs themselves.
+    pub addresses: Vec<std::net::Ipv4Addr>,
+    /// Priority lost while the interface is down.
+    #[serde(default = "d_penalty")]
+    pub track_interface_penalty: u8,
+    /// VIPs whose loss of every live backend lowers the priority by `track_vip_penalty`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub track_vips: Vec<VipId>,
+    #[serde(default = "d_penalty")]
+    pub track_vip_penalty: u8,
+}
+
+/// The whole desired state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    #[serde(default = "default_version")]
+    pub version: u32,
+    #[serde(default)]
+    pub balancer: BalancerSettings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vrrp: Option<VrrpConfig>,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<Vip>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            version: STATE_VERSION,
+            balancer: BalancerSettings::default(),
+            vrrp: None,
+            vips: Vec::new(),
+        }
+    }
+}
+
+/// Why a desired state, or a change to it, is refused. The message says what is wrong, on
+/// which object, and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Invalid input: the field, and why.
+    #[error("{0}")]
+    Invalid(String),
+    /// The VIP or backend named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// It exists already, or the request contradicts the state.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl Refusal {
+    pub fn invalid(field: impl fmt::Display, message: impl fmt::Display) -> Self {
+        Self::Invalid(format!("{field}: {message}"))
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::NotFound(message.into())
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::Conflict(message.into())
+    }
+}
+
+impl State {
+    /// Parses a `maglb.toml`. Unknown fields are errors; nothing falls back to defaults.
+    pub fn from_toml(text: &str) -> Result<Self, Refusal> {
+        let s: State = toml::from_str(text)
+            .map_err(|e| Refusal::Invalid(format!("config: {}", e.to_string().trim())))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("state serializes to TOML")
+    }
+
+    pub fn vip(&self, id: &VipId) -> Option<&Vip> {
+        self.vips.iter().find(|v| v.address == *id)
+    }
+
+    fn vip_mut(&mut self, id: &VipId) -> Result<&mut Vip, Refusal> {
+        self.vips
+            .iter_mut()
+            .find(|v| v.address == *id)
+            .ok_or_else(|| {
+                Refusal::not_found(format!(
+                    "VIP {id} does not exist: see `maglb vip list`, or add it with `maglb vip add {id}`"
+                ))
+            })
+    }
+}

@@ -1,0 +1,309 @@
+//! The one validation of a desired state: every path that changes the state (CLI, API,
+//! `apply`, the state file read at start) ends here, and the first problem found is the
+//! error.
+
+use std::collections::BTreeSet;
+
+use lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+
+use super::{
+    HealthCheck, MAX_WEIGHT, ProbeKind, Refusal, STATE_VERSION, State, Vip, VrrpConfig,
+    vip_id::{backend_addr_problem, vip_addr_problem},
+};
+use crate::{addr, maglev};
+
+impl State {
+    /// Checks the whole state; the first problem found is the error.
+    pub fn validate(&self) -> Result<(), Refusal> {
+        if self.version != STATE_VERSION {
+            return Err(Refusal::invalid(
+                "version",
+                format!(
+                    "unsupported version {} (this maglb reads {STATE_VERSION})",
+                    self.version
+                ),
+            ));
+        }
+        let b = &self.balancer;
+        if let Some(i) = &b.interface {
+            check_ifname(i).map_err(|m| Refusal::invalid("balancer.interface", m))?;
+        }
+        if let Some(mtu) = b.mtu
+            && !(576..=9216).contains(&mtu) {
+                return Err(Refusal::invalid(
+                    "balancer.mtu",
+                    format!(
+                        "{mtu} is out of range 576-9216 (the MTU of the link toward the backends)"
+                    ),
+                ));
+            }
+        if let Some(mac) = &b.nexthop_mac
+            && addr::parse_mac(mac).is_none() {
+                return Err(Refusal::invalid(
+                    "balancer.nexthop_mac",
+                    format!("{mac:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"),
+                ));
+            }
+        if self.vips.len() > MAX_VIPS as usize {
+            return Err(Refusal::invalid(
+                "vip",
+                format!("{} VIPs, at most {MAX_VIPS}", self.vips.len()),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut pairs = 0usize;
+        for (i, v) in self.vips.iter().enumerate() {
+            let field = format!("vip[{i}] {}", v.address);
+            if !seen.insert(v.address) {
+                return Err(Refusal::invalid(
+                    field,
+                    "listed twice; keep one entry per VIP",
+                ));
+            }
+            let a = v.address.addr;
+            if let Some(why) = vip_addr_problem(a) {
+                return Err(Refusal::invalid(field, why));
+            }
+            if v.ring_size < 3 || v.ring_size > MAX_RING_SIZE || !maglev::is_prime(v.ring_size) {
+                return Err(Refusal::invalid(
+                    format!("{field}: ring_size"),
+                    format!(
+                        "{} must be a prime between 3 and {MAX_RING_SIZE} (e.g. 65537)",
+                        v.ring_size
+                    ),
+                ));
+            }
+            let mut mine = BTreeSet::new();
+            for b in &v.backends {
+                let bf = format!("{field}: backend {}", b.address);
+                if !mine.insert(b.address) {
+                    return Err(Refusal::invalid(bf, "listed twice for this VIP"));
+                }
+                if b.weight > MAX_WEIGHT {
+                    return Err(Refusal::invalid(
+                        bf,
+                        format!("weight {} is out of range 0-{MAX_WEIGHT}", b.weight),
+                    ));
+                }
+                if let Some(why) = backend_addr_problem(b.address) {
+                    return Err(Refusal::invalid(bf, why));
+                }
+                if a.is_ipv6() && b.address.is_ipv4() {
+                    return Err(Refusal::invalid(
+                        bf,
+                        "an IPv4 backend cannot carry an IPv6 VIP's traffic; use an IPv6 address",
+                    ));
+                }
+                if let Some(p) = &b.pool {
+                    check_pool(p).map_err(|m| Refusal::invalid(format!("{bf}: pool"), m))?;
+                }
+                if let Some(h) = &b.health {
+                    h.validate(&format!("{bf}: health"), v.address.port)?;
+                }
+                pairs += 1;
+            }
+            if let Some(h) = &v.health {
+                h.validate(&format!("{field}: health"), v.address.port)?;
+            }
+            for (pool, share) in &v.pools {
+                check_pool(pool).map_err(|m| Refusal::invalid(format!("{field}: pools"), m))?;
+                if *share > 1000 {
+                    return Err(Refusal::invalid(
+                        format!("{field}: pools.{pool}"),
+                        format!("share {share} is out of range 0-1000"),
+                    ));
+                }
+                if !v.backends.iter().any(|b| b.pool() == pool) {
+                    return Err(Refusal::invalid(
+                        format!("{field}: pools.{pool}"),
+                        format!(
+                            "no backend of this VIP is in pool {pool}; add one with `--pool {pool}`"
+                        ),
+                    ));
+                }
+            }
+            if !v.pools.is_empty() && v.pools.values().all(|w| *w == 0) {
+                return Err(Refusal::invalid(
+                    format!("{field}: pools"),
+                    "every share is 0; give one pool a share",
+                ));
+            }
+        }
+        if let Some(v) = &self.vrrp {
+            v.validate(&self.vips)?;
+        }
+        if pairs > MAX_BACKENDS as usize {
+            return Err(Refusal::invalid(
+                "vip",
+                format!("{pairs} VIP-backend pairs, at most {MAX_BACKENDS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl HealthCheck {
+    fn validate(&self, field: &str, vip_port: u16) -> Result<(), Refusal> {
+        let f = |what: &str| format!("{field}.{what}");
+        if self.kind == ProbeKind::None {
+            return Ok(());
+        }
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(Refusal::invalid(
+                f("interval_ms"),
+                format!("{} is out of range 100-3600000", self.interval_ms),
+            ));
+        }
+        if self.timeout_ms < 10 || self.timeout_ms > self.interval_ms {
+            return Err(Refusal::invalid(
+                f("timeout_ms"),
+                format!(
+                    "{} must be between 10 and interval_ms ({})",
+                    self.timeout_ms, self.interval_ms
+                ),
+            ));
+        }
+        for (name, v) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&v) {
+                return Err(Refusal::invalid(
+                    f(name),
+                    format!("{v} is out of range 1-100"),
+                ));
+            }
+        }
+        if self.port.unwrap_or(vip_port) == 0 {
+            return Err(Refusal::invalid(
+                f("port"),
+                "the VIP takes all ports, so the check needs a port: set health.port",
+            ));
+        }
+        if matches!(self.kind, ProbeKind::Http | ProbeKind::Https) {
+            if !self.path.starts_with('/') || self.path.contains(char::is_whitespace) {
+                return Err(Refusal::invalid(
+                    f("path"),
+                    format!("{:?} must start with / and have no spaces", self.path),
+                ));
+            }
+            parse_statuses(&self.expect_status)
+                .map_err(|m| Refusal::invalid(f("expect_status"), m))?;
+            if self
+                .host
+                .as_deref()
+                .is_some_and(|h| h.is_empty() || h.contains(char::is_whitespace))
+            {
+                return Err(Refusal::invalid(
+                    f("host"),
+                    "must be a host name without spaces",
+                ));
+            }
+        }
+        if let Some(ca) = &self.tls_ca
+            && (self.kind != ProbeKind::Https || !ca.starts_with('/')) {
+                return Err(Refusal::invalid(
+                    f("tls_ca"),
+                    "an absolute path to a PEM file, for kind = \"https\"",
+                ));
+            }
+        if self.tls_insecure && self.kind != ProbeKind::Https {
+            return Err(Refusal::invalid(
+                f("tls_insecure"),
+                "only for kind = \"https\"",
+            ));
+        }
+        for (name, v) in [
+            ("body_contains", &self.body_contains),
+            ("payload", &self.payload),
+        ] {
+            if v.as_ref().is_some_and(|v| v.len() > 1024) {
+                return Err(Refusal::invalid(f(name), "at most 1024 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VrrpConfig {
+    fn validate(&self, vips: &[Vip]) -> Result<(), Refusal> {
+        if self.vrid == 0 {
+            return Err(Refusal::invalid("vrrp.vrid", "must be 1-255"));
+        }
+        if self.priority == 0 {
+            return Err(Refusal::invalid(
+                "vrrp.priority",
+                "must be 1-255 (0 is reserved for a master leaving)",
+            ));
+        }
+        if !(1..=4095).contains(&self.advert_interval_cs) {
+            return Err(Refusal::invalid(
+                "vrrp.advert_interval_cs",
+                format!("{} is out of range 1-4095", self.advert_interval_cs),
+            ));
+        }
+        if let Some(i) = &self.interface {
+            check_ifname(i).map_err(|m| Refusal::invalid("vrrp.interface", m))?;
+        }
+        if self.addresses.is_empty() || self.addresses.len() > 20 {
+            return Err(Refusal::invalid(
+                "vrrp.addresses",
+                "give 1-20 IPv4 addresses for the master to hold",
+            ));
+        }
+        for v in &self.track_vips {
+            if !vips.iter().any(|x| x.address == *v) {
+                return Err(Refusal::invalid(
+                    "vrrp.track_vips",
+                    format!("VIP {v} does not exist"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a status list: `200`, `200-399`, `200,204,301-302`.
+pub fn parse_statuses(s: &str) -> Result<Vec<(u16, u16)>, String> {
+    let bad = || format!("{s:?} is not a status list (e.g. 200, 200-399, 200,204)");
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u16, u16) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if !(100..=599).contains(&a) || !(100..=599).contains(&b) || a > b {
+            return Err(bad());
+        }
+        out.push((a, b));
+    }
+    Ok(out)
+}
+
+/// A valid pool name.
+pub fn check_pool(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "{name:?} is not a pool name (1-32 of a-z, 0-9, - and _)"
+        ));
+    }
+    Ok(())
+}
+
+/// A valid interface name (what the kernel accepts).
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "{name:?} is not an interface name (1-15 characters, no '/', ':' or spaces)"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! The few operating-system calls that need `unsafe`, each with its SAFETY argument. Every
+//! other module uses safe interfaces (aya, rustix, socket2, rtnetlink, std).
+
+use std::{
+    io,
+    os::fd::BorrowedFd,
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
+
+/// Bytes per element of a BPF array map whose values are `u32`: the kernel rounds element
+/// sizes up to 8.
+const ELEM: usize = 8;
+/// `u32` words per element.
+const STRIDE: usize = ELEM / 4;
+
+/// A BPF array map of `u32` created with `BPF_F_MMAPABLE`, mapped into this process for as
+/// long as this lives. The XDP program reads the same memory while it is written, so every
+/// access is a single aligned 32-bit atomic load or store: a reader sees either the old or
+/// the new value of a slot, never a torn one.
+pub struct MappedArray {
+    ptr: NonNull<AtomicU32>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics; the pointer may
+// move between threads like any `&[AtomicU32]`.
+unsafe impl Send for MappedArray {}
+// SAFETY: as above; `&MappedArray` only gives out `&[AtomicU32]`.
+unsafe impl Sync for MappedArray {}
+
+impl MappedArray {
+    /// Maps the first `len` values of the array map `fd` (whose `max_entries` is at least
+    /// `len`), writable if `write`.
+    pub fn map(fd: BorrowedFd<'_>, len: usize, write: bool) -> io::Result<Self> {
+        let bytes = (len * ELEM).max(1);
+        let prot = if write {
+            ProtFlags::READ | ProtFlags::WRITE
+        } else {
+            ProtFlags::READ
+        };
+        // SAFETY: a new shared mapping of `bytes` bytes at an address the kernel picks; it
+        // aliases no Rust object. The kernel refuses (EINVAL) a map that is not mmapable or
+        // smaller than `bytes`, and an error is returned before any use.
+        let ptr = unsafe { mmap(std::ptr::null_mut(), bytes, prot, MapFlags::SHARED, fd, 0) }
+            .map_err(io::Error::from)?;
+        let ptr = NonNull::new(ptr.cast::<AtomicU32>()).ok_or_else(|| io::Error::other("mmap"))?;
+        Ok(Self { ptr, len, bytes })
+    }
+
+    /// The mapped words: element `i`'s value is word `STRIDE * i`.
+    fn words(&self) -> &[AtomicU32] {
+        // SAFETY: the mapping holds `len` elements of `ELEM` bytes, page-aligned, and lives as
+        // long as `self`; `AtomicU32` has the layout of `u32`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len * STRIDE) }
+    }
+
+    /// Stores `values` into the elements from index `at` on.
+    pub fn write(&self, at: usize, values: &[u32]) {
+        let words = &self.words()[at * STRIDE..(at + values.len()) * STRIDE];
+        for (slot, v) in words.iter().step_by(STRIDE).zip(values) {
+            slot.store(*v, Ordering::Relaxed);
+        }
+    }
+
+    /// Copies the values of `len` elements from index `at` on.
+    pub fn read(&self, at: usize, len: usize) -> Vec<u32> {
+        self.words()[at * STRIDE..(at + len) * STRIDE]
+            .iter()
+            .step_by(STRIDE)
+            .map(|v| v.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for MappedArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no reference into it outlives
+        // `self` (`values` borrows `self`).
+        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// Sends `frame` (a whole Ethernet frame) out of interface `ifindex` on the packet socket
+/// `sock`.
+pub fn send_frame(sock: &socket2::Socket, ifindex: u32, frame: &[u8]) -> io::Result<usize> {
+    // SAFETY: `sockaddr_ll` is plain old data, valid when zeroed.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: the storage is zeroed, then the first `len` bytes receive a valid
+    // `sockaddr_ll`, which fits in `sockaddr_storage`.
+    let ((), addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, out_len| {
+            std::ptr::copy_nonoverlapping(
+                (&raw const sll).cast::<u8>(),
+                storage.cast::<u8>(),
+                len as usize,
+            );
+            *out_len = len;
+            Ok(())
+        })
+    }?;
+    sock.send_to(frame, &addr)
+}
+
+/// A socket registered with the tokio reactor for readiness.
+pub fn async_socket(
+    sock: socket2::Socket,
+) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: the `AsyncFd` takes the socket by value and owns it until dropped, so its file
+    // descriptor stays open and the same for as long as it is registered.
+    unsafe { tokio::io::unix::AsyncFd::register(sock) }.map_err(|e| io::Error::other(e.to_string()))
+}

@@ -1,0 +1,165 @@
+//! The read side: status, lists, counters and health, built from the writer's latest snapshot,
+//! the probe supervisor's views, the VRRP speaker's status and the counters read from the
+//! maps at the time of the request. Nothing here waits for the writer.
+
+use std::{path::PathBuf, sync::Arc, time::Instant};
+
+use tokio::sync::watch;
+
+use crate::{
+    addr,
+    api::{BackendView, CounterView, HealthView, ProbeView, Stats, Status, VipView, VrrpStatus},
+    datapath::Counters,
+    health::{
+        Tracker,
+        supervisor::{BackendKey, HealthViews, probes},
+    },
+    state::{Change, Refusal, State},
+    writer::Snapshot,
+};
+
+/// Everything readers read.
+#[derive(Clone)]
+pub struct Views {
+    pub snap: watch::Receiver<Arc<Snapshot>>,
+    pub health: watch::Receiver<Arc<HealthViews>>,
+    pub vrrp: watch::Receiver<Option<VrrpStatus>>,
+    pub counters: Counters,
+    pub state_file: PathBuf,
+    pub bpffs: PathBuf,
+}
+
+fn counter(c: lb_common::Counter) -> CounterView {
+    CounterView {
+        packets: c.packets,
+        bytes: c.bytes,
+    }
+}
+
+/// What a tracker shows.
+pub fn health_view(t: &Tracker) -> HealthView {
+    HealthView {
+        up: t.up,
+        last: t.last.clone(),
+        latency_ms: t.latency.map(|d| d.as_secs_f64() * 1e3),
+        since_s: Instant::now().duration_since(t.since).as_secs_f64(),
+        checks: t.checks,
+    }
+}
+
+impl Views {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snap.borrow().clone()
+    }
+
+    fn health_of(&self, key: &BackendKey) -> Option<HealthView> {
+        self.health.borrow().get(key).map(health_view)
+    }
+
+    pub fn status(&self) -> Status {
+        let s = self.snapshot();
+        let cfg = &s.config;
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            interface: s.state.balancer.interface.clone(),
+            mode: s.state.balancer.mode,
+            attached: s.attached,
+            ready: s.forwarding(),
+            mtu: cfg.mtu,
+            source_v4: (cfg.src_v4 != 0)
+                .then(|| addr::from_words([cfg.src_v4, 0, 0, 0], lb_common::FAMILY_V4).to_string()),
+            source_v6: (cfg.src_v6 != [0; 4])
+                .then(|| addr::from_words(cfg.src_v6, lb_common::FAMILY_V6).to_string()),
+            nexthop: s.nexthop.map(|(ip, _)| ip.to_string()),
+            nexthop_mac: (cfg.nh_mac != [0; 6]).then(|| addr::fmt_mac(&cfg.nh_mac)),
+            vips: s.state.vips.len(),
+            backends: s.slots_in_use,
+            state_file: self.state_file.display().to_string(),
+            bpffs: self.bpffs.display().to_string(),
+        }
+    }
+
+    /// Every VIP with its backends, their health and counters.
+    pub fn vips(&self) -> Vec<VipView> {
+        let s = self.snapshot();
+        s.state
+            .vips
+            .iter()
+            .map(|v| {
+                let place = s.placement.get(&v.address);
+                VipView {
+                    address: v.address,
+                    affinity: v.affinity,
+                    ring_size: v.ring_size,
+                    pools: v.pools.clone(),
+                    new_flows: place.map_or(0, |p| self.counters.vip_new_flows(p.index)),
+                    counters: place
+                        .map(|p| counter(self.counters.vip(p.index)))
+                        .unwrap_or_default(),
+                    backends: v
+                        .backends
+                        .iter()
+                        .map(|b| BackendView {
+                            address: b.address,
+                            weight: b.weight,
+                            state: b.state,
+                            backup: b.backup,
+                            pool: b.pool().to_owned(),
+                            health: v
+                                .check_for(b)
+                                .and_then(|_| self.health_of(&(v.address, b.address))),
+                            counters: place
+                                .and_then(|p| p.slots.get(&b.address))
+                                .map(|slot| counter(self.counters.backend(*slot)))
+                                .unwrap_or_default(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            vips: self.vips(),
+            global: self
+                .counters
+                .globals()
+                .into_iter()
+                .map(|(n, c)| (n.to_owned(), counter(c)))
+                .collect(),
+        }
+    }
+
+    /// Every probe the state asks for, with what it found so far.
+    pub fn probes(&self) -> Vec<ProbeView> {
+        let s = self.snapshot();
+        probes(&s.state)
+            .into_iter()
+            .map(|(key, p)| ProbeView {
+                vip: key.0,
+                backend: key.1,
+                kind: p.check.kind,
+                target: p.target.to_string(),
+                health: self.health_of(&key),
+            })
+            .collect()
+    }
+
+    pub fn vrrp(&self) -> Option<VrrpStatus> {
+        self.vrrp.borrow().clone()
+    }
+
+    /// The running state as a `maglb.toml`.
+    pub fn config_text(&self) -> String {
+        self.snapshot().state.to_toml()
+    }
+
+    /// What applying `file` would change (the same rules as `apply`).
+    pub fn preview(&self, file: State) -> Result<Vec<String>, Refusal> {
+        let current = self.snapshot().state.clone();
+        let new = Change::Apply(file).apply_to(&current)?;
+        Ok(current.diff(&new))
+    }
+}

@@ -1,0 +1,401 @@
+//! The one writer: a thread of its own that owns the desired state, the state file, the
+//! datapath and the reconciler, and applies commands one at a time, in order. It is the only
+//! code that writes the state file or the maps. After each command it publishes a
+//! [`Snapshot`]; readers never wait for it, and nothing it does (fsync, Maglev builds, map
+//! writes) runs on the async workers.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Instant,
+};
+
+use lb_common::Config;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+mod snapshot;
+
+pub use self::snapshot::{Placement, Snapshot};
+use crate::{
+    datapath::{Datapath, DatapathError},
+    metrics::WriterMetrics,
+    reconcile::{Exhausted, Reconciler},
+    state::{AttachMode, Change, Refusal, State, VipId, VipSpec},
+    store::{Store, StoreError},
+};
+
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+    /// Attaching failed in a way the operator can fix (no such interface, no native XDP).
+    #[error("{0}")]
+    Attach(String),
+    /// The datapath refused a write; the previous state was restored.
+    #[error("the datapath refused the change (the previous state is restored): {0}")]
+    Datapath(String),
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+impl From<DatapathError> for WriteError {
+    fn from(e: DatapathError) -> Self {
+        WriteError::Datapath(crate::error_chain(&e))
+    }
+}
+
+/// What the writer is asked to do.
+pub enum Command {
+    Change {
+        change: Box<Change>,
+        /// The client's request id, recorded with the state when the change is committed.
+        request: Option<String>,
+        reply: oneshot::Sender<Result<Vec<String>, WriteError>>,
+    },
+    /// A backend's probes say it went up or down.
+    Health {
+        vip: VipId,
+        backend: IpAddr,
+        up: bool,
+    },
+    /// The datapath configuration the next-hop refresher computed.
+    Config {
+        config: Config,
+        nexthop: Option<(IpAddr, [u8; 6])>,
+    },
+    /// Whether request `id` was committed.
+    Committed {
+        id: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Compare the maps, as read back, with the state.
+    Verify {
+        reply: oneshot::Sender<Result<Vec<String>, WriteError>>,
+    },
+}
+
+/// The way to the writer. Commands queue (they are never refused for being many).
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl WriterHandle {
+    pub async fn change(
+        &self,
+        change: Change,
+        request: Option<String>,
+    ) -> Result<Vec<String>, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Change {
+            change: Box::new(change),
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| WriteError::Stopping)?
+    }
+
+    pub async fn verify(&self) -> Result<Vec<String>, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Verify { reply }).await?;
+        rx.await.map_err(|_| WriteError::Stopping)?
+    }
+
+    pub async fn committed(&self, id: String) -> Result<bool, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Committed { id, reply }).await?;
+        rx.await.map_err(|_| WriteError::Stopping)
+    }
+
+    /// Sends a command without waiting for it to be carried out.
+    pub async fn send(&self, cmd: Command) -> Result<(), WriteError> {
+        self.tx.send(cmd).await.map_err(|_| WriteError::Stopping)
+    }
+}
+
+pub struct Writer {
+    state: State,
+    store: Store,
+    dp: Datapath,
+    rec: Reconciler,
+    down: BTreeSet<(VipId, IpAddr)>,
+    /// Interface and mode the program is attached with, as far as this writer knows.
+    attached: Option<(String, AttachMode)>,
+    nexthop: Option<(IpAddr, [u8; 6])>,
+    serial: u64,
+    publish: watch::Sender<Arc<Snapshot>>,
+    metrics: WriterMetrics,
+}
+
+impl Writer {
+    /// Takes over the datapath (repairing what a killed agent left half done) and makes it
+    /// carry `state`. A datapath that refuses is logged, and the agent serves anyway.
+    pub fn open(
+        store: Store,
+        state: State,
+        mut dp: Datapath,
+        metrics: WriterMetrics,
+    ) -> Result<(Self, watch::Receiver<Arc<Snapshot>>), DatapathError> {
+        let obs = dp.observe()?;
+        let (rec, repairs) = Reconciler::adopt(&obs);
+        if !repairs.is_empty() {
+            warn!(
+                writes = repairs.len(),
+                "repairing maps a previous agent left half written"
+            );
+        }
+        dp.apply(repairs)?;
+        if let Some(cfg) = dp.older_config() {
+            dp.set_config(&cfg)?;
+        }
+        let attached = match (&state.balancer.interface, dp.is_attached()) {
+            (Some(i), true) => Some((i.clone(), state.balancer.mode)),
+            _ => None,
+        };
+        let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut w = Writer {
+            state: State::default(),
+            store,
+            dp,
+            rec,
+            down: BTreeSet::new(),
+            attached,
+            nexthop: None,
+            serial: 0,
+            publish,
+            metrics,
+        };
+        w.state = state.clone();
+        if let Err(e) = w.realize(&state) {
+            warn!(error = %e, "could not make the datapath carry the saved state; serving anyway");
+        }
+        if w.dp.is_migrating() {
+            w.dp.finish_migration()?;
+        }
+        w.publish();
+        Ok((w, rx))
+    }
+
+    /// Runs the writer on a thread of its own until every handle is gone.
+    pub fn spawn(self) -> (WriterHandle, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let thread = std::thread::Builder::new()
+            .name("maglb-writer".into())
+            .spawn(move || self.run(rx))
+            .expect("spawning the writer thread");
+        (WriterHandle { tx }, thread)
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.blocking_recv() {
+            match cmd {
+                Command::Change {
+                    change,
+                    request,
+                    reply,
+                } => {
+                    let r = self.change(&change, request.as_deref());
+                    let _ = reply.send(r);
+                }
+                Command::Health { vip, backend, up } => self.health(vip, backend, up),
+                Command::Config { config, nexthop } => self.config(config, nexthop),
+                Command::Committed { id, reply } => {
+                    let _ = reply.send(self.store.committed(&id));
+                }
+                Command::Verify { reply } => {
+                    let r = self
+                        .dp
+                        .observe()
+                        .map_err(WriteError::from)
+                        .map(|obs| crate::reconcile::verify(&obs, &self.specs(&self.state)));
+                    let _ = reply.send(r);
+                }
+            }
+            self.publish();
+        }
+    }
+
+    /// What the datapath should carry for `s`, given the backends' health.
+    fn specs(&self, s: &State) -> Vec<VipSpec> {
+        s.vips
+            .iter()
+            .map(|v| v.spec(|a| !self.down.contains(&(v.address, *a))))
+            .collect()
+    }
+
+    /// Validates, persists and applies a change. The state file is the commit point: once it
+    /// is written, the change is made (a restarted writer finishes it). If the datapath
+    /// refuses, the previous state is restored in the file and the maps.
+    fn change(
+        &mut self,
+        change: &Change,
+        request: Option<&str>,
+    ) -> Result<Vec<String>, WriteError> {
+        let new = change.apply_to(&self.state)?;
+        let lines = self.state.diff(&new);
+        if new == self.state {
+            return Ok(lines);
+        }
+        self.rec.check_capacity(&self.specs(&new))?;
+        self.store.save(&new, request)?;
+        let old = std::mem::replace(&mut self.state, new.clone());
+        if let Err(e) = self.realize(&new) {
+            warn!(change = change.name(), error = %e, "the datapath refused; restoring the previous state");
+            self.rollback(old, request);
+            return Err(e);
+        }
+        info!(change = change.name(), ?lines, "applied");
+        Ok(lines)
+    }
+
+    fn rollback(&mut self, old: State, request: Option<&str>) {
+        self.state = old.clone();
+        if let Some(id) = request {
+            self.store.forget(id);
+        }
+        if let Err(e) = self.store.save(&old, None) {
+            warn!(error = %crate::error_chain(&e), "restoring the previous state file");
+        }
+        // What the maps hold after a failed write is read back, not assumed.
+        if let Err(e) = self.resync().and_then(|()| self.realize(&old)) {
+            warn!(error = %e, "restoring the previous state in the datapath");
+        }
+    }
+
+    /// Rebuilds the reconciler from what the maps hold.
+    fn resync(&mut self) -> Result<(), WriteError> {
+        let obs = self.dp.observe()?;
+        let (rec, repairs) = Reconciler::adopt(&obs);
+        self.rec = rec;
+        self.dp.apply(repairs)?;
+        Ok(())
+    }
+
+    /// Makes the datapath carry `s`: attachment, then VIPs and backends.
+    fn realize(&mut self, s: &State) -> Result<(), WriteError> {
+        self.attach_to(s)?;
+        let started = Instant::now();
+        let specs = self.specs(s);
+        let ops = self.rec.plan(&specs)?;
+        let tables = ops
+            .iter()
+            .filter(|o| matches!(o, crate::reconcile::Op::WriteTable { .. }))
+            .count();
+        self.dp.apply(ops)?;
+        if tables > 0 {
+            self.metrics
+                .rebuilt(tables as u64, started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn attach_to(&mut self, s: &State) -> Result<(), WriteError> {
+        let want = s.balancer.interface.clone().map(|i| (i, s.balancer.mode));
+        if want == self.attached && (want.is_none() || self.dp.is_attached()) {
+            return Ok(());
+        }
+        if self.dp.is_attached() {
+            self.dp.detach()?;
+            self.attached = None;
+            info!("detached");
+        }
+        let Some((iface, mode)) = want else {
+            return Ok(());
+        };
+        self.dp.attach(&iface, mode.to_mode()).map_err(|e| {
+            let chain = crate::error_chain(&e);
+            match mode {
+                AttachMode::Native if chain.contains("Operation not supported") => {
+                    WriteError::Attach(format!(
+                        "{iface} does not take XDP in native mode ({chain}); retry with `--mode generic`"
+                    ))
+                }
+                _ if chain.contains("No such device") || chain.contains("unknown network interface") => {
+                    WriteError::Attach(format!("no interface {iface:?} here: see `ip link` ({chain})"))
+                }
+                _ => WriteError::Attach(chain),
+            }
+        })?;
+        info!(%iface, %mode, "attached");
+        self.attached = Some((iface, mode));
+        Ok(())
+    }
+
+    fn health(&mut self, vip: VipId, backend: IpAddr, up: bool) {
+        let key = (vip, backend);
+        if up != self.down.contains(&key) {
+            return;
+        }
+        if up {
+            self.down.remove(&key);
+        } else {
+            self.down.insert(key);
+        }
+        let state = self.state.clone();
+        if let Err(e) = self.realize(&state) {
+            warn!(error = %e, %vip, %backend, "applying a health change");
+        }
+    }
+
+    fn config(&mut self, config: Config, nexthop: Option<(IpAddr, [u8; 6])>) {
+        self.nexthop = nexthop;
+        if self.dp.config().ok() == Some(config) {
+            return;
+        }
+        match self.dp.set_config(&config) {
+            Ok(()) => info!(
+                nexthop_mac = %crate::addr::fmt_mac(&config.nh_mac),
+                mtu = config.mtu,
+                ready = config.ready,
+                "datapath configuration updated"
+            ),
+            Err(e) => warn!(error = %crate::error_chain(&e), "writing the datapath configuration"),
+        }
+    }
+
+    /// Forgets the health of backends that no longer exist, and publishes a snapshot.
+    fn publish(&mut self) {
+        let state = &self.state;
+        self.down.retain(|(v, a)| {
+            state.vip(v).is_some_and(|v| {
+                v.backends
+                    .iter()
+                    .any(|b| b.address == *a && v.check_for(b).is_some())
+            })
+        });
+        let placement: BTreeMap<VipId, Placement> = self
+            .rec
+            .placements()
+            .map(|(id, index, slots)| {
+                (
+                    id,
+                    Placement {
+                        index,
+                        slots: slots.iter().map(|(a, s)| (*a, s.index)).collect(),
+                    },
+                )
+            })
+            .collect();
+        self.serial += 1;
+        let snap = Snapshot {
+            serial: self.serial,
+            state: Arc::new(self.state.clone()),
+            specs: Arc::new(self.specs(&self.state)),
+            placement: Arc::new(placement),
+            down: Arc::new(self.down.clone()),
+            attached: self.dp.is_attached(),
+            config: self.dp.config().unwrap_or_default(),
+            nexthop: self.nexthop,
+            slots_in_use: self.rec.slots_in_use(),
+        };
+        self.publish.send_replace(Arc::new(snap));
+    }
+}

@@ -1,0 +1,58 @@
+//! What the writer publishes after every change: an immutable picture that status, lists,
+//! metrics, the health supervisor and the VRRP speaker read without waiting for a write in
+//! progress.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use lb_common::Config;
+
+use crate::state::{State, VipId, VipSpec};
+
+/// Where a VIP sits in the maps: its index and its backends' slots (for the counters).
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    pub index: u32,
+    pub slots: BTreeMap<IpAddr, u32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every publication.
+    pub serial: u64,
+    pub state: Arc<State>,
+    /// What the datapath carries for each VIP (given the backends' health).
+    pub specs: Arc<Vec<VipSpec>>,
+    pub placement: Arc<BTreeMap<VipId, Placement>>,
+    /// Backends whose probes say down.
+    pub down: Arc<BTreeSet<(VipId, IpAddr)>>,
+    pub attached: bool,
+    /// The datapath configuration in the map.
+    pub config: Config,
+    /// The resolved next hop (address, MAC), when it was resolved rather than configured.
+    pub nexthop: Option<(IpAddr, [u8; 6])>,
+    pub slots_in_use: usize,
+}
+
+impl Snapshot {
+    /// Whether the datapath forwards (attached, with a next hop).
+    pub fn forwarding(&self) -> bool {
+        self.attached && self.config.ready != 0
+    }
+
+    /// Whether a backend counts as up (no check, or its probes say so).
+    pub fn is_up(&self, vip: &VipId, addr: &IpAddr) -> bool {
+        !self.down.contains(&(*vip, *addr))
+    }
+
+    /// Whether some backend of the VIP takes new flows (for VRRP tracking and announcements).
+    pub fn vip_has_live_backend(&self, vip: &VipId) -> bool {
+        self.specs
+            .iter()
+            .find(|s| s.id == *vip)
+            .is_some_and(VipSpec::has_live_backend)
+    }
+}
