@@ -784,3 +784,74 @@ fn a_down_or_removed_backend_loses_its_flows() {
     let now = lab.run(&g).1[30..34].to_vec();
     assert_ne!(now, gone.octets(), "flow stayed on a removed backend");
 }
+
+// Defects the fuzzer (`cargo xtask fuzz`) found, one fixture each.
+
+#[test]
+fn icmp_of_the_other_family_is_passed() {
+    let mut lab = lab();
+    // ICMPv4 echo request inside IPv6: was answered with an ICMPv4 echo reply in IPv6.
+    let v4_in_6 = to_lb(
+        &ipv6(
+            CLIENT6,
+            VIP6,
+            ICMP,
+            0,
+            0,
+            &icmp4(8, 0, [0, 1, 0, 1], b"ping"),
+        ),
+        ETH_IPV6,
+    );
+    // ICMPv6 echo request inside IPv4: was answered with type 129.
+    let v6_in_4 = to_lb(
+        &ipv4(
+            V4::new(CLIENT, VIP, ICMPV6),
+            &[],
+            &icmp4(128, 0, [0, 1, 0, 1], b"ping"),
+        ),
+        ETH_IP,
+    );
+    // Errors of the other family quoting a VIP flow: were forwarded to its backend.
+    let reply = ipv4(
+        V4::new(VIP, CLIENT, TCP),
+        &[],
+        &tcp4(VIP, CLIENT, 80, 40000, ACK, &[]),
+    );
+    let ptb_in_4 = to_lb(
+        &ipv4(
+            V4::new(Ipv4Addr::new(192, 0, 2, 1), VIP, ICMPV6),
+            &[],
+            &icmp4(2, 0, 1400u32.to_be_bytes(), &reply[..28]),
+        ),
+        ETH_IP,
+    );
+    let reply6 = ipv6(
+        VIP6,
+        CLIENT6,
+        TCP,
+        0,
+        0,
+        &tcp6(VIP6, CLIENT6, 80, 40000, ACK, &[]),
+    );
+    let unreach_in_6 = to_lb(
+        &ipv6(
+            CLIENT6,
+            VIP6,
+            ICMP,
+            0,
+            0,
+            &icmp4(3, 4, [0, 0, 5, 0xdc], &reply6[..48]),
+        ),
+        ETH_IPV6,
+    );
+    for (what, f) in [
+        ("ICMPv4 echo in IPv6", v4_in_6),
+        ("ICMPv6 echo in IPv4", v6_in_4),
+        ("ICMPv6 error in IPv4", ptb_in_4),
+        ("ICMPv4 error in IPv6", unreach_in_6),
+    ] {
+        assert_frame(&lab.run(&f), PASS, &f, what);
+    }
+    assert_eq!(lab.bal.global_stat(stat::PASS_VIP_OTHER).packets, 4);
+    assert_eq!(lab.bal.global_stat(stat::ICMP_ECHO_REPLY).packets, 0);
+}

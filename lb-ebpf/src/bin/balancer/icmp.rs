@@ -1,5 +1,8 @@
 //! ICMP: echo replies for VIPs, errors about VIP flows sent to the flow's backend, and
 //! fragmentation-needed / packet-too-big answers for packets too big to encapsulate.
+//!
+//! Only ICMP of the packet's own family is handled (ICMPv4 in IPv4, ICMPv6 in IPv6); the
+//! other pairing is passed like any protocol the balancer does not handle.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Config, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
@@ -38,13 +41,19 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
         return Ok(crate::not_handled(ctx, pkt));
     };
     let ty = unsafe { (*icmp).ty };
-    if pkt.flow.proto == PROTO_ICMP {
+    if pkt.flow.family == FAMILY_V4 {
+        if pkt.flow.proto != PROTO_ICMP {
+            return Ok(crate::not_handled(ctx, pkt));
+        }
         match ty {
             ICMP_ECHO => echo(ctx, pkt, ICMP_ECHO_REPLY),
             ICMP_DEST_UNREACH => error(ctx, pkt, cfg),
             _ => Ok(crate::not_handled(ctx, pkt)),
         }
     } else {
+        if pkt.flow.proto != PROTO_ICMPV6 {
+            return Ok(crate::not_handled(ctx, pkt));
+        }
         match ty {
             ICMPV6_ECHO_REQUEST => echo(ctx, pkt, ICMPV6_ECHO_REPLY),
             ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG => error(ctx, pkt, cfg),
