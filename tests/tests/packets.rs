@@ -787,6 +787,38 @@ fn a_down_or_removed_backend_loses_its_flows() {
 
 // Defects the fuzzer (`cargo xtask fuzz`) found, one fixture each.
 
+/// An echo request to the VIP and the reply the balancer must send, both as frames.
+fn echo4_pair(id_seq: [u8; 4], data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let req = ipv4(V4::new(CLIENT, VIP, ICMP), &[], &icmp4(8, 0, id_seq, data));
+    let mut r = V4::new(VIP, CLIENT, ICMP);
+    r.ttl = 64;
+    let reply = ipv4(r, &[], &icmp4(0, 0, id_seq, data));
+    (to_lb(&req, ETH_IP), eth(CLIENT_MAC, IF_MAC, ETH_IP, &reply))
+}
+
+fn echo6_pair(data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let req = ipv6(
+        CLIENT6,
+        VIP6,
+        ICMPV6,
+        0,
+        0,
+        &icmp6(CLIENT6, VIP6, 128, 0, [0, 9, 0, 1], data),
+    );
+    let reply = ipv6(
+        VIP6,
+        CLIENT6,
+        ICMPV6,
+        0,
+        0,
+        &icmp6(VIP6, CLIENT6, 129, 0, [0, 9, 0, 1], data),
+    );
+    (
+        to_lb(&req, ETH_IPV6),
+        eth(CLIENT_MAC, IF_MAC, ETH_IPV6, &reply),
+    )
+}
+
 #[test]
 fn icmp_of_the_other_family_is_passed() {
     let mut lab = lab();
@@ -854,4 +886,24 @@ fn icmp_of_the_other_family_is_passed() {
     }
     assert_eq!(lab.bal.global_stat(stat::PASS_VIP_OTHER).packets, 4);
     assert_eq!(lab.bal.global_stat(stat::ICMP_ECHO_REPLY).packets, 0);
+}
+
+#[test]
+fn echo_reply_leaves_out_bytes_after_the_ip_packet() {
+    let mut lab = lab();
+    // Ethernet padding to the 60-byte minimum: the reply had kept it, so its IP length was
+    // shorter than the frame.
+    let (mut req, reply) = echo4_pair([0, 1, 0, 1], b"x");
+    assert!(req.len() < 60);
+    req.resize(60, 0);
+    assert_frame(&lab.run(&req), TX, &reply, "padded echo");
+    let (mut req6, reply6) = echo6_pair(b"ping6");
+    req6.extend_from_slice(&[0xee; 9]);
+    assert_frame(&lab.run(&req6), TX, &reply6, "echo6 with trailing bytes");
+    // With a VLAN tag too.
+    let (req, reply) = echo4_pair([0, 1, 0, 2], b"vlan");
+    let mut tagged = eth_vlan(IF_MAC, CLIENT_MAC, 42, ETH_IP, &req[14..]);
+    tagged.extend_from_slice(&[0; 11]);
+    let expected = eth_vlan(CLIENT_MAC, IF_MAC, 42, ETH_IP, &reply[14..]);
+    assert_frame(&lab.run(&tagged), TX, &expected, "tagged echo");
 }

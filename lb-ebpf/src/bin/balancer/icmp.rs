@@ -62,13 +62,14 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     }
 }
 
-/// Answers an echo request to a VIP address in place: swap MACs and addresses, new TTL,
-/// new type, checksums updated incrementally.
+/// Answers an echo request to a VIP address in place: drop bytes after the IP packet, swap
+/// MACs and addresses, new TTL, new type, checksums updated incrementally.
 #[inline(always)]
 fn echo(ctx: &XdpContext, pkt: &Packet, reply: u8) -> Result<u32, ()> {
     if !lookup::is_vip_addr(&pkt.flow) {
         return Ok(crate::not_handled(ctx, pkt));
     }
+    encap::trim_to(ctx, pkt.l3_off + pkt.l3_len)?;
     let mut l2 = encap::read_l2(ctx, pkt)?;
     core::mem::swap(&mut l2.src, &mut l2.dst);
     let ethertype = if pkt.flow.family == FAMILY_V4 {
