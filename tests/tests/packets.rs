@@ -889,6 +889,46 @@ fn icmp_of_the_other_family_is_passed() {
 }
 
 #[test]
+fn echo_requests_with_bad_checksums_are_dropped() {
+    let mut lab = lab();
+    let (good, reply) = echo4_pair([0, 7, 0, 1], b"abcdefgh");
+    // The ICMP checksum, the IPv4 header checksum, the ICMPv6 checksum off by one bit.
+    let mut bad_icmp = good.clone();
+    bad_icmp[14 + 20 + 2] ^= 0x01;
+    let mut bad_ip = good.clone();
+    bad_ip[14 + 10] ^= 0x01;
+    let (good6, reply6) = echo6_pair(b"ping6");
+    let mut bad6 = good6.clone();
+    bad6[14 + 40 + 2] ^= 0x80;
+    for (what, f) in [
+        ("bad ICMP checksum", bad_icmp),
+        ("bad IPv4 header checksum", bad_ip),
+        ("bad ICMPv6 checksum", bad6),
+    ] {
+        assert_eq!(lab.run(&f).0, DROP, "{what}");
+    }
+    assert_eq!(lab.bal.global_stat(stat::DROP_MALFORMED).packets, 3);
+    assert_eq!(lab.bal.global_stat(stat::ICMP_ECHO_REPLY).packets, 0);
+    // The same requests with right checksums are answered.
+    assert_frame(&lab.run(&good), TX, &reply, "good echo");
+    assert_frame(&lab.run(&good6), TX, &reply6, "good echo6");
+    // IPv4 options are in the header checksum too.
+    let req = ipv4(
+        V4::new(CLIENT, VIP, ICMP),
+        &[1, 1, 1, 0],
+        &icmp4(8, 0, [0, 1, 0, 2], b"opt"),
+    );
+    let mut r = V4::new(VIP, CLIENT, ICMP);
+    r.ttl = 64;
+    let rep = ipv4(r, &[1, 1, 1, 0], &icmp4(0, 0, [0, 1, 0, 2], b"opt"));
+    let expected = eth(CLIENT_MAC, IF_MAC, ETH_IP, &rep);
+    assert_frame(&lab.run(&to_lb(&req, ETH_IP)), TX, &expected, "options");
+    let mut bad_opt = to_lb(&req, ETH_IP);
+    bad_opt[14 + 21] ^= 0x01;
+    assert_eq!(lab.run(&bad_opt).0, DROP, "bad checksum over the options");
+}
+
+#[test]
 fn echo_reply_leaves_out_bytes_after_the_ip_packet() {
     let mut lab = lab();
     // Ethernet padding to the 60-byte minimum: the reply had kept it, so its IP length was
@@ -906,4 +946,19 @@ fn echo_reply_leaves_out_bytes_after_the_ip_packet() {
     tagged.extend_from_slice(&[0; 11]);
     let expected = eth_vlan(CLIENT_MAC, IF_MAC, 42, ETH_IP, &reply[14..]);
     assert_frame(&lab.run(&tagged), TX, &expected, "tagged echo");
+}
+
+#[test]
+fn echo_requests_of_every_length_are_answered_exactly() {
+    // The request's checksum is summed in 64-byte chunks, 4-byte words and 1-3 last bytes:
+    // every remainder, and sizes up to the MTU.
+    let mut lab = lab();
+    let sizes = (0..=130).chain([500, 1000, 1471, 1472]);
+    for n in sizes {
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 + 3) as u8).collect();
+        let (req, reply) = echo4_pair([0x12, 0x34, 0, n as u8], &data);
+        assert_frame(&lab.run(&req), TX, &reply, &format!("echo of {n} bytes"));
+        let (req6, reply6) = echo6_pair(&data[..n.min(1452)]);
+        assert_frame(&lab.run(&req6), TX, &reply6, &format!("echo6 of {n} bytes"));
+    }
 }

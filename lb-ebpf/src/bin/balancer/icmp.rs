@@ -2,7 +2,9 @@
 //! fragmentation-needed / packet-too-big answers for packets too big to encapsulate.
 //!
 //! Only ICMP of the packet's own family is handled (ICMPv4 in IPv4, ICMPv6 in IPv6); the
-//! other pairing is passed like any protocol the balancer does not handle.
+//! other pairing is passed like any protocol the balancer does not handle. Only well-formed
+//! echo requests are answered: checksums right (IPv4 header, ICMP), or the request is dropped
+//! as malformed, as the kernel would drop it.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Config, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
@@ -63,11 +65,16 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
 }
 
 /// Answers an echo request to a VIP address in place: drop bytes after the IP packet, swap
-/// MACs and addresses, new TTL, new type, checksums updated incrementally.
+/// MACs and addresses, new TTL, new type, checksums updated incrementally (the request's
+/// were checked first, so the reply's are right).
 #[inline(always)]
 fn echo(ctx: &XdpContext, pkt: &Packet, reply: u8) -> Result<u32, ()> {
     if !lookup::is_vip_addr(&pkt.flow) {
         return Ok(crate::not_handled(ctx, pkt));
+    }
+    if !checksums_ok(ctx, pkt) {
+        stats::global(stat::DROP_MALFORMED, pkt.l3_len);
+        return Ok(xdp_action::XDP_DROP);
     }
     encap::trim_to(ctx, pkt.l3_off + pkt.l3_len)?;
     let mut l2 = encap::read_l2(ctx, pkt)?;
@@ -108,6 +115,28 @@ fn echo(ctx: &XdpContext, pkt: &Packet, reply: u8) -> Result<u32, ()> {
     }
     stats::global(stat::ICMP_ECHO_REPLY, pkt.l3_len);
     Ok(xdp_action::XDP_TX)
+}
+
+/// Whether an echo request's checksums are right: the IPv4 header's, and the ICMP message's
+/// (over the IPv6 pseudo-header for ICMPv6). `parse` checked that the IP length fits the
+/// frame and covers the ICMP header. A subprogram of its own, so that its locals stay out of
+/// `handle`'s stack frame (main, `handle` and its callees share 512 bytes).
+#[inline(never)]
+fn checksums_ok(ctx: &XdpContext, pkt: &Packet) -> bool {
+    let msg_len = pkt.l3_off + pkt.l3_len - pkt.l4_off;
+    let Some(msg) = csum::sum_range(ctx, pkt.l4_off, msg_len) else {
+        return false;
+    };
+    if pkt.flow.family == FAMILY_V4 {
+        let hdr = csum::sum_ipv4_header(ctx, pkt.l3_off, pkt.l4_off - pkt.l3_off);
+        hdr.is_some_and(|h| csum::fold(h) == 0) && csum::fold(msg) == 0
+    } else {
+        let mut sum = csum::add_addr(msg, &pkt.flow.src);
+        sum = csum::add_addr(sum, &pkt.flow.dst);
+        sum = csum::add32(sum, (msg_len as u32).to_be());
+        sum = csum::add32(sum, (PROTO_ICMPV6 as u32).to_be());
+        csum::fold(sum) == 0
+    }
 }
 
 /// An ICMP error about a packet a backend sent from a VIP: the quoted header is the reply
