@@ -962,3 +962,15 @@ fn echo_requests_of_every_length_are_answered_exactly() {
         assert_frame(&lab.run(&req6), TX, &reply6, &format!("echo6 of {n} bytes"));
     }
 }
+
+#[test]
+fn echo_reply_of_zeros_has_checksum_ffff() {
+    // Identifier, sequence and data all zero: the reply's message is zeros but for the
+    // checksum, which must be 0xffff; the incremental update had made it 0x0000.
+    let mut lab = lab();
+    for data in [&[][..], &[0; 3], &[0; 64]] {
+        let (req, reply) = echo4_pair([0; 4], data);
+        assert_eq!(reply[14 + 22..14 + 24], [0xff, 0xff]);
+        assert_frame(&lab.run(&req), TX, &reply, "zero echo");
+    }
+}

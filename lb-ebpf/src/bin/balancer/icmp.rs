@@ -111,7 +111,14 @@ fn echo(ctx: &XdpContext, pkt: &Packet, reply: u8) -> Result<u32, ()> {
         (*icmp).ty = reply;
         let new = u16::from_ne_bytes([reply, (*icmp).code]);
         // The pseudo-header of ICMPv6 holds both addresses; swapping them keeps the sum.
-        (*icmp).check = csum::replace16((*icmp).check, old, new);
+        let mut check = csum::replace16((*icmp).check, old, new);
+        // An ICMPv4 reply of zeros only (identifier, sequence, data) sums to +0, which the
+        // incremental update turns into 0x0000, a wrong checksum; 0xffff is right then, and
+        // right whenever 0x0000 is (RFC 1624, section 3). ICMPv6 sums addresses too.
+        if reply == ICMP_ECHO_REPLY && check == 0 {
+            check = 0xffff;
+        }
+        (*icmp).check = check;
     }
     stats::global(stat::ICMP_ECHO_REPLY, pkt.l3_len);
     Ok(xdp_action::XDP_TX)
