@@ -974,3 +974,55 @@ fn echo_reply_of_zeros_has_checksum_ffff() {
         assert_frame(&lab.run(&req), TX, &reply, "zero echo");
     }
 }
+
+#[test]
+fn icmp_errors_are_forwarded_only_when_sent_to_a_vip_with_the_quote_inside() {
+    let mut lab = lab();
+    let router = Ipv4Addr::new(192, 0, 2, 1);
+    let reply = ipv4(
+        V4::new(VIP, CLIENT, TCP),
+        &[],
+        &tcp4(VIP, CLIENT, 80, 40000, ACK, &[]),
+    );
+    // The quoted ports lie after the IP packet, in the padding: they were read anyway, and
+    // the error forwarded without them.
+    let mut err = ipv4(
+        V4::new(router, VIP, ICMP),
+        &[],
+        &icmp4(3, 4, [0, 0, 5, 0x78], &reply[..28]),
+    );
+    err.truncate(20 + 8 + 20);
+    err[2..4].copy_from_slice(&48u16.to_be_bytes());
+    err[10..12].copy_from_slice(&[0, 0]);
+    let c = packet::checksum(&err[..20]);
+    err[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = to_lb(&err, ETH_IP);
+    f.extend_from_slice(&reply[20..28]);
+    assert_frame(&lab.run(&f), PASS, &f, "quote beyond the IP packet");
+
+    // An error to an address that is no VIP, though it shares a bit of the VIP address
+    // filter with VIP6 (found by the fuzzer): was forwarded to VIP6's backend.
+    let other: Ipv6Addr = "fd00:2100::400:1".parse().unwrap();
+    let bit = |a: Ipv6Addr| lb_common::vip_filter_bit(&lb_userspace::addr::to_words(a.into()).0);
+    assert_eq!(bit(other), bit(VIP6), "no longer a filter collision");
+    let r6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    let reply6 = ipv6(
+        VIP6,
+        CLIENT6,
+        TCP,
+        0,
+        0,
+        &tcp6(VIP6, CLIENT6, 80, 40000, ACK, &[]),
+    );
+    let ptb = ipv6(
+        r6,
+        other,
+        ICMPV6,
+        0,
+        0,
+        &icmp6(r6, other, 2, 0, 1400u32.to_be_bytes(), &reply6[..48]),
+    );
+    let f = to_lb(&ptb, ETH_IPV6);
+    assert_frame(&lab.run(&f), PASS, &f, "error not to a VIP");
+    assert_eq!(lab.bal.global_stat(stat::ICMP_ERROR_FWD).packets, 0);
+}

@@ -146,11 +146,15 @@ fn checksums_ok(ctx: &XdpContext, pkt: &Packet) -> bool {
     }
 }
 
-/// An ICMP error about a packet a backend sent from a VIP: the quoted header is the reply
-/// (VIP -> client), so the client's flow is the quote reversed. The error goes to the backend
-/// that owns that flow.
+/// An ICMP error to a VIP address about a packet a backend sent from a VIP: the quoted header
+/// is the reply (VIP -> client), so the client's flow is the quote reversed. The error goes to
+/// the backend that owns that flow. The quote is read only inside the IP packet.
 #[inline(always)]
 fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
+    if !lookup::is_vip_addr(&pkt.flow) {
+        return Ok(crate::not_handled(ctx, pkt));
+    }
+    let end = pkt.l3_off + pkt.l3_len;
     let quote = pkt.l4_off + ICMP_HLEN;
     let mut flow = FlowKey {
         family: pkt.flow.family,
@@ -158,7 +162,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     };
     let l4_off;
     if pkt.flow.family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, quote) else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, quote).filter(|_| quote + IPV4_HLEN <= end) else {
             return Ok(crate::not_handled(ctx, pkt));
         };
         let ip = unsafe { *ip };
@@ -171,7 +175,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
         flow.proto = ip.proto;
         l4_off = quote + ihl * 4;
     } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, quote) else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, quote).filter(|_| quote + IPV6_HLEN <= end) else {
             return Ok(crate::not_handled(ctx, pkt));
         };
         let ip = unsafe { *ip };
@@ -183,7 +187,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
         return Ok(crate::not_handled(ctx, pkt));
     }
-    let Some(ports) = ptr_at::<Ports>(ctx, l4_off) else {
+    let Some(ports) = ptr_at::<Ports>(ctx, l4_off).filter(|_| l4_off + 4 <= end) else {
         return Ok(crate::not_handled(ctx, pkt));
     };
     flow.sport = unsafe { (*ports).dst };
