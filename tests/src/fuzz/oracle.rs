@@ -57,7 +57,11 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.detail)
+        if self.detail.is_empty() {
+            f.write_str(self.kind)
+        } else {
+            write!(f, "{}: {}", self.kind, self.detail)
+        }
     }
 }
 
