@@ -10,15 +10,17 @@ use crate::{fixture::*, packet::*};
 pub const MAX_FRAME: usize = 1600;
 /// Most padding an extension adds.
 const MAX_EXTEND: usize = 64;
+const ETH_HLEN: usize = 14;
+const ETH_VLAN: u16 = 0x8100;
 
 /// A frame and where its layers start, for mutations aimed at header fields. The offsets are
 /// those of the frame as built: after a mutation they may point past its end or at other
 /// fields, and every mutation checks the bounds.
-pub struct Frame {
-    pub bytes: Vec<u8>,
-    pub l3: usize,
-    pub l4: usize,
-    pub v6: bool,
+struct Frame {
+    bytes: Vec<u8>,
+    l3: usize,
+    l4: usize,
+    v6: bool,
 }
 
 /// Frame `index` of the run with `seed`.
@@ -50,7 +52,7 @@ fn random(rng: &mut Rng) -> Vec<u8> {
     let mut f = rng.bytes(len);
     if rng.chance(50) {
         let l3 = if rng.chance(20) {
-            f[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+            f[12..14].copy_from_slice(&ETH_VLAN.to_be_bytes());
             18
         } else {
             14
@@ -67,9 +69,6 @@ fn random(rng: &mut Rng) -> Vec<u8> {
     }
     f
 }
-
-const ETH_HLEN: usize = 14;
-const ETH_VLAN: u16 = 0x8100;
 
 fn mac(rng: &mut Rng) -> [u8; 6] {
     let mut m = [0; 6];
