@@ -35,6 +35,66 @@ pub const B3: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
 pub const B6_1: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
 pub const B6_2: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
 
+/// One VIP of the layout [`Lab::new`] sets up: address, port (0: all ports), protocol number
+/// and backends. For checks that must know the layout without reading the maps (the fuzzer's
+/// oracle); keep it in step with `Lab::new`.
+pub struct VipLayout {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+    pub backends: &'static [IpAddr],
+}
+
+const fn v4(a: Ipv4Addr) -> IpAddr {
+    IpAddr::V4(a)
+}
+
+/// The VIPs of [`Lab::new`], as data.
+pub const LAYOUT: [VipLayout; 7] = [
+    VipLayout {
+        addr: v4(VIP),
+        port: 80,
+        proto: 6,
+        backends: &[v4(B1)],
+    },
+    VipLayout {
+        addr: v4(VIP),
+        port: 53,
+        proto: 17,
+        backends: &[v4(B2)],
+    },
+    VipLayout {
+        addr: v4(VIP_UDP3),
+        port: 5000,
+        proto: 17,
+        backends: &[v4(B1), v4(B2), v4(B3)],
+    },
+    VipLayout {
+        addr: v4(VIP),
+        port: 443,
+        proto: 6,
+        backends: &[],
+    },
+    VipLayout {
+        addr: v4(VIP_ANY),
+        port: 0,
+        proto: 6,
+        backends: &[IpAddr::V6(B6_2)],
+    },
+    VipLayout {
+        addr: v4(VIP_AFF),
+        port: 80,
+        proto: 6,
+        backends: &[v4(B1), v4(B2), v4(B3)],
+    },
+    VipLayout {
+        addr: IpAddr::V6(VIP6),
+        port: 80,
+        proto: 6,
+        backends: &[IpAddr::V6(B6_1)],
+    },
+];
+
 pub struct Lab {
     pub bal: Balancer,
 }

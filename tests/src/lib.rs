@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod bench;
 pub mod fixture;
+pub mod fuzz;
 pub mod netns;
 pub mod packet;
 pub mod topology;

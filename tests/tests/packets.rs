@@ -776,3 +776,245 @@ fn a_down_or_removed_backend_loses_its_flows() {
     let now = lab.run(&g).1[30..34].to_vec();
     assert_ne!(now, gone.octets(), "flow stayed on a removed backend");
 }
+
+// Defects the fuzzer (`cargo xtask fuzz`) found, one fixture each.
+
+/// An echo request to the VIP and the reply the balancer must send, both as frames.
+fn echo4_pair(id_seq: [u8; 4], data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let req = ipv4(V4::new(CLIENT, VIP, ICMP), &[], &icmp4(8, 0, id_seq, data));
+    let mut r = V4::new(VIP, CLIENT, ICMP);
+    r.ttl = 64;
+    let reply = ipv4(r, &[], &icmp4(0, 0, id_seq, data));
+    (to_lb(&req, ETH_IP), eth(CLIENT_MAC, IF_MAC, ETH_IP, &reply))
+}
+
+fn echo6_pair(data: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let req = ipv6(
+        CLIENT6,
+        VIP6,
+        ICMPV6,
+        0,
+        0,
+        &icmp6(CLIENT6, VIP6, 128, 0, [0, 9, 0, 1], data),
+    );
+    let reply = ipv6(
+        VIP6,
+        CLIENT6,
+        ICMPV6,
+        0,
+        0,
+        &icmp6(VIP6, CLIENT6, 129, 0, [0, 9, 0, 1], data),
+    );
+    (
+        to_lb(&req, ETH_IPV6),
+        eth(CLIENT_MAC, IF_MAC, ETH_IPV6, &reply),
+    )
+}
+
+#[test]
+fn icmp_of_the_other_family_is_passed() {
+    let mut lab = lab();
+    // ICMPv4 echo request inside IPv6: was answered with an ICMPv4 echo reply in IPv6.
+    let v4_in_6 = to_lb(
+        &ipv6(
+            CLIENT6,
+            VIP6,
+            ICMP,
+            0,
+            0,
+            &icmp4(8, 0, [0, 1, 0, 1], b"ping"),
+        ),
+        ETH_IPV6,
+    );
+    // ICMPv6 echo request inside IPv4: was answered with type 129.
+    let v6_in_4 = to_lb(
+        &ipv4(
+            V4::new(CLIENT, VIP, ICMPV6),
+            &[],
+            &icmp4(128, 0, [0, 1, 0, 1], b"ping"),
+        ),
+        ETH_IP,
+    );
+    // Errors of the other family quoting a VIP flow: were forwarded to its backend.
+    let reply = ipv4(
+        V4::new(VIP, CLIENT, TCP),
+        &[],
+        &tcp4(VIP, CLIENT, 80, 40000, ACK, &[]),
+    );
+    let ptb_in_4 = to_lb(
+        &ipv4(
+            V4::new(Ipv4Addr::new(192, 0, 2, 1), VIP, ICMPV6),
+            &[],
+            &icmp4(2, 0, 1400u32.to_be_bytes(), &reply[..28]),
+        ),
+        ETH_IP,
+    );
+    let reply6 = ipv6(
+        VIP6,
+        CLIENT6,
+        TCP,
+        0,
+        0,
+        &tcp6(VIP6, CLIENT6, 80, 40000, ACK, &[]),
+    );
+    let unreach_in_6 = to_lb(
+        &ipv6(
+            CLIENT6,
+            VIP6,
+            ICMP,
+            0,
+            0,
+            &icmp4(3, 4, [0, 0, 5, 0xdc], &reply6[..48]),
+        ),
+        ETH_IPV6,
+    );
+    for (what, f) in [
+        ("ICMPv4 echo in IPv6", v4_in_6),
+        ("ICMPv6 echo in IPv4", v6_in_4),
+        ("ICMPv6 error in IPv4", ptb_in_4),
+        ("ICMPv4 error in IPv6", unreach_in_6),
+    ] {
+        assert_frame(&lab.run(&f), PASS, &f, what);
+    }
+    assert_eq!(lab.bal.global_stat(stat::PASS_VIP_OTHER).packets, 4);
+    assert_eq!(lab.bal.global_stat(stat::ICMP_ECHO_REPLY).packets, 0);
+}
+
+#[test]
+fn echo_requests_with_bad_checksums_are_dropped() {
+    let mut lab = lab();
+    let (good, reply) = echo4_pair([0, 7, 0, 1], b"abcdefgh");
+    // The ICMP checksum, the IPv4 header checksum, the ICMPv6 checksum off by one bit.
+    let mut bad_icmp = good.clone();
+    bad_icmp[14 + 20 + 2] ^= 0x01;
+    let mut bad_ip = good.clone();
+    bad_ip[14 + 10] ^= 0x01;
+    let (good6, reply6) = echo6_pair(b"ping6");
+    let mut bad6 = good6.clone();
+    bad6[14 + 40 + 2] ^= 0x80;
+    for (what, f) in [
+        ("bad ICMP checksum", bad_icmp),
+        ("bad IPv4 header checksum", bad_ip),
+        ("bad ICMPv6 checksum", bad6),
+    ] {
+        assert_eq!(lab.run(&f).0, DROP, "{what}");
+    }
+    assert_eq!(lab.bal.global_stat(stat::DROP_MALFORMED).packets, 3);
+    assert_eq!(lab.bal.global_stat(stat::ICMP_ECHO_REPLY).packets, 0);
+    // The same requests with right checksums are answered.
+    assert_frame(&lab.run(&good), TX, &reply, "good echo");
+    assert_frame(&lab.run(&good6), TX, &reply6, "good echo6");
+    // IPv4 options are in the header checksum too.
+    let req = ipv4(
+        V4::new(CLIENT, VIP, ICMP),
+        &[1, 1, 1, 0],
+        &icmp4(8, 0, [0, 1, 0, 2], b"opt"),
+    );
+    let mut r = V4::new(VIP, CLIENT, ICMP);
+    r.ttl = 64;
+    let rep = ipv4(r, &[1, 1, 1, 0], &icmp4(0, 0, [0, 1, 0, 2], b"opt"));
+    let expected = eth(CLIENT_MAC, IF_MAC, ETH_IP, &rep);
+    assert_frame(&lab.run(&to_lb(&req, ETH_IP)), TX, &expected, "options");
+    let mut bad_opt = to_lb(&req, ETH_IP);
+    bad_opt[14 + 21] ^= 0x01;
+    assert_eq!(lab.run(&bad_opt).0, DROP, "bad checksum over the options");
+}
+
+#[test]
+fn echo_reply_leaves_out_bytes_after_the_ip_packet() {
+    let mut lab = lab();
+    // Ethernet padding to the 60-byte minimum: the reply had kept it, so its IP length was
+    // shorter than the frame.
+    let (mut req, reply) = echo4_pair([0, 1, 0, 1], b"x");
+    assert!(req.len() < 60);
+    req.resize(60, 0);
+    assert_frame(&lab.run(&req), TX, &reply, "padded echo");
+    let (mut req6, reply6) = echo6_pair(b"ping6");
+    req6.extend_from_slice(&[0xee; 9]);
+    assert_frame(&lab.run(&req6), TX, &reply6, "echo6 with trailing bytes");
+    // With a VLAN tag too.
+    let (req, reply) = echo4_pair([0, 1, 0, 2], b"vlan");
+    let mut tagged = eth_vlan(IF_MAC, CLIENT_MAC, 42, ETH_IP, &req[14..]);
+    tagged.extend_from_slice(&[0; 11]);
+    let expected = eth_vlan(CLIENT_MAC, IF_MAC, 42, ETH_IP, &reply[14..]);
+    assert_frame(&lab.run(&tagged), TX, &expected, "tagged echo");
+}
+
+#[test]
+fn echo_requests_of_every_length_are_answered_exactly() {
+    // The request's checksum is summed in 64-byte chunks, 4-byte words and 1-3 last bytes:
+    // every remainder, and sizes up to the MTU.
+    let mut lab = lab();
+    let sizes = (0..=130).chain([500, 1000, 1471, 1472]);
+    for n in sizes {
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 + 3) as u8).collect();
+        let (req, reply) = echo4_pair([0x12, 0x34, 0, n as u8], &data);
+        assert_frame(&lab.run(&req), TX, &reply, &format!("echo of {n} bytes"));
+        let (req6, reply6) = echo6_pair(&data[..n.min(1452)]);
+        assert_frame(&lab.run(&req6), TX, &reply6, &format!("echo6 of {n} bytes"));
+    }
+}
+
+#[test]
+fn echo_reply_of_zeros_has_checksum_ffff() {
+    // Identifier, sequence and data all zero: the reply's message is zeros but for the
+    // checksum, which must be 0xffff; the incremental update had made it 0x0000.
+    let mut lab = lab();
+    for data in [&[][..], &[0; 3], &[0; 64]] {
+        let (req, reply) = echo4_pair([0; 4], data);
+        assert_eq!(reply[14 + 22..14 + 24], [0xff, 0xff]);
+        assert_frame(&lab.run(&req), TX, &reply, "zero echo");
+    }
+}
+
+#[test]
+fn icmp_errors_are_forwarded_only_when_sent_to_a_vip_with_the_quote_inside() {
+    let mut lab = lab();
+    let router = Ipv4Addr::new(192, 0, 2, 1);
+    let reply = ipv4(
+        V4::new(VIP, CLIENT, TCP),
+        &[],
+        &tcp4(VIP, CLIENT, 80, 40000, ACK, &[]),
+    );
+    // The quoted ports lie after the IP packet, in the padding: they were read anyway, and
+    // the error forwarded without them.
+    let mut err = ipv4(
+        V4::new(router, VIP, ICMP),
+        &[],
+        &icmp4(3, 4, [0, 0, 5, 0x78], &reply[..28]),
+    );
+    err.truncate(20 + 8 + 20);
+    err[2..4].copy_from_slice(&48u16.to_be_bytes());
+    err[10..12].copy_from_slice(&[0, 0]);
+    let c = packet::checksum(&err[..20]);
+    err[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = to_lb(&err, ETH_IP);
+    f.extend_from_slice(&reply[20..28]);
+    assert_frame(&lab.run(&f), PASS, &f, "quote beyond the IP packet");
+
+    // An error to an address that is no VIP, though it shares a bit of the VIP address
+    // filter with VIP6 (found by the fuzzer): was forwarded to VIP6's backend.
+    let other: Ipv6Addr = "fd00:2100::400:1".parse().unwrap();
+    let bit = |a: Ipv6Addr| lb_common::vip_filter_bit(&lb_userspace::addr::to_words(a.into()).0);
+    assert_eq!(bit(other), bit(VIP6), "no longer a filter collision");
+    let r6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    let reply6 = ipv6(
+        VIP6,
+        CLIENT6,
+        TCP,
+        0,
+        0,
+        &tcp6(VIP6, CLIENT6, 80, 40000, ACK, &[]),
+    );
+    let ptb = ipv6(
+        r6,
+        other,
+        ICMPV6,
+        0,
+        0,
+        &icmp6(r6, other, 2, 0, 1400u32.to_be_bytes(), &reply6[..48]),
+    );
+    let f = to_lb(&ptb, ETH_IPV6);
+    assert_frame(&lab.run(&f), PASS, &f, "error not to a VIP");
+    assert_eq!(lab.bal.global_stat(stat::ICMP_ERROR_FWD).packets, 0);
+}

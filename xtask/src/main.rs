@@ -1,4 +1,4 @@
-//! maglb's tasks: `cargo xtask setup | build | test | demo | bench`.
+//! maglb's tasks: `cargo xtask setup | build | test | demo | bench | fuzz`.
 
 mod setup;
 
@@ -31,6 +31,18 @@ enum Task {
     /// forwarding rate vs bare XDP_TX, connections vs HAProxy, control plane); prints
     /// medians and ratios and writes BENCHMARKS.md. Needs root.
     Bench,
+    /// Fuzz the balancer XDP program through BPF_PROG_TEST_RUN: random and mutated frames,
+    /// each result checked by an oracle. Prints counts per action, frames/s and violations
+    /// (saved under tests/fuzz-findings/); fails on any violation. Needs root.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// Seed of the frame generator; a run with the same seed sees the same frames.
+        /// Default: a new one, printed.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 /// Runs a command, failing if it fails.
@@ -199,6 +211,28 @@ fn main() -> anyhow::Result<()> {
             ensure_setup()?;
             require_root("bench")?;
             run_with_maglb("maglb-bench")
+        }
+        Task::Fuzz { frames, seed } => {
+            ensure_setup()?;
+            require_root("fuzz")?;
+            let frames = frames.to_string();
+            let seed = seed.map(|s| s.to_string());
+            let mut args = vec![
+                "run",
+                "--release",
+                "--locked",
+                "--package",
+                "maglb-tests",
+                "--bin",
+                "maglb-fuzz",
+                "--",
+                "--frames",
+                &frames,
+            ];
+            if let Some(s) = &seed {
+                args.extend(["--seed", s]);
+            }
+            cmd("cargo", &args)
         }
     }
 }

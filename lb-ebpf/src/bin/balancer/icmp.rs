@@ -1,5 +1,10 @@
 //! ICMP: echo replies for VIPs, errors about VIP flows sent to the flow's backend, and
 //! fragmentation-needed / packet-too-big answers for packets too big to encapsulate.
+//!
+//! Only ICMP of the packet's own family is handled (ICMPv4 in IPv4, ICMPv6 in IPv6); the
+//! other pairing is passed like any protocol the balancer does not handle. Only well-formed
+//! echo requests are answered: checksums right (IPv4 header, ICMP), or the request is dropped
+//! as malformed, as the kernel would drop it.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Config, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
@@ -38,13 +43,19 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
         return Ok(crate::not_handled(ctx, pkt));
     };
     let ty = unsafe { (*icmp).ty };
-    if pkt.flow.proto == PROTO_ICMP {
+    if pkt.flow.family == FAMILY_V4 {
+        if pkt.flow.proto != PROTO_ICMP {
+            return Ok(crate::not_handled(ctx, pkt));
+        }
         match ty {
             ICMP_ECHO => echo(ctx, pkt, ICMP_ECHO_REPLY),
             ICMP_DEST_UNREACH => error(ctx, pkt, cfg),
             _ => Ok(crate::not_handled(ctx, pkt)),
         }
     } else {
+        if pkt.flow.proto != PROTO_ICMPV6 {
+            return Ok(crate::not_handled(ctx, pkt));
+        }
         match ty {
             ICMPV6_ECHO_REQUEST => echo(ctx, pkt, ICMPV6_ECHO_REPLY),
             ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG => error(ctx, pkt, cfg),
@@ -53,13 +64,19 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     }
 }
 
-/// Answers an echo request to a VIP address in place: swap MACs and addresses, new TTL,
-/// new type, checksums updated incrementally.
+/// Answers an echo request to a VIP address in place: drop bytes after the IP packet, swap
+/// MACs and addresses, new TTL, new type, checksums updated incrementally (the request's
+/// were checked first, so the reply's are right).
 #[inline(always)]
 fn echo(ctx: &XdpContext, pkt: &Packet, reply: u8) -> Result<u32, ()> {
     if !lookup::is_vip_addr(&pkt.flow) {
         return Ok(crate::not_handled(ctx, pkt));
     }
+    if !checksums_ok(ctx, pkt) {
+        stats::global(stat::DROP_MALFORMED, pkt.l3_len);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    encap::trim_to(ctx, pkt.l3_off + pkt.l3_len)?;
     let mut l2 = encap::read_l2(ctx, pkt)?;
     core::mem::swap(&mut l2.src, &mut l2.dst);
     let ethertype = if pkt.flow.family == FAMILY_V4 {
@@ -94,17 +111,50 @@ fn echo(ctx: &XdpContext, pkt: &Packet, reply: u8) -> Result<u32, ()> {
         (*icmp).ty = reply;
         let new = u16::from_ne_bytes([reply, (*icmp).code]);
         // The pseudo-header of ICMPv6 holds both addresses; swapping them keeps the sum.
-        (*icmp).check = csum::replace16((*icmp).check, old, new);
+        let mut check = csum::replace16((*icmp).check, old, new);
+        // An ICMPv4 reply of zeros only (identifier, sequence, data) sums to +0, which the
+        // incremental update turns into 0x0000, a wrong checksum; 0xffff is right then, and
+        // right whenever 0x0000 is (RFC 1624, section 3). ICMPv6 sums addresses too.
+        if reply == ICMP_ECHO_REPLY && check == 0 {
+            check = 0xffff;
+        }
+        (*icmp).check = check;
     }
     stats::global(stat::ICMP_ECHO_REPLY, pkt.l3_len);
     Ok(xdp_action::XDP_TX)
 }
 
-/// An ICMP error about a packet a backend sent from a VIP: the quoted header is the reply
-/// (VIP -> client), so the client's flow is the quote reversed. The error goes to the backend
-/// that owns that flow.
+/// Whether an echo request's checksums are right: the IPv4 header's, and the ICMP message's
+/// (over the IPv6 pseudo-header for ICMPv6). `parse` checked that the IP length fits the
+/// frame and covers the ICMP header. A subprogram of its own, so that its locals stay out of
+/// `handle`'s stack frame (main, `handle` and its callees share 512 bytes).
+#[inline(never)]
+fn checksums_ok(ctx: &XdpContext, pkt: &Packet) -> bool {
+    let msg_len = pkt.l3_off + pkt.l3_len - pkt.l4_off;
+    let Some(msg) = csum::sum_range(ctx, pkt.l4_off, msg_len) else {
+        return false;
+    };
+    if pkt.flow.family == FAMILY_V4 {
+        let hdr = csum::sum_ipv4_header(ctx, pkt.l3_off, pkt.l4_off - pkt.l3_off);
+        hdr.is_some_and(|h| csum::fold(h) == 0) && csum::fold(msg) == 0
+    } else {
+        let mut sum = csum::add_addr(msg, &pkt.flow.src);
+        sum = csum::add_addr(sum, &pkt.flow.dst);
+        sum = csum::add32(sum, (msg_len as u32).to_be());
+        sum = csum::add32(sum, (PROTO_ICMPV6 as u32).to_be());
+        csum::fold(sum) == 0
+    }
+}
+
+/// An ICMP error to a VIP address about a packet a backend sent from a VIP: the quoted header
+/// is the reply (VIP -> client), so the client's flow is the quote reversed. The error goes to
+/// the backend that owns that flow. The quote is read only inside the IP packet.
 #[inline(always)]
 fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
+    if !lookup::is_vip_addr(&pkt.flow) {
+        return Ok(crate::not_handled(ctx, pkt));
+    }
+    let end = pkt.l3_off + pkt.l3_len;
     let quote = pkt.l4_off + ICMP_HLEN;
     let mut flow = FlowKey {
         family: pkt.flow.family,
@@ -112,7 +162,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     };
     let l4_off;
     if pkt.flow.family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, quote) else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, quote).filter(|_| quote + IPV4_HLEN <= end) else {
             return Ok(crate::not_handled(ctx, pkt));
         };
         let ip = unsafe { *ip };
@@ -125,7 +175,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
         flow.proto = ip.proto;
         l4_off = quote + ihl * 4;
     } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, quote) else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, quote).filter(|_| quote + IPV6_HLEN <= end) else {
             return Ok(crate::not_handled(ctx, pkt));
         };
         let ip = unsafe { *ip };
@@ -137,7 +187,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
         return Ok(crate::not_handled(ctx, pkt));
     }
-    let Some(ports) = ptr_at::<Ports>(ctx, l4_off) else {
+    let Some(ports) = ptr_at::<Ports>(ctx, l4_off).filter(|_| l4_off + 4 <= end) else {
         return Ok(crate::not_handled(ctx, pkt));
     };
     flow.sport = unsafe { (*ports).dst };
