@@ -35,14 +35,15 @@ pub const B3: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
 pub const B6_1: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
 pub const B6_2: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
 
-/// One VIP of the layout [`Lab::new`] sets up: address, port (0: all ports), protocol number
-/// and backends. For checks that must know the layout without reading the maps (the fuzzer's
-/// oracle); keep it in step with `Lab::new`.
+/// One VIP of the layout [`Lab::new`] sets up: address, port (0: all ports), protocol number,
+/// backends and source-IP affinity. Checks that must know the layout without reading the maps
+/// (the fuzzer's oracle) read it here too.
 pub struct VipLayout {
     pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
     pub backends: &'static [IpAddr],
+    pub affinity: bool,
 }
 
 const fn v4(a: Ipv4Addr) -> IpAddr {
@@ -56,42 +57,49 @@ pub const LAYOUT: [VipLayout; 7] = [
         port: 80,
         proto: 6,
         backends: &[v4(B1)],
+        affinity: false,
     },
     VipLayout {
         addr: v4(VIP),
         port: 53,
         proto: 17,
         backends: &[v4(B2)],
+        affinity: false,
     },
     VipLayout {
         addr: v4(VIP_UDP3),
         port: 5000,
         proto: 17,
         backends: &[v4(B1), v4(B2), v4(B3)],
+        affinity: false,
     },
     VipLayout {
         addr: v4(VIP),
         port: 443,
         proto: 6,
         backends: &[],
+        affinity: false,
     },
     VipLayout {
         addr: v4(VIP_ANY),
         port: 0,
         proto: 6,
         backends: &[IpAddr::V6(B6_2)],
+        affinity: false,
     },
     VipLayout {
         addr: v4(VIP_AFF),
         port: 80,
         proto: 6,
         backends: &[v4(B1), v4(B2), v4(B3)],
+        affinity: true,
     },
     VipLayout {
         addr: IpAddr::V6(VIP6),
         port: 80,
         proto: 6,
         backends: &[IpAddr::V6(B6_1)],
+        affinity: false,
     },
 ];
 
@@ -131,21 +139,12 @@ impl Lab {
     pub fn new() -> anyhow::Result<Self> {
         let mut bal = Balancer::load()?;
         bal.set_config(&config())?;
-        let three = [B1.into(), B2.into(), B3.into()];
-        let specs = [
-            (vip(VIP, 80, "tcp"), vec![B1.into()], false),
-            (vip(VIP, 53, "udp"), vec![B2.into()], false),
-            (vip(VIP_UDP3, 5000, "udp"), three.to_vec(), false),
-            (vip(VIP, 443, "tcp"), vec![], false),
-            (vip(VIP_ANY, 0, "tcp"), vec![B6_2.into()], false),
-            (vip(VIP_AFF, 80, "tcp"), three.to_vec(), true),
-            (vip(VIP6, 80, "tcp"), vec![B6_1.into()], false),
-        ];
-        for (id, addrs, affinity) in specs {
-            let mut spec = VipSpec::new(id);
+        for v in &LAYOUT {
+            let proto = if v.proto == 17 { "udp" } else { "tcp" };
+            let mut spec = VipSpec::new(vip(v.addr, v.port, proto));
             spec.ring_size = 251;
-            spec.affinity_src_ip = affinity;
-            spec.backends = backends(&addrs);
+            spec.affinity_src_ip = v.affinity;
+            spec.backends = backends(v.backends);
             bal.set_vip(spec)?;
         }
         Ok(Self { bal })

@@ -265,12 +265,13 @@ fn slots_are_freed_and_reused_with_new_generations() {
         assert_eq!(r.slots_in_use(), 1000);
         for (slot, b) in &f.backends {
             if b.flags & BACKEND_F_IN_USE != 0
-                && let Some(old) = seen_gen.insert(*slot, b.generation) {
-                    assert!(
-                        b.generation > old,
-                        "slot {slot} reused without a new generation"
-                    );
-                }
+                && let Some(old) = seen_gen.insert(*slot, b.generation)
+            {
+                assert!(
+                    b.generation > old,
+                    "slot {slot} reused without a new generation"
+                );
+            }
         }
         assert!(verify(&f.observe(), &desired).is_empty());
     }

@@ -29,21 +29,21 @@ impl State {
             check_ifname(i).map_err(|m| Refusal::invalid("balancer.interface", m))?;
         }
         if let Some(mtu) = b.mtu
-            && !(576..=9216).contains(&mtu) {
-                return Err(Refusal::invalid(
-                    "balancer.mtu",
-                    format!(
-                        "{mtu} is out of range 576-9216 (the MTU of the link toward the backends)"
-                    ),
-                ));
-            }
+            && !(576..=9216).contains(&mtu)
+        {
+            return Err(Refusal::invalid(
+                "balancer.mtu",
+                format!("{mtu} is out of range 576-9216 (the MTU of the link toward the backends)"),
+            ));
+        }
         if let Some(mac) = &b.nexthop_mac
-            && addr::parse_mac(mac).is_none() {
-                return Err(Refusal::invalid(
-                    "balancer.nexthop_mac",
-                    format!("{mac:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"),
-                ));
-            }
+            && addr::parse_mac(mac).is_none()
+        {
+            return Err(Refusal::invalid(
+                "balancer.nexthop_mac",
+                format!("{mac:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"),
+            ));
+        }
         if self.vips.len() > MAX_VIPS as usize {
             return Err(Refusal::invalid(
                 "vip",
@@ -198,12 +198,13 @@ impl HealthCheck {
             }
         }
         if let Some(ca) = &self.tls_ca
-            && (self.kind != ProbeKind::Https || !ca.starts_with('/')) {
-                return Err(Refusal::invalid(
-                    f("tls_ca"),
-                    "an absolute path to a PEM file, for kind = \"https\"",
-                ));
-            }
+            && (self.kind != ProbeKind::Https || !ca.starts_with('/'))
+        {
+            return Err(Refusal::invalid(
+                f("tls_ca"),
+                "an absolute path to a PEM file, for kind = \"https\"",
+            ));
+        }
         if self.tls_insecure && self.kind != ProbeKind::Https {
             return Err(Refusal::invalid(
                 f("tls_insecure"),
