@@ -77,6 +77,37 @@ struct StateFile {
     requests: VecDeque<String>,
 }
 
+/// The state a state file holds, read without taking the directory's lock (for inspection
+/// while an agent runs).
+pub fn read_state(file: &Path) -> Result<State, StoreError> {
+    let text = fs::read_to_string(file).map_err(|source| StoreError::Io {
+        dir: file.parent().unwrap_or(file).to_owned(),
+        source,
+    })?;
+    parse(file, &text).map(|f| f.state)
+}
+
+fn parse(file: &Path, text: &str) -> Result<StateFile, StoreError> {
+    let corrupt = |why: String| StoreError::Corrupt {
+        file: file.to_owned(),
+        why,
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    // The first format was the bare state.
+    let f: StateFile = if value.get("state").is_some() {
+        serde_json::from_str(text)
+    } else {
+        serde_json::from_str(text).map(|state| StateFile {
+            state,
+            requests: VecDeque::new(),
+        })
+    }
+    .map_err(|e| corrupt(e.to_string()))?;
+    f.state.validate().map_err(|e| corrupt(e.to_string()))?;
+    Ok(f)
+}
+
 /// The state directory, locked for as long as this lives.
 pub struct Store {
     dir: PathBuf,
@@ -130,23 +161,7 @@ impl Store {
                 });
             }
         };
-        let corrupt = |why: String| StoreError::Corrupt {
-            file: file.clone(),
-            why,
-        };
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        // The first format was the bare state.
-        let f: StateFile = if value.get("state").is_some() {
-            serde_json::from_str(&text)
-        } else {
-            serde_json::from_str(&text).map(|state| StateFile {
-                state,
-                requests: VecDeque::new(),
-            })
-        }
-        .map_err(|e| corrupt(e.to_string()))?;
-        f.state.validate().map_err(|e| corrupt(e.to_string()))?;
+        let f = parse(&file, &text)?;
         self.requests = f.requests;
         Ok(Some(f.state))
     }

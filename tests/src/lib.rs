@@ -6,3 +6,4 @@ pub mod fuzz;
 pub mod netns;
 pub mod packet;
 pub mod topology;
+pub mod traffic;

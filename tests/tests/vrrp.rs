@@ -3,20 +3,16 @@
 //! sends the VIP to the VRRP address the master holds.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use maglb_tests::{
     agent::{Agent, Scratch, attach_decaps},
     netns::{Netns, require_root},
-    topology::{
-        self, Conns, LB_IF, TCP_PORT, Topology, VRRP_ADDR, backend_addr, vip_addr, wait_for,
-    },
+    topology::{self, LB_IF, TCP_PORT, Topology, VRRP_ADDR, backend_addr, vip_addr, wait_for},
+    traffic::Traffic,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_maglb-cli");
@@ -93,60 +89,6 @@ fn wait_state(a: &Agent, state: &str, limit: Duration) -> Duration {
         a.log()
     );
     t.elapsed()
-}
-
-/// New connections in a loop, and long-lived ones asked now and then, until stopped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    done: Arc<Mutex<Vec<Instant>>>,
-    handle: std::thread::JoinHandle<(usize, Vec<String>)>,
-}
-
-impl Traffic {
-    fn start(t: &Topology) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(Mutex::new(Vec::new()));
-        let (s, d) = (stop.clone(), done.clone());
-        let handle = t
-            .client
-            .spawn(move || {
-                let mut long = Conns::open(20, vip_addr(TCP_PORT), Duration::from_secs(5)).unwrap();
-                let mut failed = 0;
-                let mut broken = Vec::new();
-                for round in 0..100_000 {
-                    if s.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    // Generous timeout: a SYN lost in the failover gap is resent after 1 s.
-                    match topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(5)) {
-                        Ok(_) => d.lock().unwrap().push(Instant::now()),
-                        Err(_) => failed += 1,
-                    }
-                    if round % 10 == 0 {
-                        broken.extend(long.broken());
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                broken.extend(long.broken());
-                (failed, broken)
-            })
-            .unwrap();
-        Self { stop, done, handle }
-    }
-
-    /// Stops; returns (failed requests, broken long-lived connections, longest gap between
-    /// completed requests).
-    fn stop(self) -> (usize, Vec<String>, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let (failed, broken) = self.handle.join().unwrap();
-        let done = self.done.lock().unwrap();
-        let gap = done
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or_default();
-        (failed, broken, gap)
-    }
 }
 
 #[test]
@@ -272,6 +214,65 @@ fn planned_handover_loses_no_request() {
     p.a1.ok(&["vrrp", "claim"]);
     wait_state(&p.a1, "master", Duration::from_secs(3));
     let _ = (&p.s2, &p.a2);
+}
+
+/// A large apply on the master (30 VIPs of 20 backends, as a held-out test did) must not
+/// silence its advertisements: the backup never becomes master, and no request fails.
+#[test]
+fn a_large_apply_on_the_master_causes_no_failover() {
+    let p = pair("vla", true);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    p.t.client
+        .run(|| topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .unwrap();
+    let mut big = config(150, true);
+    for v in 0..30u32 {
+        big += &format!("[[vip]]\naddress = \"10.201.0.{v}:80/tcp\"\n");
+        for b in 0..20u32 {
+            big += &format!("[[vip.backend]]\naddress = \"10.64.{v}.{b}\"\n");
+        }
+    }
+    let file = p.s1.0.dir.join("big.toml");
+    std::fs::write(&file, &big).unwrap();
+    let transitions = vrrp_json(&p.a2)["transitions"].as_u64().unwrap();
+    let traffic = Traffic::start(&p.t);
+    let watcher = {
+        let a2 = p.a2.paths.clone();
+        std::thread::spawn(move || {
+            let mut states = BTreeSet::new();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(3) {
+                let o = maglb_tests::agent::cli(
+                    Path::new(BIN),
+                    &a2.socket,
+                    &["vrrp", "status", "--output", "json"],
+                );
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+                states.insert(v["state"].as_str().unwrap_or("none").to_owned());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            states
+        })
+    };
+    let started = Instant::now();
+    p.a1.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let took = started.elapsed();
+    let states = watcher.join().unwrap();
+    let (failed, broken, gap) = traffic.stop();
+    println!("apply of 30 VIPs x 20 backends on the master: {took:?}; longest gap {gap:?}");
+    assert_eq!(
+        states,
+        BTreeSet::from(["backup".to_owned()]),
+        "the backup's states during the apply"
+    );
+    assert_eq!(
+        vrrp_json(&p.a2)["transitions"].as_u64().unwrap(),
+        transitions
+    );
+    assert_eq!(vrrp_state(&p.a1), "master");
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
 }
 
 /// keepalived for the second balancer's VRRP (its maglb agent has no [vrrp]).

@@ -8,6 +8,7 @@
 mod counters;
 pub mod decap;
 mod link;
+mod observe;
 mod rings;
 
 use std::{
@@ -20,15 +21,14 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, xdp::XdpLinkId},
 };
-use lb_common::{
-    AddrKey, Backend, Config, ConnEntry, Counter, FlowKey, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
-};
+use lb_common::{AddrKey, Backend, Config, ConnEntry, Counter, FlowKey, VipKey, VipMeta};
 use tracing::{info, warn};
 
 use self::rings::Rings;
 pub use self::{
     counters::Counters,
     link::{Mode, attach_xdp, pin_link},
+    observe::observe_pinned,
 };
 use crate::{
     programs,
@@ -393,29 +393,13 @@ impl Datapath {
     /// address entries and the filter.
     pub fn observe(&self) -> Result<Observed, DatapathError> {
         let m = &self.maps;
-        let vips: Vec<(VipKey, VipMeta)> = m.vips.iter().filter_map(Result::ok).collect();
-        let slots = (0..MAX_BACKENDS)
-            .filter_map(|i| Some((i, m.backends.get(&i, 0).ok()?)))
-            .filter(|(_, b)| b.generation != 0)
-            .collect();
-        let rings = self.rings.observe(MAX_VIPS);
-        let mut tables = std::collections::BTreeMap::new();
-        for (_, meta) in &vips {
-            if rings.get(&meta.index) == Some(&meta.ring_size) {
-                let t = self.rings.read(meta.index, meta.ring_off, meta.ring_size)?;
-                tables.insert(meta.index, t);
-            }
-        }
-        Ok(Observed {
-            vips,
-            slots,
-            rings,
-            tables,
-            addrs: m.vip_addrs.iter().filter_map(Result::ok).collect(),
-            filter: (0..lb_common::VIP_FILTER_WORDS)
-                .map(|i| m.vip_filter.get(&i, 0).unwrap_or(0))
-                .collect(),
-        })
+        observe::observe(
+            &m.vips,
+            &m.vip_addrs,
+            &m.backends,
+            &m.vip_filter,
+            &self.rings,
+        )
     }
 
     /// A connection-table entry, if any.

@@ -294,3 +294,14 @@ fn health_checks_are_validated() {
         [(200, 200), (204, 204), (300, 399)]
     );
 }
+
+#[test]
+fn a_file_without_an_interface_keeps_the_attachment_in_validate_and_apply_alike() {
+    // `validate` previews with the same `Change::Apply` that `apply` makes.
+    let running = State::from_toml(EXAMPLE).unwrap();
+    let file = State::from_toml("[[vip]]\naddress = \"10.200.0.1:80/tcp\"\n").unwrap();
+    let after = Change::Apply(file).apply_to(&running).unwrap();
+    assert_eq!(after.balancer.interface.as_deref(), Some("eth0"));
+    let lines = running.diff(&after);
+    assert!(!lines.iter().any(|l| l.contains("detach")), "{lines:?}");
+}

@@ -156,7 +156,9 @@ impl Writer {
         if let Some(cfg) = dp.older_config() {
             dp.set_config(&cfg)?;
         }
-        let attached = match (&state.balancer.interface, dp.is_attached()) {
+        // A migration takes over the older layout's link once the maps carry the state.
+        let linked = dp.is_attached() || dp.is_migrating();
+        let attached = match (&state.balancer.interface, linked) {
             (Some(i), true) => Some((i.clone(), state.balancer.mode)),
             _ => None,
         };
@@ -299,7 +301,8 @@ impl Writer {
 
     fn attach_to(&mut self, s: &State) -> Result<(), WriteError> {
         let want = s.balancer.interface.clone().map(|i| (i, s.balancer.mode));
-        if want == self.attached && (want.is_none() || self.dp.is_attached()) {
+        let linked = self.dp.is_attached() || self.dp.is_migrating();
+        if want == self.attached && (want.is_none() || linked) {
             return Ok(());
         }
         if self.dp.is_attached() {

@@ -1,0 +1,66 @@
+//! A steady stream of requests through a topology while something happens to it: new
+//! connections in a loop, and long-lived ones asked now and then, until stopped.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::topology::{self, Conns, TCP_PORT, Topology, vip_addr};
+
+/// New connections in a loop, and long-lived ones asked now and then, until stopped.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    done: Arc<Mutex<Vec<Instant>>>,
+    handle: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Traffic {
+    pub fn start(t: &Topology) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let (s, d) = (stop.clone(), done.clone());
+        let handle = t
+            .client
+            .spawn(move || {
+                let mut long = Conns::open(20, vip_addr(TCP_PORT), Duration::from_secs(5)).unwrap();
+                let mut failed = 0;
+                let mut broken = Vec::new();
+                for round in 0..100_000 {
+                    if s.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    // Generous timeout: a SYN lost in the failover gap is resent after 1 s.
+                    match topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(5)) {
+                        Ok(_) => d.lock().unwrap().push(Instant::now()),
+                        Err(_) => failed += 1,
+                    }
+                    if round % 10 == 0 {
+                        broken.extend(long.broken());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                broken.extend(long.broken());
+                (failed, broken)
+            })
+            .unwrap();
+        Self { stop, done, handle }
+    }
+
+    /// Stops; returns (failed requests, broken long-lived connections, longest gap between
+    /// completed requests).
+    pub fn stop(self) -> (usize, Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (failed, broken) = self.handle.join().unwrap();
+        let done = self.done.lock().unwrap();
+        let gap = done
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        (failed, broken, gap)
+    }
+}
