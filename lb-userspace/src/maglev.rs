@@ -120,33 +120,6 @@ pub struct Job {
     pub size: u32,
 }
 
-/// Builds many tables, spread over the machine's cores (an `apply` of many VIPs).
-pub fn build_many(jobs: &[Job]) -> Vec<Vec<u32>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(jobs.len());
-    if workers <= 1 {
-        return jobs.iter().map(|j| build(&j.entries, j.size)).collect();
-    }
-    let chunk = jobs.len().div_ceil(workers);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = jobs
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|j| build(&j.entries, j.size))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|h| h.join().expect("a table build panicked"))
-            .collect()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
@@ -252,18 +225,6 @@ mod tests {
         // for the same input. If this fails, the hash or the algorithm changed.
         let table = build(&entries(3, |_| 1), 13);
         assert_eq!(table, [0, 2, 0, 0, 0, 1, 2, 1, 1, 1, 2, 0, 2]);
-    }
-
-    #[test]
-    fn many_at_once_equals_one_by_one() {
-        let jobs: Vec<Job> = (1..6)
-            .map(|n| Job {
-                entries: entries(n * 3, |i| 1 + i % 2),
-                size: 251,
-            })
-            .collect();
-        let one_by_one: Vec<Vec<u32>> = jobs.iter().map(|j| build(&j.entries, j.size)).collect();
-        assert_eq!(build_many(&jobs), one_by_one);
     }
 
     #[test]

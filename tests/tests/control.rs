@@ -34,7 +34,7 @@ fn bin() -> &'static Path {
 
 /// What the agent's state file holds.
 fn saved(a: &Agent) -> State {
-    read_state(&a.paths.state_dir.join("state.json")).expect("state file")
+    read_state(&a.paths.state_dir).expect("state directory")
 }
 
 /// The pinned maps equal what the state file implies (every backend up: these tests set no

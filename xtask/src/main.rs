@@ -30,7 +30,11 @@ enum Task {
     /// Benchmarks against their baselines, measured in the same run (per-packet cost, veth
     /// forwarding rate vs bare XDP_TX, connections vs HAProxy, control plane); prints
     /// medians and ratios and writes BENCHMARKS.md. Needs root.
-    Bench,
+    Bench {
+        /// Run only these sections (packet, forward, conns, control) and print them; a run
+        /// of only some sections leaves BENCHMARKS.md alone.
+        only: Vec<String>,
+    },
     /// Fuzz the balancer XDP program through BPF_PROG_TEST_RUN: random and mutated frames,
     /// each result checked by an oracle. Prints counts per action, frames/s and violations
     /// (saved under tests/fuzz-findings/); fails on any violation. Needs root.
@@ -101,7 +105,7 @@ fn cargo_test(args: &[&str], harness: &[&str]) -> anyhow::Result<(u64, u64)> {
 
 /// Builds the real `maglb` binary, then runs `bin` of the tests package, which finds `maglb`
 /// next to itself (the demo and the benches drive it as an operator would).
-fn run_with_maglb(bin: &str) -> anyhow::Result<()> {
+fn run_with_maglb(bin: &str, args: &[String]) -> anyhow::Result<()> {
     let build = [
         "build",
         "--release",
@@ -112,18 +116,18 @@ fn run_with_maglb(bin: &str) -> anyhow::Result<()> {
         "maglb",
     ];
     cmd("cargo", &build)?;
-    cmd(
-        "cargo",
-        &[
-            "run",
-            "--release",
-            "--locked",
-            "--package",
-            "maglb-tests",
-            "--bin",
-            bin,
-        ],
-    )
+    let mut run = vec![
+        "run",
+        "--release",
+        "--locked",
+        "--package",
+        "maglb-tests",
+        "--bin",
+        bin,
+        "--",
+    ];
+    run.extend(args.iter().map(String::as_str));
+    cmd("cargo", &run)
 }
 
 /// Runs a command and returns its standard output.
@@ -205,12 +209,12 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             ensure_setup()?;
             require_root("demo")?;
-            run_with_maglb("maglb-demo")
+            run_with_maglb("maglb-demo", &[])
         }
-        Task::Bench => {
+        Task::Bench { only } => {
             ensure_setup()?;
             require_root("bench")?;
-            run_with_maglb("maglb-bench")
+            run_with_maglb("maglb-bench", &only)
         }
         Task::Fuzz { frames, seed } => {
             ensure_setup()?;

@@ -32,7 +32,7 @@ use crate::{
     health,
     metrics::{self, ProbeMetrics, WriterMetrics},
     state::State,
-    store::{Store, StoreError},
+    store::{Persisted, Store, StoreError},
     views::Views,
     vrrp::speaker::Speaker,
     writer::Writer,
@@ -61,19 +61,19 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         info!(at = %at.display(), "mounted a BPF filesystem for the pins");
     }
     let mut store = Store::open(&opts.state_dir)?;
-    let state = load_state(&mut store, &opts)?;
+    let saved = load_state(&mut store, &opts)?;
     let dp = Datapath::load_pinned(&opts.bpffs)?;
     let counters = dp.counters();
     let writer_metrics = WriterMetrics::default();
     let probe_metrics = ProbeMetrics::default();
     info!(
-        vips = state.vips.len(),
+        vips = saved.state.vips.len(),
         attached = dp.is_attached(),
         state_file = %store.path().display(),
         "agent state loaded"
     );
     let state_file = store.path();
-    let (writer, snap) = Writer::open(store, state, dp, writer_metrics.clone())?;
+    let (writer, snap) = Writer::open(store, saved, dp, writer_metrics.clone())?;
     let (writer, writer_thread) = writer.spawn();
     let speaker = Speaker::spawn(snap.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -120,29 +120,35 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The state to start from: the state file; on first start the initial config, if any.
-fn load_state(store: &mut Store, opts: &Options) -> anyhow::Result<State> {
+/// What to start from: the state directory; on first start the initial config, if any.
+fn load_state(store: &mut Store, opts: &Options) -> anyhow::Result<Persisted> {
     match store.load() {
-        Ok(Some(s)) => Ok(s),
+        Ok(Some(p)) => Ok(p),
         Ok(None) => {
             let Some(path) = opts.initial_config.as_ref().filter(|p| p.exists()) else {
-                return Ok(State::default());
+                return Ok(Persisted::default());
             };
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let s =
+            let state =
                 State::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            store.save(&s, None)?;
+            let p = Persisted {
+                state,
+                ..Persisted::default()
+            };
+            store.reset(&p)?;
             info!(file = %path.display(), "first start: state taken from the initial config");
-            Ok(s)
+            Ok(p)
         }
         Err(StoreError::Corrupt { file, why }) if opts.start_empty => {
-            let aside = file.with_extension("json.unreadable");
+            let aside = file.with_extension("unreadable");
             std::fs::rename(&file, &aside)
                 .with_context(|| format!("moving {} aside", file.display()))?;
             warn!(file = %file.display(), moved_to = %aside.display(), %why,
-                "the state file is unreadable; starting empty as asked (--start-empty)");
-            Ok(State::default())
+                "the state is unreadable; starting empty as asked (--start-empty)");
+            let p = Persisted::default();
+            store.reset(&p)?;
+            Ok(p)
         }
         Err(e) => Err(e.into()),
     }

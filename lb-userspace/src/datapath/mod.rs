@@ -340,20 +340,29 @@ impl Datapath {
         self.maps.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
     }
 
-    /// Carries out a plan's writes in order. Ring maps made by consecutive `NewRing` ops are
-    /// installed together, so their RCU grace periods overlap.
+    /// Carries out a plan's writes in order. Consecutive table writes are built and written
+    /// on all cores at once; ring maps made by consecutive `NewRing` ops are installed
+    /// together, so their RCU grace periods overlap.
     pub fn apply(&mut self, ops: Vec<Op>) -> Result<(), DatapathError> {
+        let mut tables = Vec::new();
         let mut installs = Vec::new();
         for op in ops {
-            if let Op::InstallRing { index } = op {
-                installs.push(index);
-                continue;
+            match op {
+                Op::WriteTable { index, offset, job } => {
+                    tables.push((index, offset, job));
+                    continue;
+                }
+                Op::InstallRing { index } => {
+                    installs.push(index);
+                    continue;
+                }
+                _ => {}
             }
-            if !installs.is_empty() {
-                self.rings.install(&std::mem::take(&mut installs))?;
-            }
+            self.rings.write_tables(std::mem::take(&mut tables))?;
+            self.rings.install(&std::mem::take(&mut installs))?;
             self.apply_one(op)?;
         }
+        self.rings.write_tables(tables)?;
         self.rings.install(&installs)
     }
 
@@ -370,12 +379,7 @@ impl Datapath {
                 .set(slot, backend, 0)
                 .map_err(map_err("BACKENDS")),
             Op::NewRing { index, ring_size } => self.rings.create(index, ring_size),
-            Op::WriteTable {
-                index,
-                offset,
-                table,
-            } => self.rings.write(index, offset, &table),
-            Op::InstallRing { .. } => unreachable!("batched by apply"),
+            Op::WriteTable { .. } | Op::InstallRing { .. } => unreachable!("batched by apply"),
             Op::SetVip { key, meta } => m.vips.insert(key, meta, 0).map_err(map_err("VIPS")),
             Op::DelVip { key } => ignore_missing(m.vips.remove(&key)).map_err(map_err("VIPS")),
             Op::SetAddr { key, meta } => m

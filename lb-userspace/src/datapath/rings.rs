@@ -13,7 +13,7 @@ use aya::maps::{Array, ArrayOfMaps, IterableMap as _, Map, MapData};
 use lb_common::RING_MAP_FLAGS;
 
 use super::{DatapathError, map_err};
-use crate::sys::MappedArray;
+use crate::{maglev, sys::MappedArray};
 
 /// The outer map and the ring maps this process has handles on.
 pub struct Rings {
@@ -56,22 +56,49 @@ impl Rings {
         Ok(())
     }
 
-    /// Writes `table` into VIP index `index`'s ring map from slot `offset` on.
-    pub fn write(&mut self, index: u32, offset: u32, table: &[u32]) -> Result<(), DatapathError> {
-        let m = self.map(index)?;
-        let len = m.len() as usize;
-        if offset as usize + table.len() > len {
-            return Err(DatapathError::Ring {
-                index,
-                source: std::io::Error::other(format!(
-                    "a table of {} slots at {offset} does not fit a map of {len}",
-                    table.len()
-                )),
-            });
+    /// Builds each job's Maglev table and writes it into its VIP index's ring map from its
+    /// offset on, spread over the machine's cores; each core holds one table at a time.
+    pub fn write_tables(
+        &mut self,
+        items: Vec<(u32, u32, maglev::Job)>,
+    ) -> Result<(), DatapathError> {
+        for (index, _, _) in &items {
+            self.map(*index)?;
         }
-        let mapped = MappedArray::map(m.map().fd().as_fd(), len, true).map_err(ring_err(index))?;
-        mapped.write(offset as usize, table);
-        Ok(())
+        let maps = &self.maps;
+        let write = |(index, offset, job): &(u32, u32, maglev::Job)| -> Result<(), DatapathError> {
+            let m = &maps[index];
+            let len = m.len() as usize;
+            if (*offset + job.size) as usize > len {
+                return Err(DatapathError::Ring {
+                    index: *index,
+                    source: std::io::Error::other(format!(
+                        "a table of {} slots at {offset} does not fit a map of {len}",
+                        job.size
+                    )),
+                });
+            }
+            let table = maglev::build(&job.entries, job.size);
+            let mapped =
+                MappedArray::map(m.map().fd().as_fd(), len, true).map_err(ring_err(*index))?;
+            mapped.write(*offset as usize, &table);
+            Ok(())
+        };
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(items.len());
+        if workers <= 1 {
+            return items.iter().try_for_each(write);
+        }
+        std::thread::scope(|s| {
+            let parts: Vec<_> = items
+                .chunks(items.len().div_ceil(workers))
+                .map(|part| s.spawn(move || part.iter().try_for_each(write)))
+                .collect();
+            parts
+                .into_iter()
+                .try_for_each(|h| h.join().expect("a table writer panicked"))
+        })
     }
 
     /// Reads the table of `size` slots at `offset` of VIP index `index`'s ring map.

@@ -54,11 +54,13 @@ pub enum Op {
     InstallRing {
         index: u32,
     },
-    /// `table` goes into the half of VIP index `index`'s ring map that starts at `offset`.
+    /// The Maglev table of `job` goes into the half of VIP index `index`'s ring map that
+    /// starts at `offset`. The table is built where it is written, so that a plan of many
+    /// VIPs never holds all their tables at once.
     WriteTable {
         index: u32,
         offset: u32,
-        table: Vec<u32>,
+        job: maglev::Job,
     },
     SetVip {
         key: VipKey,
@@ -272,14 +274,10 @@ impl Reconciler {
                     .is_none_or(|p| p.spec.as_ref() != Some(*d))
             })
             .collect();
-        let mut jobs = Vec::with_capacity(changed.len());
         for spec in &changed {
-            jobs.push(self.place(spec, &mut ph));
+            let job = self.place(spec, &mut ph);
+            self.switch_table(spec, job, &mut ph);
             touched.insert(spec.id.addr);
-        }
-        let tables = maglev::build_many(&jobs);
-        for (spec, table) in changed.iter().zip(tables) {
-            self.switch_table(spec, table, &mut ph);
         }
         for a in touched {
             self.sync_addr(a, &mut ph.switch);
@@ -435,7 +433,7 @@ impl Reconciler {
 
     /// Writes a VIP's new table into the inactive half of its ring map (a new map when it has
     /// none of that size) and switches its entry to that half.
-    fn switch_table(&mut self, spec: &VipSpec, table: Vec<u32>, ph: &mut Phases) {
+    fn switch_table(&mut self, spec: &VipSpec, job: maglev::Job, ph: &mut Phases) {
         let p = self.vips.get_mut(&spec.id).expect("placed");
         let index = p.meta.index;
         let size = spec.ring_size;
@@ -454,11 +452,7 @@ impl Reconciler {
         } else {
             0
         };
-        ph.tables.push(Op::WriteTable {
-            index,
-            offset,
-            table,
-        });
+        ph.tables.push(Op::WriteTable { index, offset, job });
         if new_map {
             ph.install.push(Op::InstallRing { index });
         }

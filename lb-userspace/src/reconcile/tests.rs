@@ -45,17 +45,14 @@ impl Fake {
                 self.pending
                     .insert(*index, vec![0; 2 * *ring_size as usize]);
             }
-            Op::WriteTable {
-                index,
-                offset,
-                table,
-            } => {
+            Op::WriteTable { index, offset, job } => {
+                let table = crate::maglev::build(&job.entries, job.size);
                 let ring = match self.pending.get_mut(index) {
                     Some(r) => r,
                     None => self.rings.get_mut(index).expect("a ring to write"),
                 };
                 let o = *offset as usize;
-                ring[o..o + table.len()].copy_from_slice(table);
+                ring[o..o + table.len()].copy_from_slice(&table);
             }
             Op::InstallRing { index } => {
                 let r = self.pending.remove(index).expect("made before installed");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::{HealthCheck, State};
 
 /// A check's kind, for change lines.
-fn kind(h: &Option<HealthCheck>) -> String {
+fn kind(h: &Option<Box<HealthCheck>>) -> String {
     h.as_ref().map_or("none".to_owned(), |h| h.kind.to_string())
 }
 

@@ -274,7 +274,7 @@ pub struct BackendEntry {
     pub pool: Option<String>,
     /// Its own health check instead of the VIP's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<HealthCheck>,
+    pub health: Option<Box<HealthCheck>>,
 }
 
 impl BackendEntry {
@@ -306,7 +306,7 @@ pub struct Vip {
     pub ring_size: u32,
     /// The default health check of its backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<HealthCheck>,
+    pub health: Option<Box<HealthCheck>>,
     /// Which pools take new flows, and their relative shares (e.g. blue = 95, green = 5).
     /// Empty: every backend, whatever its pool.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -330,8 +330,8 @@ impl Vip {
     /// The health check that applies to a backend, if any.
     pub fn check_for<'a>(&'a self, b: &'a BackendEntry) -> Option<&'a HealthCheck> {
         b.health
-            .as_ref()
-            .or(self.health.as_ref())
+            .as_deref()
+            .or(self.health.as_deref())
             .filter(|h| h.kind != ProbeKind::None)
     }
 }

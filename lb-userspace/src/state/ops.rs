@@ -108,7 +108,7 @@ impl State {
     /// Sets (or with `None` clears) a VIP's default health check.
     pub fn with_vip_health(&self, id: &VipId, h: Option<HealthCheck>) -> Result<Self, Refusal> {
         let mut s = self.clone();
-        s.vip_mut(id)?.health = h;
+        s.vip_mut(id)?.health = h.map(Box::new);
         s.checked()
     }
 
@@ -120,7 +120,7 @@ impl State {
         h: Option<HealthCheck>,
     ) -> Result<Self, Refusal> {
         let mut s = self.clone();
-        Self::backend_mut(s.vip_mut(id)?, address)?.health = h;
+        Self::backend_mut(s.vip_mut(id)?, address)?.health = h.map(Box::new);
         s.checked()
     }
 
@@ -182,8 +182,10 @@ impl State {
     }
 }
 
-/// A change to the desired state, as the CLI and the API ask for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A change to the desired state, as the CLI and the API ask for it (and as the journal
+/// records it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Change {
     Attach {
         iface: String,

@@ -255,10 +255,10 @@ fn switch_moves_all_or_part_of_the_new_flows() {
 #[test]
 fn health_checks_are_validated() {
     let mut v = Vip::new(id("10.0.0.1:0/tcp"));
-    v.health = Some(HealthCheck {
+    v.health = Some(Box::new(HealthCheck {
         kind: ProbeKind::Tcp,
         ..HealthCheck::default()
-    });
+    }));
     let err = State::default().with_vip(v.clone()).unwrap_err();
     assert!(err.to_string().contains("health.port"), "{err}");
     v.health.as_mut().unwrap().port = Some(80);

@@ -23,8 +23,12 @@ use crate::{
     metrics::WriterMetrics,
     reconcile::{Exhausted, Reconciler},
     state::{AttachMode, Change, Refusal, State, VipId, VipSpec},
-    store::{Store, StoreError},
+    store::{Entry, Persisted, Store, StoreError},
 };
+
+/// A plan that rebuilt more tables than this hands freed memory back to the system after
+/// (an apply of many VIPs passes through tens of megabytes of tables).
+const RELEASE_AFTER_TABLES: usize = 16;
 
 /// Why a command was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +126,11 @@ impl WriterHandle {
 }
 
 pub struct Writer {
-    state: State,
+    state: Arc<State>,
+    /// What the datapath carries for `state` (given `down`).
+    specs: Arc<Vec<VipSpec>>,
+    /// Something changed since the last snapshot was published.
+    dirty: bool,
     store: Store,
     dp: Datapath,
     rec: Reconciler,
@@ -140,10 +148,11 @@ impl Writer {
     /// carry `state`. A datapath that refuses is logged, and the agent serves anyway.
     pub fn open(
         store: Store,
-        state: State,
+        saved: Persisted,
         mut dp: Datapath,
         metrics: WriterMetrics,
     ) -> Result<(Self, watch::Receiver<Arc<Snapshot>>), DatapathError> {
+        let Persisted { state, down } = saved;
         let obs = dp.observe()?;
         let (rec, repairs) = Reconciler::adopt(&obs);
         if !repairs.is_empty() {
@@ -164,19 +173,20 @@ impl Writer {
         };
         let (publish, rx) = watch::channel(Arc::new(Snapshot::default()));
         let mut w = Writer {
-            state: State::default(),
+            state: Arc::new(state),
+            specs: Arc::default(),
+            dirty: true,
             store,
             dp,
             rec,
-            down: BTreeSet::new(),
+            down,
             attached,
             nexthop: None,
             serial: 0,
             publish,
             metrics,
         };
-        w.state = state.clone();
-        if let Err(e) = w.realize(&state) {
+        if let Err(e) = w.realize(w.specs_for(&w.state)) {
             warn!(error = %e, "could not make the datapath carry the saved state; serving anyway");
         }
         if w.dp.is_migrating() {
@@ -217,16 +227,18 @@ impl Writer {
                         .dp
                         .observe()
                         .map_err(WriteError::from)
-                        .map(|obs| crate::reconcile::verify(&obs, &self.specs(&self.state)));
+                        .map(|obs| crate::reconcile::verify(&obs, &self.specs));
                     let _ = reply.send(r);
                 }
             }
-            self.publish();
+            if self.dirty {
+                self.publish();
+            }
         }
     }
 
     /// What the datapath should carry for `s`, given the backends' health.
-    fn specs(&self, s: &State) -> Vec<VipSpec> {
+    fn specs_for(&self, s: &State) -> Vec<VipSpec> {
         s.vips
             .iter()
             .map(|v| v.spec(|a| !self.down.contains(&(v.address, *a))))
@@ -243,13 +255,15 @@ impl Writer {
     ) -> Result<Vec<String>, WriteError> {
         let new = change.apply_to(&self.state)?;
         let lines = self.state.diff(&new);
-        if new == self.state {
+        if new == *self.state {
             return Ok(lines);
         }
-        self.rec.check_capacity(&self.specs(&new))?;
-        self.store.save(&new, request)?;
-        let old = std::mem::replace(&mut self.state, new.clone());
-        if let Err(e) = self.realize(&new) {
+        let specs = self.specs_for(&new);
+        self.rec.check_capacity(&specs)?;
+        self.store
+            .commit(Entry::Change(change.clone()), request, None)?;
+        let old = std::mem::replace(&mut self.state, Arc::new(new));
+        if let Err(e) = self.realize(specs) {
             warn!(change = change.name(), error = %e, "the datapath refused; restoring the previous state");
             self.rollback(old, request);
             return Err(e);
@@ -258,16 +272,17 @@ impl Writer {
         Ok(lines)
     }
 
-    fn rollback(&mut self, old: State, request: Option<&str>) {
-        self.state = old.clone();
-        if let Some(id) = request {
-            self.store.forget(id);
-        }
-        if let Err(e) = self.store.save(&old, None) {
+    fn rollback(&mut self, old: Arc<State>, request: Option<&str>) {
+        if let Err(e) = self
+            .store
+            .commit(Entry::Replace((*old).clone()), None, request)
+        {
             warn!(error = %crate::error_chain(&e), "restoring the previous state file");
         }
+        self.state = old;
         // What the maps hold after a failed write is read back, not assumed.
-        if let Err(e) = self.resync().and_then(|()| self.realize(&old)) {
+        let specs = self.specs_for(&self.state);
+        if let Err(e) = self.resync().and_then(|()| self.realize(specs)) {
             warn!(error = %e, "restoring the previous state in the datapath");
         }
     }
@@ -281,20 +296,26 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes the datapath carry `s`: attachment, then VIPs and backends.
-    fn realize(&mut self, s: &State) -> Result<(), WriteError> {
-        self.attach_to(s)?;
+    /// Makes the datapath carry the state: attachment, then `specs` (the state's VIPs and
+    /// backends, given their health).
+    fn realize(&mut self, specs: Vec<VipSpec>) -> Result<(), WriteError> {
+        self.dirty = true;
+        let state = self.state.clone();
+        self.attach_to(&state)?;
         let started = Instant::now();
-        let specs = self.specs(s);
         let ops = self.rec.plan(&specs)?;
         let tables = ops
             .iter()
             .filter(|o| matches!(o, crate::reconcile::Op::WriteTable { .. }))
             .count();
         self.dp.apply(ops)?;
+        self.specs = Arc::new(specs);
         if tables > 0 {
             self.metrics
                 .rebuilt(tables as u64, started.elapsed().as_secs_f64());
+        }
+        if tables > RELEASE_AFTER_TABLES {
+            crate::sys::release_free_memory();
         }
         Ok(())
     }
@@ -342,17 +363,25 @@ impl Writer {
         } else {
             self.down.insert(key);
         }
-        let state = self.state.clone();
-        if let Err(e) = self.realize(&state) {
+        // Kept, so that a restarted agent sends no new flows to a backend it knew was down.
+        if let Err(e) = self
+            .store
+            .commit(Entry::Health { vip, backend, up }, None, None)
+        {
+            warn!(error = %crate::error_chain(&e), %vip, %backend, "recording a health change");
+        }
+        if let Err(e) = self.realize(self.specs_for(&self.state)) {
             warn!(error = %e, %vip, %backend, "applying a health change");
         }
     }
 
     fn config(&mut self, config: Config, nexthop: Option<(IpAddr, [u8; 6])>) {
+        self.dirty |= self.nexthop != nexthop;
         self.nexthop = nexthop;
         if self.dp.config().ok() == Some(config) {
             return;
         }
+        self.dirty = true;
         match self.dp.set_config(&config) {
             Ok(()) => info!(
                 nexthop_mac = %crate::addr::fmt_mac(&config.nh_mac),
@@ -366,6 +395,7 @@ impl Writer {
 
     /// Forgets the health of backends that no longer exist, and publishes a snapshot.
     fn publish(&mut self) {
+        self.dirty = false;
         let state = &self.state;
         self.down.retain(|(v, a)| {
             state.vip(v).is_some_and(|v| {
@@ -390,8 +420,8 @@ impl Writer {
         self.serial += 1;
         let snap = Snapshot {
             serial: self.serial,
-            state: Arc::new(self.state.clone()),
-            specs: Arc::new(self.specs(&self.state)),
+            state: self.state.clone(),
+            specs: self.specs.clone(),
             placement: Arc::new(placement),
             down: Arc::new(self.down.clone()),
             attached: self.dp.is_attached(),

@@ -2,17 +2,32 @@
 
 use maglb_tests::{agent::sibling_maglb, bench, netns::require_root};
 
+/// With section names as arguments (`packet`, `forward`, `conns`, `control`), runs only those
+/// and prints them; BENCHMARKS.md is written only by a full run.
 fn main() -> anyhow::Result<()> {
     require_root();
     let bin = sibling_maglb();
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut r = bench::Report(String::from(
         "# maglb benchmarks\n\nWritten by `cargo xtask bench` on this machine (2 cores). Every \
          comparison is measured in the same run.\n\n",
     ));
-    bench::packet::run(&mut r)?;
-    bench::forward::run(&mut r)?;
-    bench::conns::run(&mut r, &bin)?;
-    bench::control::run(&mut r, &bin)?;
+    if wanted("packet") {
+        bench::packet::run(&mut r)?;
+    }
+    if wanted("forward") {
+        bench::forward::run(&mut r)?;
+    }
+    if wanted("conns") {
+        bench::conns::run(&mut r, &bin)?;
+    }
+    if wanted("control") {
+        bench::control::run(&mut r, &bin)?;
+    }
+    if !only.is_empty() {
+        return Ok(());
+    }
     r.0.push_str(LIMITS);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
     std::fs::write(path, &r.0)?;
