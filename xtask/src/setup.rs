@@ -170,5 +170,5 @@ fn install_bpf_linker(major: &str) -> anyhow::Result<()> {
 }
 
 pub fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
