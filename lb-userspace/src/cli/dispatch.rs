@@ -165,7 +165,11 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
         }
         Cmd::Decap { cmd } => decap_cmd(cmd, out)?,
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "maglb", out);
+            // clap_complete panics on a failed write (`maglb completions bash | head`):
+            // generate into memory, then write like every other command.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "maglb", &mut script);
+            out.write_all(&script)?;
         }
     }
     out.flush()?;
