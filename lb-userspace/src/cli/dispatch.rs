@@ -397,7 +397,12 @@ fn read_file(p: &Path) -> Result<String, String> {
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAGLB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // rustls-platform-verifier logs an ERROR for every certificate it refuses: a probe
+        // of a backend with a bad certificate would log one per interval. The probe's
+        // result carries the reason, and each up/down transition is logged.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,rustls_platform_verifier=off")
+        });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

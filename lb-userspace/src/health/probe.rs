@@ -250,7 +250,9 @@ fn tls_reason(e: &rustls::Error, host: &str) -> String {
             C::NotValidYet | C::NotValidYetContext { .. } => {
                 format!("certificate not valid yet: {c}")
             }
-            C::BadSignature => "certificate signature does not verify".into(),
+            C::BadSignature => "certificate signature does not verify against the trusted \
+                                 certificates (is tls_ca the CA that signed it?)"
+                .into(),
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
                 format!("certificate not for TLS servers: {c}")
             }
