@@ -9,7 +9,9 @@ use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
 /// (`prometheus` brings promtool, which checks the metrics and the alert rules; keepalived
-/// is the VRRP peer of the interoperability test; nginx, HAProxy and wrk serve the benches.)
+/// is the VRRP peer of the interoperability test; nginx serves the probe tests and the
+/// benches, HAProxy and wrk the benches; chromium renders the status page in its test;
+/// openssl makes the probe tests' certificates.)
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -21,6 +23,8 @@ pub const PACKAGES: &[&str] = &[
     "nginx-light",
     "haproxy",
     "wrk",
+    "chromium",
+    "openssl",
 ];
 
 /// What is missing, as human-readable items (empty when all is there).
