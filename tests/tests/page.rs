@@ -134,7 +134,7 @@ fn status_page_shows_live_rates_and_a_backend_going_down() {
 
     let shots = scratch.0.dir.join("screens");
     std::fs::create_dir_all(&shots).unwrap();
-    let mut b = Browser::start(&t.lb, &shots, 1180, 290).expect("chromium");
+    let mut b = Browser::start(&t.lb, &shots, 1180, 360).expect("chromium");
     b.open(PAGE).expect("opening the status page");
 
     // The rows: one VIP, three backends, all up.
