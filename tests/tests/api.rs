@@ -358,10 +358,7 @@ fn idle_connections_neither_delay_status_nor_stay_forever() {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut buf = [0u8; 256];
         let n = s.read(&mut buf);
-        assert!(
-            matches!(n, Ok(_)),
-            "an idle connection was not closed: {n:?}"
-        );
+        assert!(n.is_ok(), "an idle connection was not closed: {n:?}");
     }
     let took = opened.elapsed();
     println!("idle connections closed by the agent after {took:?}");
