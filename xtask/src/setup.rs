@@ -29,6 +29,16 @@ pub const PACKAGES: &[&str] = &[
 
 /// What is missing, as human-readable items (empty when all is there).
 pub fn missing() -> Vec<String> {
+    let mut m = missing_toolchain();
+    for p in missing_packages() {
+        m.push(format!("Debian package {p}"));
+    }
+    m
+}
+
+/// What building maglb needs and this machine lacks (no Debian packages: those serve the
+/// tests, the demo and the benches).
+pub fn missing_toolchain() -> Vec<String> {
     let mut m = Vec::new();
     if !has_nightly() {
         m.push("the nightly toolchain".into());
@@ -42,10 +52,33 @@ pub fn missing() -> Vec<String> {
         )),
         _ => {}
     }
-    for p in missing_packages() {
-        m.push(format!("Debian package {p}"));
+    for c in missing_lint_components() {
+        m.push(c.to_string());
     }
     m
+}
+
+/// What `cargo xtask lint` runs and this machine lacks: rustfmt and clippy of the toolchain
+/// that builds the host crates (the one running us), clippy for the eBPF crate (nightly).
+fn missing_lint_components() -> Vec<&'static str> {
+    let mut m = Vec::new();
+    for (sub, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        if output("cargo", &[sub, "--version"]).is_err() {
+            m.push(component);
+        }
+    }
+    if has_nightly() && !has_component("nightly", "clippy") {
+        m.push("clippy for nightly");
+    }
+    m
+}
+
+fn has_component(toolchain: &str, component: &str) -> bool {
+    output(
+        "rustup",
+        &["component", "list", "--toolchain", toolchain, "--installed"],
+    )
+    .is_ok_and(|o| o.lines().any(|l| l.starts_with(component)))
 }
 
 fn has_nightly() -> bool {
@@ -94,22 +127,7 @@ fn missing_packages() -> Vec<&'static str> {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    if !has_nightly() {
-        cmd(
-            "rustup",
-            &["toolchain", "install", "nightly", "--profile", "minimal"],
-        )?;
-    }
-    if !has_rust_src() {
-        cmd(
-            "rustup",
-            &["component", "add", "rust-src", "--toolchain", "nightly"],
-        )?;
-    }
-    let want = nightly_llvm_major().context("reading nightly rustc's LLVM version")?;
-    if bpf_linker_llvm().as_deref() != Some(want.as_str()) {
-        install_bpf_linker(&want)?;
-    }
+    let want = run_toolchain()?;
     let pkgs = missing_packages();
     if !pkgs.is_empty() {
         if !is_root() {
@@ -133,6 +151,37 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("setup: all there (nightly + rust-src, bpf-linker for LLVM {want}, {PACKAGES:?})");
     Ok(())
+}
+
+/// Installs what building and linting maglb needs (`missing_toolchain`); returns the LLVM
+/// major version bpf-linker uses.
+pub fn run_toolchain() -> anyhow::Result<String> {
+    if !has_nightly() {
+        cmd(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
+    }
+    if !has_rust_src() {
+        cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
+    }
+    for c in missing_lint_components() {
+        match c.split_once(" for ") {
+            Some((component, toolchain)) => cmd(
+                "rustup",
+                &["component", "add", component, "--toolchain", toolchain],
+            )?,
+            None => cmd("rustup", &["component", "add", c])?,
+        }
+    }
+    let want = nightly_llvm_major().context("reading nightly rustc's LLVM version")?;
+    if bpf_linker_llvm().as_deref() != Some(want.as_str()) {
+        install_bpf_linker(&want)?;
+    }
+    Ok(want)
 }
 
 /// bpf-linker must use the same LLVM as nightly rustc. No prebuilt binary: it is built
