@@ -82,6 +82,22 @@ impl Agent {
         Self::spawn(cmd, bin, paths)
     }
 
+    /// Starts `bin agent` through `cmd` (a wrapper that ends by executing `bin` with the
+    /// arguments appended, e.g. `sh -c 'umask 077; exec "$0" "$@"' BIN`), and waits until it
+    /// answers.
+    pub fn start_with(
+        cmd: std::process::Command,
+        bin: &Path,
+        paths: &AgentPaths,
+    ) -> anyhow::Result<Self> {
+        Self::spawn(cmd, bin, paths)
+    }
+
+    /// The read-only socket next to the admin socket.
+    pub fn read_socket(&self) -> PathBuf {
+        lb_userspace::api::read_socket_for(&self.paths.socket)
+    }
+
     fn spawn(
         mut cmd: std::process::Command,
         bin: &Path,
@@ -158,7 +174,9 @@ impl Agent {
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
             let _ = c.wait();
         }
     }

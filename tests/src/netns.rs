@@ -4,11 +4,13 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd,
+    os::fd::AsFd as _,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     thread,
 };
+
+use rustix::thread::{self as rthread, LinkNameSpaceType};
 
 use anyhow::{Context as _, bail};
 
@@ -98,23 +100,18 @@ impl Netns {
     }
 
     /// A command that will run inside this namespace. Unlike `ip netns exec`, it keeps the
-    /// caller's mounts, so `/sys/fs/bpf` pins stay visible.
+    /// caller's mounts, so `/sys/fs/bpf` pins stay visible: `nsenter` enters only the network
+    /// namespace and then executes `prog` (same process, so the child's pid is `prog`'s).
     pub fn command(
         &self,
         prog: impl AsRef<std::ffi::OsStr>,
     ) -> anyhow::Result<std::process::Command> {
-        use std::os::unix::process::CommandExt as _;
         let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        let mut cmd = std::process::Command::new(prog);
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        if !std::path::Path::new(&path).exists() {
+            bail!("no namespace {path}");
         }
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={path}")).arg("--").arg(prog);
         Ok(cmd)
     }
 
@@ -138,8 +135,8 @@ impl Netns {
         let file = File::open(&path).with_context(|| format!("opening {path}"))?;
         Ok(thread::spawn(move || {
             // Only this thread changes namespace; the network namespace is per thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            rthread::move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+                .expect("setns into the test's network namespace");
             f()
         }))
     }
@@ -151,11 +148,15 @@ impl Drop for Netns {
     }
 }
 
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
 /// Fails loudly unless this process can run the namespace tests.
 pub fn require_root() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    assert!(
+        is_root(),
         "the maglb integration tests need root (network namespaces, XDP); run `sudo cargo xtask test`"
     );
 }

@@ -1,8 +1,13 @@
-//! maglb's tasks: `cargo xtask setup | build | test | demo | bench | fuzz`.
+//! maglb's tasks: `cargo xtask setup | build | test | lint | install | demo | bench | fuzz`.
 
+mod install;
+mod lint;
 mod setup;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -24,6 +29,20 @@ enum Task {
     /// Run every test: unit tests, packet fixtures (BPF_PROG_TEST_RUN) and the end-to-end
     /// namespace tests. Needs root; fails (never skips) when it cannot run them.
     Test,
+    /// Formatting and clippy with warnings as errors: the host crates, and lb-ebpf built
+    /// with nightly for the BPF target. CI runs it.
+    Lint,
+    /// Build maglb (release) and install it: the binary, man pages, shell completions
+    /// (bash, zsh, fish), the systemd unit, the Grafana dashboard and Prometheus alert rules.
+    Install {
+        /// Where the files belong on the target system.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Write them under this directory instead (staging for a package); the unit still
+        /// names the binary under --prefix.
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+    },
     /// Show the datapath at work in namespaces: real traffic to a VIP, the spread over
     /// backends, the counters. Needs root.
     Demo,
@@ -148,6 +167,21 @@ fn ensure_setup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs what building maglb needs, when something is missing (no Debian packages).
+fn ensure_toolchain() -> anyhow::Result<()> {
+    let missing = setup::missing_toolchain();
+    if !missing.is_empty() {
+        println!("xtask: missing {}; installing it", missing.join(", "));
+        setup::run_toolchain()?;
+    }
+    Ok(())
+}
+
+/// The workspace's root directory.
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
 fn require_root(task: &str) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!(
@@ -205,6 +239,14 @@ fn main() -> anyhow::Result<()> {
                 unit.1 + root.1
             );
             Ok(())
+        }
+        Task::Lint => {
+            ensure_toolchain()?;
+            lint::run(root())
+        }
+        Task::Install { prefix, destdir } => {
+            ensure_toolchain()?;
+            install::run(root(), &prefix, destdir.as_deref())
         }
         Task::Demo => {
             ensure_setup()?;

@@ -9,7 +9,9 @@ use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
 /// (`prometheus` brings promtool, which checks the metrics and the alert rules; keepalived
-/// is the VRRP peer of the interoperability test; nginx, HAProxy and wrk serve the benches.)
+/// is the VRRP peer of the interoperability test; nginx serves the probe tests and the
+/// benches, HAProxy and wrk the benches; chromium renders the status page in its test;
+/// openssl makes the probe tests' certificates.)
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -21,10 +23,22 @@ pub const PACKAGES: &[&str] = &[
     "nginx-light",
     "haproxy",
     "wrk",
+    "chromium",
+    "openssl",
 ];
 
 /// What is missing, as human-readable items (empty when all is there).
 pub fn missing() -> Vec<String> {
+    let mut m = missing_toolchain();
+    for p in missing_packages() {
+        m.push(format!("Debian package {p}"));
+    }
+    m
+}
+
+/// What building maglb needs and this machine lacks (no Debian packages: those serve the
+/// tests, the demo and the benches).
+pub fn missing_toolchain() -> Vec<String> {
     let mut m = Vec::new();
     if !has_nightly() {
         m.push("the nightly toolchain".into());
@@ -38,10 +52,33 @@ pub fn missing() -> Vec<String> {
         )),
         _ => {}
     }
-    for p in missing_packages() {
-        m.push(format!("Debian package {p}"));
+    for c in missing_lint_components() {
+        m.push(c.to_string());
     }
     m
+}
+
+/// What `cargo xtask lint` runs and this machine lacks: rustfmt and clippy of the toolchain
+/// that builds the host crates (the one running us), clippy for the eBPF crate (nightly).
+fn missing_lint_components() -> Vec<&'static str> {
+    let mut m = Vec::new();
+    for (sub, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        if output("cargo", &[sub, "--version"]).is_err() {
+            m.push(component);
+        }
+    }
+    if has_nightly() && !has_component("nightly", "clippy") {
+        m.push("clippy for nightly");
+    }
+    m
+}
+
+fn has_component(toolchain: &str, component: &str) -> bool {
+    output(
+        "rustup",
+        &["component", "list", "--toolchain", toolchain, "--installed"],
+    )
+    .is_ok_and(|o| o.lines().any(|l| l.starts_with(component)))
 }
 
 fn has_nightly() -> bool {
@@ -90,22 +127,7 @@ fn missing_packages() -> Vec<&'static str> {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    if !has_nightly() {
-        cmd(
-            "rustup",
-            &["toolchain", "install", "nightly", "--profile", "minimal"],
-        )?;
-    }
-    if !has_rust_src() {
-        cmd(
-            "rustup",
-            &["component", "add", "rust-src", "--toolchain", "nightly"],
-        )?;
-    }
-    let want = nightly_llvm_major().context("reading nightly rustc's LLVM version")?;
-    if bpf_linker_llvm().as_deref() != Some(want.as_str()) {
-        install_bpf_linker(&want)?;
-    }
+    let want = run_toolchain()?;
     let pkgs = missing_packages();
     if !pkgs.is_empty() {
         if !is_root() {
@@ -129,6 +151,37 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("setup: all there (nightly + rust-src, bpf-linker for LLVM {want}, {PACKAGES:?})");
     Ok(())
+}
+
+/// Installs what building and linting maglb needs (`missing_toolchain`); returns the LLVM
+/// major version bpf-linker uses.
+pub fn run_toolchain() -> anyhow::Result<String> {
+    if !has_nightly() {
+        cmd(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
+    }
+    if !has_rust_src() {
+        cmd(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
+    }
+    for c in missing_lint_components() {
+        match c.split_once(" for ") {
+            Some((component, toolchain)) => cmd(
+                "rustup",
+                &["component", "add", component, "--toolchain", toolchain],
+            )?,
+            None => cmd("rustup", &["component", "add", c])?,
+        }
+    }
+    let want = nightly_llvm_major().context("reading nightly rustc's LLVM version")?;
+    if bpf_linker_llvm().as_deref() != Some(want.as_str()) {
+        install_bpf_linker(&want)?;
+    }
+    Ok(want)
 }
 
 /// bpf-linker must use the same LLVM as nightly rustc. No prebuilt binary: it is built
@@ -170,5 +223,5 @@ fn install_bpf_linker(major: &str) -> anyhow::Result<()> {
 }
 
 pub fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }

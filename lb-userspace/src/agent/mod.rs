@@ -162,6 +162,11 @@ async fn serve(opts: &Options, api: Arc<Api>) -> anyhow::Result<()> {
     if let Some(path) = &opts.read_socket {
         let l = bind(path, 0o666)?;
         info!(socket = %path.display(), "serving the read-only API");
+        if let Some((dir, mode)) = closed_ancestor(path) {
+            warn!(socket = %path.display(), dir = %dir.display(), mode = format!("{mode:o}"),
+                "users other than root cannot reach the read-only socket: a directory on its \
+                 path is not searchable by them (chmod o+x it, or choose --read-socket)");
+        }
         tokio::spawn(server::serve_unix(l, server::read_only(api.clone()), false));
     }
     if let Some(at) = opts.metrics {
@@ -179,11 +184,27 @@ async fn serve(opts: &Options, api: Arc<Api>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds a socket: parent directory created, a stale socket file removed (only if it is a
+/// The first directory on the way to `path` that other users cannot pass through (no `o+x`),
+/// with its mode.
+fn closed_ancestor(path: &Path) -> Option<(PathBuf, u32)> {
+    let abs = std::path::absolute(path).ok()?;
+    abs.ancestors().skip(1).find_map(|d| {
+        let mode = std::fs::metadata(d).ok()?.permissions().mode();
+        (mode & 0o001 == 0).then(|| (d.to_owned(), mode & 0o7777))
+    })
+}
+
+/// Binds a socket: parent directory created (mode 0755), a stale socket file removed (only if it is a
 /// socket no one serves), then the given mode.
 fn bind(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Whatever the umask: the read-only socket in it must be reachable by every user
+        // (the admin socket is protected by its own mode, 0600).
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("setting the mode of {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {

@@ -24,13 +24,17 @@ use super::{Changes, ErrorBody, REQUEST_ID_HEADER, RequestStatus};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach the maglb agent at {socket}: {source}. Start it with `maglb agent` (or `systemctl start maglb`), or point --socket at it"
+        "cannot reach the maglb agent at {socket}: {error}. Start it with `maglb agent` (or `systemctl start maglb`), or point --socket at it"
     )]
     NoAgent {
         socket: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    /// The socket exists but is not open to this user (the admin socket is root only).
+    #[error(
+        "{socket} is open to root only: changes need root (sudo maglb ...); status, lists, stats and health work for any user through the read-only socket"
+    )]
+    Forbidden { socket: PathBuf },
     #[error("talking to the agent: {0}")]
     Io(String),
     /// The connection broke after the request was sent: the outcome is not known yet.
@@ -82,10 +86,15 @@ async fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(source) => {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(ClientError::Forbidden {
+                    socket: socket.to_owned(),
+                });
+            }
+            Err(error) => {
                 return Err(ClientError::NoAgent {
                     socket: socket.to_owned(),
-                    source,
+                    error,
                 });
             }
         }

@@ -156,6 +156,7 @@ pub fn admin(api: Shared) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(audit))
         .with_state(api)
 }
@@ -171,6 +172,7 @@ pub fn read_only(api: Shared) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(json_errors))
         .with_state(api)
 }
 
@@ -189,6 +191,7 @@ pub fn metrics(api: Shared) -> Router {
                 "try /metrics, or / for the status page".into(),
             )
         })
+        .layer(middleware::from_fn(json_errors))
         .with_state(api)
 }
 
@@ -409,6 +412,35 @@ async fn verify(State(a): State<Shared>) -> Answer<Verification> {
     Ok(Json(Verification {
         differences: a.writer.verify().await?,
     }))
+}
+
+/// Error answers made outside our handlers (axum's rejections: a body over [`MAX_BODY`], a
+/// body that cannot be read, ...) are plain text; this turns them into the same JSON as ours.
+async fn json_errors(req: axum::extract::Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    // Rejection texts are short; a longer body is cut, never buffered whole.
+    let text = match axum::body::to_bytes(resp.into_body(), 4096).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_owned(),
+    };
+    let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!("{text}: request bodies are limited to {MAX_BODY} bytes")
+    } else {
+        text
+    };
+    ApiError(status, msg).into_response()
 }
 
 /// Who is on the other end of a Unix socket.

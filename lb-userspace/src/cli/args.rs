@@ -14,7 +14,7 @@ use crate::{
 #[command(
     name = "maglb",
     version,
-    about = "maglb: an XDP layer-4 load balancer with Maglev hashing and direct server return",
+    about = "An XDP layer-4 load balancer with Maglev hashing and direct server return",
     after_help = "Start the agent with `maglb agent` (root), then attach and add VIPs:\n  \
         maglb attach --iface eth0\n  \
         maglb vip add 10.200.0.1:80/tcp\n  \
@@ -175,6 +175,14 @@ pub enum Cmd {
     /// Shell completions.
     #[command(after_help = "Example:\n  maglb completions bash > /etc/bash_completion.d/maglb")]
     Completions { shell: clap_complete::Shell },
+    /// Man pages (roff): maglb(1) on standard output, or one page per subcommand into a
+    /// directory (`cargo xtask install` does this).
+    #[command(after_help = "Example:\n  maglb man | man -l -")]
+    Man {
+        /// Write maglb.1, maglb-vip.1, maglb-vip-add.1, ... into this directory instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -165,7 +165,19 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
         }
         Cmd::Decap { cmd } => decap_cmd(cmd, out)?,
         Cmd::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "maglb", out);
+            // clap_complete panics on a failed write (`maglb completions bash | head`):
+            // generate into memory, then write like every other command.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "maglb", &mut script);
+            out.write_all(&script)?;
+        }
+        Cmd::Man { out_dir: None } => out.write_all(&man_page()?)?,
+        Cmd::Man { out_dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .map_err(|e| format!("writing man pages to {}: {e}", dir.display()))?;
+            writeln!(out, "man pages written to {}", dir.display())?;
         }
     }
     out.flush()?;
@@ -387,18 +399,127 @@ fn watch(
     Ok(())
 }
 
+/// maglb(1), in roff.
+fn man_page() -> std::io::Result<Vec<u8>> {
+    let mut page = Vec::new();
+    // As in the per-subcommand pages: no maglb-help(1), which has no page of its own.
+    clap_mangen::Man::new(Cli::command().disable_help_subcommand(true)).render(&mut page)?;
+    Ok(page)
+}
+
 fn read_file(p: &Path) -> Result<String, String> {
     std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAGLB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // rustls-platform-verifier logs an ERROR for every certificate it refuses: a probe
+        // of a backend with a bad certificate would log one per interval. The probe's
+        // result carries the reason, and each up/down transition is logged.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,rustls_platform_verifier=off")
+        });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// The subcommands an operator looks for in the man page.
+    const SUBCOMMANDS: &[&str] = &[
+        "agent",
+        "attach",
+        "vip",
+        "backend",
+        "health",
+        "stats",
+        "status",
+        "apply",
+        "vrrp",
+        "decap",
+        "completions",
+    ];
+
+    #[test]
+    fn man_page_names_the_subcommands_and_renders() {
+        let page = String::from_utf8(man_page().unwrap()).unwrap();
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH maglb 1"),
+            "{page}"
+        );
+        for s in SUBCOMMANDS {
+            assert!(
+                page.contains(&format!("maglb\\-{s}(1)")),
+                "no {s} in\n{page}"
+            );
+        }
+        // Rendered by man(1) where it is installed (Debian: man-db), as a reader sees it.
+        let dir = std::env::temp_dir().join(format!("maglb-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("maglb.1");
+        std::fs::write(&file, &page).unwrap();
+        let shown = std::process::Command::new("man")
+            .arg("-l")
+            .arg(&file)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100")
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        match shown {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                for heading in ["NAME", "SYNOPSIS", "SUBCOMMANDS"] {
+                    assert!(text.contains(heading), "man -l shows no {heading}:\n{text}");
+                }
+                assert!(text.contains("maglb-vip(1)"), "{text}");
+            }
+            Ok(o) => panic!("man -l failed: {}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => eprintln!("man(1) not installed ({e}); checked the roff text only"),
+        }
+    }
+
+    #[test]
+    fn man_pages_for_every_subcommand() {
+        let dir = std::env::temp_dir().join(format!("maglb-mans-{}", std::process::id()));
+        let cli =
+            Cli::try_parse_from(["maglb", "man", "--out-dir", dir.to_str().unwrap()]).unwrap();
+        let mut out = Vec::new();
+        run(cli, &mut out).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let _ = std::fs::remove_dir_all(&dir);
+        for s in SUBCOMMANDS {
+            assert!(names.contains(&format!("maglb-{s}.1")), "{names:?}");
+        }
+        assert!(names.contains(&"maglb.1".to_owned()));
+        assert!(names.contains(&"maglb-vip-add.1".to_owned()));
+    }
+
+    #[test]
+    fn completions_for_bash_zsh_and_fish() {
+        for (shell, marker) in [
+            ("bash", "complete -F"),
+            ("zsh", "#compdef maglb"),
+            ("fish", "complete -c maglb"),
+        ] {
+            let cli = Cli::try_parse_from(["maglb", "completions", shell]).unwrap();
+            let mut out = Vec::new();
+            run(cli, &mut out).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains(marker), "{shell}: {text}");
+            assert!(text.contains("backend"), "{shell}: no subcommands");
+        }
     }
 }

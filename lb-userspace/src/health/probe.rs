@@ -146,11 +146,12 @@ impl Prober {
     async fn http(&self) -> ProbeResult {
         let client = self.http.as_ref().expect("made for HTTP checks");
         let check = &self.probe.check;
+        let host = self.probe.host();
         let mut resp = client
             .get(self.probe.url())
             .send()
             .await
-            .map_err(|e| http_error(&e))?;
+            .map_err(|e| http_error(&e, &host))?;
         let status = resp.status().as_u16();
         let ranges = parse_statuses(&check.expect_status)?;
         if !ranges.iter().any(|(a, b)| (*a..=*b).contains(&status)) {
@@ -161,7 +162,7 @@ impl Prober {
         };
         let mut body = Vec::new();
         while body.len() < BODY_LIMIT {
-            match resp.chunk().await.map_err(|e| http_error(&e))? {
+            match resp.chunk().await.map_err(|e| http_error(&e, &host))? {
                 Some(c) => body.extend_from_slice(&c),
                 None => break,
             }
@@ -201,19 +202,67 @@ impl Prober {
     }
 }
 
-/// A short reason for a failed HTTP(S) exchange: refused, timed out, or the TLS problem.
-fn http_error(e: &reqwest::Error) -> String {
+/// A short reason for a failed HTTP(S) exchange: refused, timed out, or the TLS problem in
+/// words (which certificate check failed, for which name, and what to do about it).
+fn http_error(e: &reqwest::Error, host: &str) -> String {
     let chain = crate::error_chain(e);
-    if chain.contains("Connection refused") {
+    if let Some(tls) = rustls_error(e) {
+        format!("TLS: {}", tls_reason(tls, host))
+    } else if chain.contains("Connection refused") {
         "connection refused".into()
     } else if e.is_timeout() {
         "timeout".into()
-    } else if let Some(tls) = chain.split(": ").find(|p| {
-        p.contains("certificate") || p.contains("UnknownIssuer") || p.contains("NotValidForName")
-    }) {
-        format!("TLS: {tls}")
+    } else if e.is_connect() {
+        format!("connect: {}", chain.rsplit(": ").next().unwrap_or(&chain))
     } else {
         chain
+    }
+}
+
+/// The rustls error somewhere in `e`'s chain. hyper-rustls hands it on inside `io::Error`s
+/// (nested twice), whose `source()` skips their payload, so each payload is searched too.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(r) = e.downcast_ref::<rustls::Error>() {
+        return Some(r);
+    }
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        && let Some(r) = rustls_error(inner)
+    {
+        return Some(r);
+    }
+    e.source().and_then(rustls_error)
+}
+
+fn tls_reason(e: &rustls::Error, host: &str) -> String {
+    use rustls::{CertificateError as C, Error as E};
+    match e {
+        E::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => "certificate not trusted: unknown issuer (set tls_ca to the CA \
+                                 that signed it, or tls_insecure = true)"
+                .into(),
+            C::NotValidForNameContext { .. } => format!("{c} (set host to a name it has)"),
+            C::NotValidForName => {
+                format!("certificate not valid for the name {host} (set host to a name it has)")
+            }
+            C::Expired | C::ExpiredContext { .. } => format!("certificate expired: {c}"),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                format!("certificate not valid yet: {c}")
+            }
+            C::BadSignature => "certificate signature does not verify against the trusted \
+                                 certificates (is tls_ca the CA that signed it?)"
+                .into(),
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                format!("certificate not for TLS servers: {c}")
+            }
+            other => format!("certificate refused: {other}"),
+        },
+        E::AlertReceived(alert) => format!("the server ended the handshake: {alert:?}"),
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => {
+            format!("the server does not speak TLS here ({e})")
+        }
+        other => other.to_string(),
     }
 }
 

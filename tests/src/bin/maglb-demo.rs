@@ -22,31 +22,38 @@ static CLEANUP: Mutex<(Vec<String>, Vec<PathBuf>, Option<u32>)> =
 
 /// Blocks SIGINT/SIGTERM in every thread; on one, removes what the demo made and exits.
 fn cleanup_on_signal() {
-    unsafe {
+    // SAFETY: `sigset_t` is plain data that `sigemptyset` initialises; the set lives on this
+    // stack frame (then moves into the thread) and every pointer passed is to it. Blocking
+    // signals is done before any other thread exists, so every thread inherits the mask and
+    // only `sigwait` below receives them. No safe interface to sigwait exists in our
+    // dependencies.
+    let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            eprintln!("\ninterrupted: removing the demo's namespaces, pins and agent");
-            let c = CLEANUP.lock().unwrap();
-            if let Some(pid) = c.2 {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-            for ns in &c.0 {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "del", ns])
-                    .status();
-            }
-            for d in &c.1 {
-                let _ = std::fs::remove_dir_all(d);
-            }
-            std::process::exit(130);
-        });
-    }
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: both pointers are to live locals of this thread.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("\ninterrupted: removing the demo's namespaces, pins and agent");
+        let c = CLEANUP.lock().unwrap();
+        if let Some(pid) = c.2.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        for ns in &c.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+        for d in &c.1 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        std::process::exit(130);
+    });
 }
 
 /// Runs and shows a `maglb` command.

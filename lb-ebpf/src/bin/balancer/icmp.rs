@@ -92,17 +92,13 @@ fn echo(ctx: &XdpContext, pkt: &Packet, reply: u8) -> Result<u32, ()> {
             (*ip).ttl = REPLY_TTL;
             let new = u16::from_ne_bytes([REPLY_TTL, (*ip).proto]);
             (*ip).check = csum::replace16((*ip).check, old, new);
-            let src = (*ip).src;
-            (*ip).src = (*ip).dst;
-            (*ip).dst = src;
+            core::mem::swap(&mut (*ip).src, &mut (*ip).dst);
         }
     } else {
         let ip = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off).ok_or(())?;
         unsafe {
             (*ip).hop_limit = REPLY_TTL;
-            let src = (*ip).src;
-            (*ip).src = (*ip).dst;
-            (*ip).dst = src;
+            core::mem::swap(&mut (*ip).src, &mut (*ip).dst);
         }
     }
     let icmp = ptr_at::<IcmpHdr>(ctx, pkt.l4_off).ok_or(())?;
