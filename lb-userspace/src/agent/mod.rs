@@ -3,11 +3,13 @@
 //! - the writer ([`crate::writer`]), on a thread of its own: the one owner of the desired
 //!   state, the state file and the maps;
 //! - the VRRP speaker ([`crate::vrrp::speaker`]), on a thread of its own;
-//! - on the async runtime: the probe supervisor, the next-hop refresher and the HTTP
-//!   listeners (admin socket, read-only socket, metrics and status page).
+//! - on the async runtime: the probe supervisor, the next-hop refresher, the BGP announcer
+//!   ([`crate::bgp`]) and the HTTP listeners (admin socket, read-only socket, metrics and
+//!   status page).
 //!
-//! On SIGTERM a VRRP master hands over first; the pinned datapath keeps forwarding after the
-//! agent exits.
+//! On SIGTERM the BGP routes are withdrawn first and the agent forwards on for
+//! `withdraw_wait_ms`, then a VRRP master hands over; the pinned datapath keeps forwarding
+//! after the agent exits.
 
 mod nexthop;
 
@@ -27,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::server::{self, Api},
+    bgp::announcer::{BgpHandle, Op as BgpOp},
     bpffs,
     datapath::Datapath,
     health,
@@ -89,10 +92,12 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             probe_metrics.clone(),
         ));
         tokio::spawn(nexthop::run(writer.clone(), snap.clone()));
+        let bgp = BgpHandle::spawn(snap.clone());
         let views = Views {
             snap,
             health: health_rx,
             vrrp: speaker.status.clone(),
+            bgp: bgp.status.clone(),
             counters,
             state_file,
             bpffs: opts.bpffs.clone(),
@@ -102,6 +107,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             writer,
             views,
             vrrp: speaker.commands.clone(),
+            bgp,
             metrics: registry,
         });
         serve(&opts, api).await
@@ -163,12 +169,24 @@ async fn serve(opts: &Options, api: Arc<Api>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the metrics listener {at}"))?;
         info!(%at, "serving metrics and the status page");
-        tokio::spawn(server::serve_tcp(l, server::metrics(api)));
+        tokio::spawn(server::serve_tcp(l, server::metrics(api.clone())));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    // A planned stop: the router stops sending before the agent goes. The API still answers
+    // meanwhile.
+    if api.bgp.active() {
+        match api
+            .bgp
+            .withdraw_and_wait(BgpOp::Leave("the agent is stopping".into()))
+            .await
+        {
+            Ok(took) => info!(took_ms = took.as_millis() as u64, "BGP routes withdrawn before stopping"),
+            Err(e) => warn!(error = %e, "withdrawing the BGP routes before stopping"),
+        }
     }
     Ok(())
 }
