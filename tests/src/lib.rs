@@ -1,6 +1,7 @@
 //! Helpers for maglb's integration tests, demo and benchmarks.
 pub mod agent;
 pub mod bench;
+pub mod ecmp;
 pub mod fixture;
 pub mod fuzz;
 pub mod netns;

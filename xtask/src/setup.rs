@@ -9,7 +9,8 @@ use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
 /// (`prometheus` brings promtool, which checks the metrics and the alert rules; keepalived
-/// is the VRRP peer of the interoperability test; nginx, HAProxy and wrk serve the benches.)
+/// is the VRRP peer of the interoperability test; bird2 speaks BGP and BFD for the ECMP
+/// tests; nginx, HAProxy and wrk serve the benches.)
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -18,6 +19,7 @@ pub const PACKAGES: &[&str] = &[
     "curl",
     "prometheus",
     "keepalived",
+    "bird2",
     "nginx-light",
     "haproxy",
     "wrk",

@@ -184,7 +184,10 @@ async fn serve(opts: &Options, api: Arc<Api>) -> anyhow::Result<()> {
             .withdraw_and_wait(BgpOp::Leave("the agent is stopping".into()))
             .await
         {
-            Ok(took) => info!(took_ms = took.as_millis() as u64, "BGP routes withdrawn before stopping"),
+            Ok(took) => info!(
+                took_ms = took.as_millis() as u64,
+                "BGP routes withdrawn before stopping"
+            ),
             Err(e) => warn!(error = %e, "withdrawing the BGP routes before stopping"),
         }
     }

@@ -17,17 +17,16 @@ use std::{
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
-    packet_route::route::{
-        RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
-    },
+    packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::{Hold, ROUTE_PROTOCOL, decide};
+use super::{Hold, ROUTE_PROTOCOL, decide, live_set};
 use crate::{
     api::{BgpAddress, BgpStatus},
     netlink::{self, NetlinkError},
+    state::VipId,
     writer::Snapshot,
 };
 
@@ -216,6 +215,10 @@ async fn run(
     let mut last_table: Option<u32> = None;
     let mut pending: Vec<(oneshot::Sender<Result<usize, String>>, usize)> = Vec::new();
     let mut last_error = String::new();
+    // Per VIP: its live backends, and since when they have been these.
+    let mut live: BTreeMap<VipId, (BTreeSet<IpAddr>, Instant)> = BTreeMap::new();
+    // When the next VIP settles (to wake up for it).
+    let mut wake: Option<Instant> = None;
     loop {
         let s = snap.borrow_and_update().clone();
         let hold = match (&leaving, operator) {
@@ -238,7 +241,32 @@ async fn run(
                     let _ = sync(&nl, t, None, &BTreeSet::new()).await;
                 }
                 last_table = Some(cfg.table);
-                let decisions = decide(&s, cfg, &hold);
+                let t = Instant::now();
+                live.retain(|id, _| s.specs.iter().any(|v| v.id == *id));
+                for v in s.specs.iter() {
+                    let set = live_set(v);
+                    let e = live.entry(v.id).or_insert_with(|| (set.clone(), t));
+                    if e.0 != set {
+                        *e = (set, t);
+                    }
+                }
+                let hold_for = Duration::from_millis(cfg.announce_hold_ms as u64);
+                let settled = |id: &VipId| {
+                    live.get(id)
+                        .is_some_and(|(_, since)| t >= *since + hold_for)
+                };
+                wake = live
+                    .values()
+                    .map(|(_, since)| *since + hold_for)
+                    .filter(|w| *w > t)
+                    .min();
+                // What the table holds is what is announced now, also what an agent before
+                // this one left there: a restart withdraws nothing.
+                let announced: BTreeSet<IpAddr> = owned(&nl, cfg.table)
+                    .await
+                    .map(|m| m.keys().copied().collect())
+                    .unwrap_or_default();
+                let decisions = decide(&s, cfg, &hold, &announced, &settled);
                 let iface = cfg
                     .interface
                     .clone()
@@ -320,7 +348,12 @@ async fn run(
                 }
                 pending.push((req.reply, before));
             }
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep_until(
+                wake.map_or(Instant::now() + Duration::from_secs(1), |w| {
+                    w.min(Instant::now() + Duration::from_secs(1))
+                })
+                .into(),
+            ) => {}
         }
     }
 }

@@ -16,7 +16,7 @@
 pub mod announcer;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
@@ -58,13 +58,33 @@ pub fn live_backends(spec: &VipSpec) -> usize {
         .count()
 }
 
+/// The backends of a VIP that take new flows now (what its Maglev table is built from).
+pub fn live_set(spec: &VipSpec) -> BTreeSet<IpAddr> {
+    spec.backends
+        .iter()
+        .filter(|b| b.live && b.weight > 0)
+        .map(|b| b.addr)
+        .collect()
+}
+
 /// What to announce. An address is announced while this balancer is attached and
 /// forwarding, nothing holds announcements back, and at least one of the VIPs on it has
 /// `min_live_backends` live backends: a client of a VIP that cannot be served on this
 /// balancer is better served by another one, and a router that hears no announcement from
 /// anyone stops attracting traffic it would drop. Several VIPs on one address (different
 /// ports) share its route, so the address stays announced while any of them qualifies.
-pub fn decide(snap: &Snapshot, cfg: &BgpConfig, hold: &Hold) -> Vec<Decision> {
+///
+/// An address not announced now (`announced`) comes back only through a VIP whose live
+/// backends have been the same for `announce_hold_ms` (`settled`): flows rehashed between
+/// balancers survive only while the balancers' tables agree, and backends coming back after
+/// an outage come up one probe at a time.
+pub fn decide(
+    snap: &Snapshot,
+    cfg: &BgpConfig,
+    hold: &Hold,
+    announced: &BTreeSet<IpAddr>,
+    settled: &dyn Fn(&VipId) -> bool,
+) -> Vec<Decision> {
     let mut by_addr: BTreeMap<IpAddr, Vec<&VipSpec>> = BTreeMap::new();
     for s in snap.specs.iter() {
         by_addr.entry(s.id.addr).or_default().push(s);
@@ -93,7 +113,10 @@ pub fn decide(snap: &Snapshot, cfg: &BgpConfig, hold: &Hold) -> Vec<Decision> {
             let min = cfg.min_live_backends as usize;
             let counts: Vec<(VipId, usize)> =
                 specs.iter().map(|s| (s.id, live_backends(s))).collect();
-            let announce = counts.iter().any(|(_, n)| *n >= min);
+            let qualifies = counts.iter().any(|(_, n)| *n >= min);
+            let was = announced.contains(&address);
+            let ready = was || counts.iter().any(|(id, n)| *n >= min && settled(id));
+            let announce = qualifies && ready;
             let detail = counts
                 .iter()
                 .map(|(id, n)| format!("{id} has {n} live"))
@@ -101,6 +124,12 @@ pub fn decide(snap: &Snapshot, cfg: &BgpConfig, hold: &Hold) -> Vec<Decision> {
                 .join(", ");
             let reason = if announce {
                 format!("announced: {detail} (at least {min} needed)")
+            } else if qualifies {
+                format!(
+                    "withdrawn until its backends settle: {detail}, unchanged for less than \
+                     announce_hold_ms {}",
+                    cfg.announce_hold_ms
+                )
             } else {
                 format!("withdrawn: {detail}, fewer than min_live_backends {min}")
             };
@@ -160,10 +189,29 @@ mod tests {
         }
     }
 
+    /// Decides with every VIP settled and nothing announced yet.
+    fn go(s: &Snapshot, min: u32, hold: &Hold) -> Vec<Decision> {
+        decide(s, &cfg(min), hold, &BTreeSet::new(), &|_| true)
+    }
+
+    #[test]
+    fn a_withdrawn_address_waits_for_its_backends_to_settle() {
+        let s = snap(&[("10.200.0.1:80/tcp", 3)], &[]);
+        let addr: IpAddr = "10.200.0.1".parse().unwrap();
+        let d = decide(&s, &cfg(1), &Hold::None, &BTreeSet::new(), &|_| false);
+        assert!(!d[0].announce);
+        assert!(d[0].reason.contains("settle"), "{}", d[0].reason);
+        // Announced already: a change in its backends does not withdraw it.
+        let d = decide(&s, &cfg(1), &Hold::None, &BTreeSet::from([addr]), &|_| {
+            false
+        });
+        assert!(d[0].announce, "{}", d[0].reason);
+    }
+
     #[test]
     fn announces_only_what_this_balancer_can_serve() {
         let s = snap(&[("10.200.0.1:80/tcp", 3)], &[]);
-        let d = decide(&s, &cfg(1), &Hold::None);
+        let d = go(&s, 1, &Hold::None);
         assert_eq!(d.len(), 1);
         assert!(d[0].announce, "{}", d[0].reason);
         assert!(d[0].reason.contains("3 live"), "{}", d[0].reason);
@@ -175,27 +223,36 @@ mod tests {
                 ("10.200.0.1:80/tcp", "10.10.3.12"),
             ],
         );
-        let d = decide(&s, &cfg(2), &Hold::None);
+        let d = go(&s, 2, &Hold::None);
         assert!(!d[0].announce);
         assert!(d[0].reason.contains("fewer than min_live_backends 2"));
-        assert!(decide(&s, &cfg(1), &Hold::None)[0].announce);
+        assert!(go(&s, 1, &Hold::None)[0].announce);
         // No backends at all.
-        assert!(!decide(&snap(&[("10.200.0.1:80/tcp", 0)], &[]), &cfg(1), &Hold::None)[0].announce);
+        assert!(!go(&snap(&[("10.200.0.1:80/tcp", 0)], &[]), 1, &Hold::None)[0].announce);
     }
 
     #[test]
     fn not_forwarding_or_held_withdraws_everything() {
         let mut s = snap(&[("10.200.0.1:80/tcp", 3), ("[fd20::1]:80/tcp", 3)], &[]);
-        assert!(decide(&s, &cfg(1), &Hold::None).iter().all(|d| d.announce));
-        for hold in [Hold::Operator, Hold::Leaving("the agent is stopping".into())] {
-            let d = decide(&s, &cfg(1), &hold);
-            assert!(d.iter().all(|d| !d.announce && d.reason.starts_with("withdrawn")));
+        assert!(go(&s, 1, &Hold::None).iter().all(|d| d.announce));
+        for hold in [
+            Hold::Operator,
+            Hold::Leaving("the agent is stopping".into()),
+        ] {
+            let d = go(&s, 1, &hold);
+            assert!(
+                d.iter()
+                    .all(|d| !d.announce && d.reason.starts_with("withdrawn"))
+            );
         }
         s.config.ready = 0;
-        let d = decide(&s, &cfg(1), &Hold::None);
-        assert!(d.iter().all(|d| !d.announce && d.reason.contains("does not forward")));
+        let d = go(&s, 1, &Hold::None);
+        assert!(
+            d.iter()
+                .all(|d| !d.announce && d.reason.contains("does not forward"))
+        );
         s.attached = false;
-        assert!(decide(&s, &cfg(1), &Hold::None)[0].reason.contains("not attached"));
+        assert!(go(&s, 1, &Hold::None)[0].reason.contains("not attached"));
     }
 
     #[test]
@@ -204,7 +261,7 @@ mod tests {
             &[("10.200.0.1:80/tcp", 1), ("10.200.0.1:443/tcp", 2)],
             &[("10.200.0.1:80/tcp", "10.10.3.11")],
         );
-        let d = decide(&s, &cfg(1), &Hold::None);
+        let d = go(&s, 1, &Hold::None);
         assert_eq!(d.len(), 1, "one route per address");
         assert_eq!(d[0].vips.len(), 2);
         assert!(d[0].announce, "443 still qualifies: {}", d[0].reason);

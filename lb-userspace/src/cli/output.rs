@@ -216,7 +216,10 @@ pub fn bgp(out: &mut impl Write, b: &api::BgpStatus) -> io::Result<()> {
         b.min_live_backends, b.withdraw_wait_ms
     )?;
     if b.withdrawn_by_operator {
-        writeln!(out, "held         withdrawn by the operator (`maglb bgp announce` undoes it)")?;
+        writeln!(
+            out,
+            "held         withdrawn by the operator (`maglb bgp announce` undoes it)"
+        )?;
     }
     if b.leaving {
         writeln!(out, "held         leaving: everything withdrawn")?;
@@ -231,7 +234,11 @@ pub fn bgp(out: &mut impl Write, b: &api::BgpStatus) -> io::Result<()> {
             out,
             "{:<28} {:<10} {:>8.0}s  {}",
             a.address,
-            if a.announced { "announced" } else { "withdrawn" },
+            if a.announced {
+                "announced"
+            } else {
+                "withdrawn"
+            },
             a.since_s,
             a.reason
         )?;

@@ -393,6 +393,9 @@ fn d_min_live() -> u32 {
 fn d_withdraw_wait() -> u32 {
     2000
 }
+fn d_announce_hold() -> u32 {
+    1000
+}
 
 /// Active/active behind ECMP (`[bgp]`): which VIP addresses this balancer offers to a BGP
 /// speaker (BIRD) running beside it. The agent keeps one host route per announced VIP
@@ -412,6 +415,12 @@ pub struct BgpConfig {
     /// forwarding this long so the router stops sending first (0-60000).
     #[serde(default = "d_withdraw_wait")]
     pub withdraw_wait_ms: u32,
+    /// A withdrawn VIP is announced again only once the set of its live backends has not
+    /// changed for this long (0-60000): backends recovering together come up within a
+    /// probe interval or two of each other, and a balancer announced in between would hash
+    /// new flows on a table the others do not have.
+    #[serde(default = "d_announce_hold")]
+    pub announce_hold_ms: u32,
     /// The interface the routes point at; default: the balancer's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
@@ -423,6 +432,7 @@ impl Default for BgpConfig {
             table: d_bgp_table(),
             min_live_backends: d_min_live(),
             withdraw_wait_ms: d_withdraw_wait(),
+            announce_hold_ms: d_announce_hold(),
             interface: None,
         }
     }

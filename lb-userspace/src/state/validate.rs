@@ -252,7 +252,11 @@ impl VrrpConfig {
                 "give 1-20 addresses for the master to hold",
             ));
         }
-        if self.addresses.iter().any(|a| a.is_ipv4() != self.addresses[0].is_ipv4()) {
+        if self
+            .addresses
+            .iter()
+            .any(|a| a.is_ipv4() != self.addresses[0].is_ipv4())
+        {
             return Err(Refusal::invalid(
                 "vrrp.addresses",
                 "all IPv4 or all IPv6: VRRP runs one instance per family (use a second \
@@ -299,6 +303,12 @@ impl BgpConfig {
             return Err(Refusal::invalid(
                 "bgp.min_live_backends",
                 format!("{} is out of range 1-1024", self.min_live_backends),
+            ));
+        }
+        if self.announce_hold_ms > 60_000 {
+            return Err(Refusal::invalid(
+                "bgp.announce_hold_ms",
+                format!("{} is out of range 0-60000", self.announce_hold_ms),
             ));
         }
         if self.withdraw_wait_ms > 60_000 {

@@ -179,7 +179,11 @@ pub enum Action {
 /// configured one less any combination of the tracking penalties (clamped to 1-254).
 /// A peer advertising one of them ties with us in some failure, and a tie goes to the
 /// higher address, not to the intended master.
-pub fn reachable_priorities(priority: u8, interface_penalty: u8, vip_penalties: &[u8]) -> BTreeSet<u8> {
+pub fn reachable_priorities(
+    priority: u8,
+    interface_penalty: u8,
+    vip_penalties: &[u8],
+) -> BTreeSet<u8> {
     if priority == OWNER {
         return BTreeSet::from([OWNER]);
     }
@@ -382,8 +386,8 @@ impl Router {
                     }
                     return out;
                 }
-                self.master_interval = Duration::from_millis(a.interval_cs as u64 * 10)
-                    .max(Duration::from_millis(10));
+                self.master_interval =
+                    Duration::from_millis(a.interval_cs as u64 * 10).max(Duration::from_millis(10));
                 let out = self.become_backup(
                     &format!("higher priority master {from} ({})", a.priority),
                     now,
@@ -635,7 +639,10 @@ mod tests {
         let r = reachable_priorities(150, 60, &[20, 30]);
         assert_eq!(r, BTreeSet::from([40, 60, 70, 90, 100, 120, 130, 150]));
         assert_eq!(reachable_priorities(10, 50, &[]), BTreeSet::from([1, 10]));
-        assert_eq!(reachable_priorities(OWNER, 50, &[]), BTreeSet::from([OWNER]));
+        assert_eq!(
+            reachable_priorities(OWNER, 50, &[]),
+            BTreeSet::from([OWNER])
+        );
     }
 
     #[test]
