@@ -468,3 +468,127 @@ fn bad_adverts_are_ignored_and_counted() {
     assert_eq!(vrrp_state(&p.a2), "backup");
     println!("refused: {}", v["invalid"]);
 }
+
+/// How long until the router sends the VRRP address to `mac` (polled every 5 ms).
+fn router_on(p: &Pair, mac: &str, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if p.t.router_neighbour(VRRP_ADDR).as_deref() == Some(mac) {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn stats_packets(a: &Agent) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&["stats", "--output", "json"])).unwrap();
+    v["vips"][0]["packets"].as_u64().unwrap_or(0)
+}
+
+/// Failback to the preferred balancer (priority 150; its link-down penalty of 50 ties it
+/// with the peer's 100): after an agent restart, a link coming back, a SIGTERM and restart,
+/// and a stall (SIGSTOP past Master_Down_Interval), the router sends to it again within 1 s,
+/// 10 times out of 10 for each, under live traffic that loses nothing.
+#[test]
+fn failback_reaches_the_preferred_balancer_within_1s_every_time() {
+    const RUNS: usize = 10;
+    let mut p = pair("vfb", true);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    p.t.client
+        .run(|| topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("first request");
+    let (m1, m2) = (mac(&p.t.lb), mac(p.t.lb2.as_ref().unwrap()));
+    assert!(router_on(&p, &m1, Duration::from_secs(3)).is_some());
+    let traffic = Traffic::start(&p.t);
+    let mut times: Vec<(&str, Vec<u128>)> = Vec::new();
+    for case in ["agent restart", "link up", "SIGTERM then restart", "stall"] {
+        let mut ms = Vec::new();
+        for run in 0..RUNS {
+            // Fail over to lb2.
+            let mut stopped: Option<u32> = None;
+            match case {
+                "agent restart" => p.a1.kill9(),
+                "link up" => {
+                    p.t.lb.ip(&["link", "set", LB_IF, "down"]).unwrap();
+                }
+                "SIGTERM then restart" => p.a1.stop(),
+                "stall" => {
+                    let pid = p.a1.pid().unwrap();
+                    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                    stopped = Some(pid);
+                }
+                _ => unreachable!(),
+            }
+            assert!(
+                router_on(&p, &m2, Duration::from_secs(3)).is_some(),
+                "{case} run {run}: the router never moved to lb2\n{}",
+                p.a2.log()
+            );
+            // Long enough for lb2 to be the master the router knows.
+            std::thread::sleep(Duration::from_millis(300));
+            // Fail back.
+            let t0 = Instant::now();
+            match case {
+                "agent restart" | "SIGTERM then restart" => {
+                    p.a1 = Agent::start(Path::new(BIN), &p.t.lb, &p.s1.0).expect("restart");
+                }
+                "link up" => {
+                    p.t.lb.ip(&["link", "set", LB_IF, "up"]).unwrap();
+                    p.t.lb
+                        .ip(&["route", "replace", "default", "via", "10.10.2.1"])
+                        .unwrap();
+                }
+                "stall" => unsafe {
+                    libc::kill(stopped.unwrap() as i32, libc::SIGCONT);
+                },
+                _ => unreachable!(),
+            }
+            // From the trigger (the agent's start included) to the router's entry.
+            let back = router_on(&p, &m1, Duration::from_secs(3)).map(|_| t0.elapsed());
+            let Some(back) = back else {
+                panic!(
+                    "{case} run {run}: the router still sends to lb2 3 s after failback\n{}\n{}",
+                    p.a1.log(),
+                    p.a2.log()
+                );
+            };
+            ms.push(back.as_millis());
+            wait_state(&p.a2, "backup", Duration::from_secs(3));
+            // Traffic is on lb1 now: lb2 forwards nothing more.
+            let before = stats_packets(&p.a2);
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                stats_packets(&p.a2),
+                before,
+                "{case} run {run}: lb2 still forwards"
+            );
+        }
+        println!("failback after {case}: back on lb1 after {ms:?} ms");
+        times.push((case, ms));
+    }
+    let (failed, broken, gap) = traffic.stop();
+    println!(
+        "failback runs: {failed} failed requests, {} broken connections, longest gap {gap:?}",
+        broken.len()
+    );
+    let v = vrrp_json(&p.a1);
+    println!("lb1 warnings: {}", v["warnings"]);
+    assert!(
+        v["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w.as_str().unwrap().contains("tie"))),
+        "the tie of priority 150 - 50 with the peer's 100 was not warned about: {v}"
+    );
+    for (case, ms) in &times {
+        let slow: Vec<_> = ms.iter().filter(|m| **m >= 1000).collect();
+        assert!(
+            slow.is_empty(),
+            "{case}: failback took {slow:?} ms (of {ms:?})"
+        );
+    }
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+    let _ = (&p.s2, &p.a2);
+}

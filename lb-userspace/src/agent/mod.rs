@@ -38,6 +38,7 @@ use crate::{
     store::{Store, StoreError},
     views::Views,
     vrrp::speaker::Speaker,
+    writer::Snapshot,
     writer::Writer,
 };
 
@@ -65,6 +66,19 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     }
     let mut store = Store::open(&opts.state_dir)?;
     let state = load_state(&mut store, &opts)?;
+    // The VRRP speaker reads snapshots through `vrrp_snap`. When an attached datapath is
+    // pinned it forwards already, so the speaker starts before the datapath is loaded again
+    // (a few hundred milliseconds: the program is verified anew): a returning preferred
+    // balancer takes over without waiting for that. Otherwise it starts once the writer
+    // has made the datapath carry the state.
+    let pinned = Datapath::pinned_and_attached(&opts.bpffs);
+    let (vrrp_tx, vrrp_snap) =
+        watch::channel(Arc::new(Snapshot::preliminary(state.clone(), pinned)));
+    let early_speaker = if pinned {
+        Some(Speaker::spawn(vrrp_snap.clone())?)
+    } else {
+        None
+    };
     let dp = Datapath::load_pinned(&opts.bpffs)?;
     let counters = dp.counters();
     let writer_metrics = WriterMetrics::default();
@@ -78,7 +92,11 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let state_file = store.path();
     let (writer, snap) = Writer::open(store, state, dp, writer_metrics.clone())?;
     let (writer, writer_thread) = writer.spawn();
-    let speaker = Speaker::spawn(snap.clone())?;
+    vrrp_tx.send_replace(snap.borrow().clone());
+    let speaker = match early_speaker {
+        Some(s) => s,
+        None => Speaker::spawn(vrrp_snap)?,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,6 +110,12 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             probe_metrics.clone(),
         ));
         tokio::spawn(nexthop::run(writer.clone(), snap.clone()));
+        let mut follow = snap.clone();
+        tokio::spawn(async move {
+            while follow.changed().await.is_ok() {
+                vrrp_tx.send_replace(follow.borrow_and_update().clone());
+            }
+        });
         let bgp = BgpHandle::spawn(snap.clone());
         let views = Views {
             snap,

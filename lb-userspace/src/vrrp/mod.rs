@@ -359,9 +359,19 @@ impl Router {
                     self.master_interval = Duration::from_millis(a.interval_cs as u64 * 10)
                         .max(Duration::from_millis(10));
                     self.down_at = Some(now + self.master_down_interval());
+                    return vec![];
                 }
-                // Else a lower-priority master and preemption allowed: the advertisement is
-                // discarded, so Master_Down fires and this router takes over.
+                // Else a lower-priority master and preemption allowed. RFC 5798 discards the
+                // advertisement and lets Master_Down_Interval (about 3 intervals) run out; this
+                // router takes over after Skew_Time instead, as after a release: the master
+                // it preempts is known and lower, and a failback then takes one interval
+                // less than four.
+                let at = now + self.skew();
+                if self.down_at.is_none_or(|t| t > at) {
+                    self.down_at = Some(at);
+                    self.reason =
+                        format!("preempting lower priority master {from} ({})", a.priority);
+                }
                 vec![]
             }
             State::Master => {
@@ -404,6 +414,7 @@ impl Router {
             State::Backup if self.down_at.is_some_and(|t| now >= t) => {
                 let why = match &self.master {
                     Some(m) if self.reason.contains("released") => format!("master {m} released"),
+                    Some(_) if self.reason.starts_with("preempting") => self.reason.clone(),
                     Some(m) => format!(
                         "no advertisement from {m} for {:?}",
                         self.master_down_interval()
@@ -629,6 +640,28 @@ mod tests {
             [Action::Advertise(150)]
         );
         assert_eq!(m.state, State::Master);
+    }
+
+    #[test]
+    fn a_higher_priority_backup_preempts_after_skew_time() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut h = router(150, t0);
+        h.start(t0);
+        assert!(h.advert(&advert(100), ip(PEER), ip(ME), at(10)).is_empty());
+        // Skew_Time at priority 150: (256 - 150) / 256 × 100 ms = 41.4 ms.
+        assert!(h.tick(at(10 + 41)).is_empty());
+        assert_eq!(
+            h.tick(at(10 + 42)),
+            [Action::Advertise(150), Action::BecomeMaster]
+        );
+        assert!(h.reason.contains("preempting"), "{}", h.reason);
+        // No preemption: the lower master is accepted.
+        let mut n = router(150, t0);
+        n.s.preempt = false;
+        n.start(t0);
+        n.advert(&advert(100), ip(PEER), ip(ME), at(10));
+        assert!(n.tick(at(300)).is_empty());
     }
 
     #[test]
