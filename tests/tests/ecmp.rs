@@ -536,3 +536,20 @@ fn health_drives_announcements_and_operators_withdraw() {
     s.agent(2).ok(&["bgp", "announce"]);
     s.wait_nexthops(&all, Duration::from_secs(5));
 }
+
+/// The BIRD configurations shipped in packaging/ parse.
+#[test]
+fn packaged_bird_configs_parse() {
+    for f in ["balancer.conf", "router.conf"] {
+        let path = format!("{}/../packaging/bird/{f}", env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new("bird")
+            .args(["-p", "-c", &path])
+            .output()
+            .expect("bird (Debian package bird2; `cargo xtask setup`)");
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
