@@ -127,6 +127,13 @@ impl Bird {
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// Sends `signal` (e.g. SIGSTOP: a hung BIRD sends no BFD and closes no session).
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
 }
 
 impl Drop for Bird {
