@@ -178,3 +178,35 @@ fn hop_limit(control: &[u8]) -> Option<u8> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::hop_limit;
+
+    fn cmsg(level: i32, kind: i32, value: i32) -> Vec<u8> {
+        let header = std::mem::size_of::<libc::cmsghdr>();
+        let mut b = Vec::new();
+        b.extend_from_slice(&(header + 4).to_ne_bytes());
+        b.extend_from_slice(&level.to_ne_bytes());
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.resize(header, 0);
+        b.extend_from_slice(&value.to_ne_bytes());
+        b.resize((header + 4).div_ceil(8) * 8, 0);
+        b
+    }
+
+    #[test]
+    fn the_hop_limit_is_found_among_control_messages() {
+        let mut c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7);
+        c.extend(cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 255));
+        assert_eq!(hop_limit(&c), Some(255));
+        assert_eq!(
+            hop_limit(&cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7)),
+            None
+        );
+        assert_eq!(hop_limit(&[]), None);
+        // A truncated buffer is not read past its end.
+        let c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 64);
+        assert_eq!(hop_limit(&c[..10]), None);
+    }
+}

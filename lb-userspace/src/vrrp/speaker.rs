@@ -662,3 +662,47 @@ fn receive(sock: &Socket, buf: &mut [u8], local: IpAddr) -> io::Result<Received>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsolicited_neighbour_advertisement_layout() {
+        let target: Ipv6Addr = "fd10:2::100".parse().unwrap();
+        let mac = [2, 0, 0, 0, 0, 1];
+        let m = neighbour_advert(target, mac);
+        assert_eq!(m.len(), 32);
+        assert_eq!(m[0], 136, "ICMPv6 neighbour advertisement");
+        assert_eq!(m[4], 0x20, "override, not solicited, not router");
+        assert_eq!(&m[8..24], &target.octets());
+        assert_eq!(&m[24..26], &[2, 1], "target link-layer address option");
+        assert_eq!(&m[26..], &mac);
+    }
+
+    #[test]
+    fn ties_with_a_peer_are_named() {
+        let cfg = VrrpConfig {
+            vrid: 51,
+            priority: 150,
+            advert_interval_cs: 10,
+            preempt: true,
+            preempt_delay_ms: 0,
+            interface: None,
+            addresses: vec!["10.10.2.100".parse().unwrap()],
+            track_interface_penalty: 50,
+            track_vips: vec![],
+            track_vip_penalty: 50,
+        };
+        let peer: IpAddr = "10.10.2.3".parse().unwrap();
+        let w = tie_warning(&cfg, peer, 100).expect("150 - 50 ties with 100");
+        assert!(w.contains("track_interface_penalty 50"), "{w}");
+        assert!(
+            tie_warning(&cfg, peer, 150)
+                .unwrap()
+                .contains("same as ours")
+        );
+        assert_eq!(tie_warning(&cfg, peer, 99), None);
+        assert_eq!(tie_warning(&cfg, peer, 0), None);
+    }
+}
