@@ -503,8 +503,21 @@ fn health_drives_announcements_and_operators_withdraw() {
             "{st}"
         );
     }
-    let scrape = s.agent(0).ok(&["bgp", "status"]);
-    println!("{scrape}");
+    println!("{}", s.agent(0).ok(&["bgp", "status"]));
+    let metric = |i: usize| {
+        s.fleet
+            .lb(i)
+            .exec("curl", &["-s", "http://127.0.0.1:9477/metrics"])
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("maglb_bgp_announced{"))
+            .map(str::to_owned)
+    };
+    let want = format!(
+        "maglb_bgp_announced{{vip=\"{}:{TCP_PORT}/tcp\"}}",
+        topology::VIP
+    );
+    assert_eq!(metric(0), Some(format!("{want} 0")));
     // One comes back: announced again by every balancer.
     let t0 = Instant::now();
     s.fleet.t.ctl[1].health_status.store(200, Ordering::Relaxed);
@@ -513,6 +526,7 @@ fn health_drives_announcements_and_operators_withdraw() {
         "one backend back: announced everywhere after {} ms",
         t0.elapsed().as_millis()
     );
+    assert_eq!(metric(1), Some(format!("{want} 1")));
     assert_eq!(
         s.fleet
             .t
