@@ -18,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, bail};
@@ -315,17 +315,79 @@ pub fn parse_nexthops(out: &str) -> Vec<Ipv4Addr> {
     v
 }
 
-/// `ip -o monitor route` in the router, every message stamped with the time it arrived:
-/// measures when the kernel's route changed, to a few milliseconds.
+/// Sets `ifname` in `ns` down (or up) with one ioctl, and returns when that returned: the
+/// moment of a cut, to the microsecond (an `ip link` command would add its own start-up).
+pub fn set_link(ns: &Netns, ifname: &str, up: bool) -> anyhow::Result<(Instant, SystemTime)> {
+    let name = ifname.to_owned();
+    let r = ns.run(move || -> std::io::Result<(Instant, SystemTime)> {
+        // SAFETY: plain socket and ioctl calls on a zeroed `ifreq` holding a NUL-terminated
+        // name shorter than IFNAMSIZ; the descriptor is closed before returning.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+                *d = s as libc::c_char;
+            }
+            let res = (|| {
+                if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let flags = req.ifr_ifru.ifru_flags;
+                let up_flag = libc::IFF_UP as libc::c_short;
+                req.ifr_ifru.ifru_flags = if up {
+                    flags | up_flag
+                } else {
+                    flags & !up_flag
+                };
+                if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok((Instant::now(), SystemTime::now()))
+            })();
+            libc::close(fd);
+            res
+        }
+    })?;
+    Ok(r?)
+}
+
+/// `[2026-12-02T06:06:57.752002]`, as `ip -ts` prints it in UTC, as a time.
+fn parse_stamp(s: &str) -> Option<SystemTime> {
+    let s = s.strip_prefix('[')?.split(']').next()?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.')?;
+    let mut t = hms.split(':').map(|x| x.parse::<i64>());
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let micros: u64 = frac.parse().ok()?;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_micros(micros))
+}
+
+/// `ip -ts -o monitor route` in the router: every message with the time `ip` read it from
+/// the kernel (not when this process got it through a pipe), to measure when the kernel's
+/// route changed.
 pub struct RouteWatch {
     child: Child,
-    pub events: Arc<Mutex<Vec<(Instant, String)>>>,
+    pub events: Arc<Mutex<Vec<(SystemTime, String)>>>,
 }
 
 impl RouteWatch {
     pub fn start(router: &Netns) -> anyhow::Result<Self> {
         let mut child = std::process::Command::new("ip")
-            .args(["-n", &router.name, "-o", "monitor", "route"])
+            .args(["-n", &router.name, "-ts", "-o", "monitor", "route"])
+            .env("TZ", "UTC")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -335,7 +397,12 @@ impl RouteWatch {
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                ev.lock().unwrap().push((Instant::now(), line));
+                let at = parse_stamp(&line).unwrap_or_else(SystemTime::now);
+                let text = line
+                    .split_once("] ")
+                    .map_or(line.as_str(), |x| x.1)
+                    .to_owned();
+                ev.lock().unwrap().push((at, text));
             }
         });
         // Let the monitor subscribe before anything happens.
@@ -345,7 +412,7 @@ impl RouteWatch {
 
     /// The first change to the VIP's route after `since` that stops using `lost`: a
     /// replacement without it, or the deletion of a route with it.
-    pub fn lost_at(&self, since: Instant, lost: Ipv4Addr) -> Option<Instant> {
+    pub fn lost_at(&self, since: SystemTime, lost: Ipv4Addr) -> Option<SystemTime> {
         let via = format!("via {lost} ");
         let vip = format!("{VIP} ");
         self.events
@@ -361,7 +428,7 @@ impl RouteWatch {
     }
 
     /// The first change to the VIP's route after `since` that uses `added`.
-    pub fn added_at(&self, since: Instant, added: Ipv4Addr) -> Option<Instant> {
+    pub fn added_at(&self, since: SystemTime, added: Ipv4Addr) -> Option<SystemTime> {
         let via = format!("via {added} ");
         let vip = format!("{VIP} ");
         self.events
@@ -379,5 +446,19 @@ impl Drop for RouteWatch {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_timestamps_parse() {
+        let t = parse_stamp("[2026-12-02T06:06:57.752002] 10.9.9.9 dev lo").unwrap();
+        let d = t.duration_since(UNIX_EPOCH).unwrap();
+        assert_eq!(d.as_secs(), 1_796_191_617);
+        assert_eq!(d.subsec_micros(), 752_002);
+        assert_eq!(parse_stamp("10.9.9.9 dev lo"), None);
     }
 }

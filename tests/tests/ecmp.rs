@@ -11,12 +11,12 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use maglb_tests::{
     agent::{Agent, Scratch, attach_decaps},
-    ecmp::{Bird, Fleet, RouteWatch, balancer_addr, balancer_conf, router_conf},
+    ecmp::{Bird, Fleet, RouteWatch, balancer_addr, balancer_conf, router_conf, set_link},
     netns::require_root,
     topology::{self, Conns, HEALTH_PORT, LB_IF, TCP_PORT, backend_addr, vip_addr, wait_for},
 };
@@ -317,34 +317,38 @@ fn node_loss(s: &mut Setup, lost: usize, how: &str, alive: &[usize]) {
     let watch = RouteWatch::start(&s.fleet.t.router).unwrap();
     let traffic = Traffic::start(s, long);
     std::thread::sleep(Duration::from_millis(700));
-    let t0 = Instant::now();
-    match how {
-        "link cut" => {
-            s.fleet
-                .lb(lost)
-                .ip(&["link", "set", LB_IF, "down"])
-                .unwrap();
-        }
+    // The moment of the loss, taken as close as possible to the call that causes it.
+    let (t0, cut) = match how {
+        "link cut" => set_link(s.fleet.lb(lost), LB_IF, false).unwrap(),
         "SIGKILL agent and BIRD" => {
+            // Taken just before: the dying BIRD's sockets close before `kill9` returns.
+            let at = (Instant::now(), SystemTime::now());
             let m = s.member(lost);
-            m.agent.as_mut().unwrap().kill9();
             m.bird.as_mut().unwrap().kill9();
+            m.agent.as_mut().unwrap().kill9();
+            at
         }
         "BIRD hangs (SIGSTOP)" => {
+            let at = (Instant::now(), SystemTime::now());
             s.member(lost).bird.as_ref().unwrap().signal(libc::SIGSTOP);
+            at
         }
         _ => unreachable!(),
-    }
+    };
     let lost_addr = balancer_addr(lost);
     assert!(
         wait_for(Duration::from_secs(3), || watch
-            .lost_at(t0, lost_addr)
+            .lost_at(cut, lost_addr)
             .is_some()),
         "the router kept {lost_addr}: {:?}\n{}",
         s.fleet.nexthops(),
         s.router.birdc(&["show", "protocols"])
     );
-    let converged = watch.lost_at(t0, lost_addr).unwrap() - t0;
+    let converged = watch
+        .lost_at(cut, lost_addr)
+        .unwrap()
+        .duration_since(cut)
+        .unwrap_or_default();
     std::thread::sleep(Duration::from_millis(1500));
     let (reqs, broken) = traffic.stop();
     let (failed, hit) = affected(&reqs, t0);
@@ -378,7 +382,7 @@ fn node_loss_converges_within_bfd_time_and_keeps_connections() {
     let mut s = Setup::new("ecl", 3);
     node_loss(&mut s, 1, "link cut", &[0, 1, 2]);
     // lb1 comes back, and is used again.
-    s.fleet.lb(1).ip(&["link", "set", LB_IF, "up"]).unwrap();
+    set_link(s.fleet.lb(1), LB_IF, true).unwrap();
     // The kernel dropped the routes through the interface with its link.
     s.fleet
         .lb(1)
@@ -407,12 +411,12 @@ fn planned_removal_and_a_fourth_balancer_lose_nothing() {
     let watch = RouteWatch::start(&s.fleet.t.router).unwrap();
     let traffic = Traffic::start(&s, long);
     std::thread::sleep(Duration::from_millis(700));
-    let t0 = Instant::now();
+    let (t0, term) = (Instant::now(), SystemTime::now());
     s.member(1).agent.as_mut().unwrap().stop();
     let exited = t0.elapsed();
     let gone = watch
-        .lost_at(t0, balancer_addr(1))
-        .map(|t| t - t0)
+        .lost_at(term, balancer_addr(1))
+        .map(|t| t.duration_since(term).unwrap_or_default())
         .expect("the router still routes to lb1 after its agent stopped");
     std::thread::sleep(Duration::from_millis(500));
     let (reqs, broken) = traffic.stop();

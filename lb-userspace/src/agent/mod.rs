@@ -116,7 +116,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 vrrp_tx.send_replace(follow.borrow_and_update().clone());
             }
         });
-        let bgp = BgpHandle::spawn(snap.clone());
+        let bgp = BgpHandle::spawn(snap.clone(), health_rx.clone());
         let views = Views {
             snap,
             health: health_rx,

@@ -3,9 +3,14 @@
 //! writer), re-reads the table every second (a route someone removed comes back), and takes
 //! commands: the operator's withdraw and announce, and the agent's leave (SIGTERM, detach).
 //!
-//! Graceful leave ([`BgpHandle::leave`]): every route is removed, and only then does the
-//! caller wait `withdraw_wait_ms` while the datapath still forwards, so the router has stopped
-//! sending before anything stops.
+//! Graceful leave ([`BgpHandle::withdraw_and_wait`]): every route is removed, and only then
+//! does the caller wait `withdraw_wait_ms` while the datapath still forwards, so the router has
+//! stopped sending before anything stops.
+//!
+//! A VIP counts as settled (see [`super::decide`]) once its live backends have not changed
+//! for `announce_hold_ms` and the probes have a verdict on each of its checked backends: a
+//! success, a backend taken down, or `fall` checks. A new agent takes every backend as up
+//! until its probes say otherwise, and should not offer a table with a dead backend in it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,6 +30,7 @@ use tracing::{info, warn};
 use super::{Hold, ROUTE_PROTOCOL, decide, live_set};
 use crate::{
     api::{BgpAddress, BgpStatus},
+    health::supervisor::HealthViews,
     netlink::{self, NetlinkError},
     state::VipId,
     writer::Snapshot,
@@ -59,10 +65,13 @@ pub struct BgpHandle {
 
 impl BgpHandle {
     /// Starts the announcer on the current runtime.
-    pub fn spawn(snap: watch::Receiver<Arc<Snapshot>>) -> Self {
+    pub fn spawn(
+        snap: watch::Receiver<Arc<Snapshot>>,
+        health: watch::Receiver<Arc<HealthViews>>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(16);
         let (status_tx, status) = watch::channel(None);
-        tokio::spawn(run(snap, rx, status_tx));
+        tokio::spawn(run(snap, health, rx, status_tx));
         Self { tx, status }
     }
 
@@ -195,8 +204,24 @@ async fn sync(
     }
 }
 
+/// Whether the probes have a verdict on every checked backend of `vip`.
+fn probed(snap: &Snapshot, health: &HealthViews, vip: &VipId) -> bool {
+    let Some(v) = snap.state.vip(vip) else {
+        return false;
+    };
+    v.backends.iter().all(|b| {
+        let Some(check) = v.check_for(b) else {
+            return true;
+        };
+        health.get(&(*vip, b.address)).is_some_and(|t| {
+            !t.up || t.last.as_deref() == Some("ok") || t.checks >= check.fall as u64
+        })
+    })
+}
+
 async fn run(
     mut snap: watch::Receiver<Arc<Snapshot>>,
+    mut health: watch::Receiver<Arc<HealthViews>>,
     mut rx: mpsc::Receiver<Request>,
     status: watch::Sender<Option<BgpStatus>>,
 ) {
@@ -219,6 +244,8 @@ async fn run(
     let mut live: BTreeMap<VipId, (BTreeSet<IpAddr>, Instant)> = BTreeMap::new();
     // When the next VIP settles (to wake up for it).
     let mut wake: Option<Instant> = None;
+    // Some address waits for the probes' verdict (wake up when they report).
+    let mut wants_verdict = false;
     loop {
         let s = snap.borrow_and_update().clone();
         let hold = match (&leaving, operator) {
@@ -251,9 +278,11 @@ async fn run(
                     }
                 }
                 let hold_for = Duration::from_millis(cfg.announce_hold_ms as u64);
+                let probes = health.borrow_and_update().clone();
                 let settled = |id: &VipId| {
                     live.get(id)
                         .is_some_and(|(_, since)| t >= *since + hold_for)
+                        && probed(&s, &probes, id)
                 };
                 wake = live
                     .values()
@@ -267,6 +296,9 @@ async fn run(
                     .map(|m| m.keys().copied().collect())
                     .unwrap_or_default();
                 let decisions = decide(&s, cfg, &hold, &announced, &settled);
+                wants_verdict = decisions
+                    .iter()
+                    .any(|d| !d.announce && d.reason.contains("settle"));
                 let iface = cfg
                     .interface
                     .clone()
@@ -334,6 +366,7 @@ async fn run(
         }
         tokio::select! {
             r = snap.changed() => if r.is_err() { return },
+            r = health.changed(), if wants_verdict => if r.is_err() { return },
             req = rx.recv() => {
                 let Some(req) = req else { return };
                 let before = status

@@ -74,10 +74,11 @@ pub fn live_set(spec: &VipSpec) -> BTreeSet<IpAddr> {
 /// anyone stops attracting traffic it would drop. Several VIPs on one address (different
 /// ports) share its route, so the address stays announced while any of them qualifies.
 ///
-/// An address not announced now (`announced`) comes back only through a VIP whose live
-/// backends have been the same for `announce_hold_ms` (`settled`): flows rehashed between
-/// balancers survive only while the balancers' tables agree, and backends coming back after
-/// an outage come up one probe at a time.
+/// An address not announced now (`announced`) comes back only through a VIP that has
+/// `settled` (its live backends the same for `announce_hold_ms`, and a probe verdict on each
+/// checked backend): flows rehashed between balancers survive only while the balancers'
+/// tables agree, backends coming back after an outage come up one probe at a time, and a
+/// starting agent takes every backend as up until probed.
 pub fn decide(
     snap: &Snapshot,
     cfg: &BgpConfig,
@@ -126,8 +127,8 @@ pub fn decide(
                 format!("announced: {detail} (at least {min} needed)")
             } else if qualifies {
                 format!(
-                    "withdrawn until its backends settle: {detail}, unchanged for less than \
-                     announce_hold_ms {}",
+                    "withdrawn until its backends settle (the same live backends for \
+                     announce_hold_ms {}, a probe verdict on each): {detail}",
                     cfg.announce_hold_ms
                 )
             } else {
