@@ -6,6 +6,7 @@ pub mod addr;
 pub mod agent;
 pub mod api;
 pub mod balancer;
+pub mod bgp;
 pub mod bpffs;
 pub mod cli;
 pub mod datapath;

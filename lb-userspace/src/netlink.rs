@@ -200,3 +200,21 @@ pub async fn all_addresses(h: &Handle) -> Result<Vec<IpAddr>, NetlinkError> {
     out.dedup();
     Ok(out)
 }
+
+/// The interface's IPv6 link-local address (the source of IPv6 VRRP advertisements).
+pub async fn link_local_v6(
+    h: &Handle,
+    ifindex: u32,
+) -> Result<Option<std::net::Ipv6Addr>, NetlinkError> {
+    let mut dump = h.address().get().set_link_index_filter(ifindex).execute();
+    while let Some(m) = dump.try_next().await? {
+        for a in &m.attributes {
+            if let AddressAttribute::Address(IpAddr::V6(ip)) = a
+                && ip.is_unicast_link_local()
+            {
+                return Ok(Some(*ip));
+            }
+        }
+    }
+    Ok(None)
+}

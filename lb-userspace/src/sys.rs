@@ -128,3 +128,95 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Receives one datagram on an IPv6 socket with `IPV6_RECVHOPLIMIT` set: (length, source,
+/// hop limit if the kernel gave it).
+pub fn recv_with_hop_limit(
+    sock: &socket2::Socket,
+    buf: &mut [u8],
+) -> io::Result<(usize, std::net::Ipv6Addr, Option<u8>)> {
+    use std::mem::MaybeUninit;
+    let mut control = [MaybeUninit::<u8>::uninit(); 128];
+    let mut from = socket2::SockAddr::from(std::net::SocketAddrV6::new(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        0,
+        0,
+        0,
+    ));
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and the kernel only writes
+    // initialized bytes into the buffer; nothing uninitialized is ever written through it.
+    let data = unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) };
+    let mut bufs = [socket2::MaybeUninitSlice::new(data)];
+    let (n, clen) = {
+        let mut msg = socket2::MsgHdrMut::new()
+            .with_addr(&mut from)
+            .with_buffers(&mut bufs)
+            .with_control(&mut control);
+        let n = sock.recvmsg(&mut msg, 0)?;
+        (n, msg.control_len().min(control.len()))
+    };
+    // SAFETY: `recvmsg` initialized the first `msg_controllen` bytes of the control buffer.
+    let control: Vec<u8> = control[..clen]
+        .iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect();
+    let src = from
+        .as_socket_ipv6()
+        .map_or(std::net::Ipv6Addr::UNSPECIFIED, |a| *a.ip());
+    Ok((n, src, hop_limit(&control)))
+}
+
+/// The IPV6_HOPLIMIT value in a control message buffer (`cmsghdr`s, read as bytes).
+fn hop_limit(control: &[u8]) -> Option<u8> {
+    const WORD: usize = std::mem::size_of::<usize>();
+    let header = std::mem::size_of::<libc::cmsghdr>();
+    let align = |n: usize| n.div_ceil(WORD) * WORD;
+    let mut at = 0;
+    while at + header <= control.len() {
+        let len = usize::from_ne_bytes(control[at..at + WORD].try_into().ok()?);
+        let level = i32::from_ne_bytes(control[at + WORD..at + WORD + 4].try_into().ok()?);
+        let kind = i32::from_ne_bytes(control[at + WORD + 4..at + WORD + 8].try_into().ok()?);
+        if len < header || at + len > control.len() {
+            return None;
+        }
+        let data_at = at + align(header);
+        if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_HOPLIMIT && data_at + 4 <= at + len {
+            let v = i32::from_ne_bytes(control[data_at..data_at + 4].try_into().ok()?);
+            return u8::try_from(v).ok();
+        }
+        at += align(len);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hop_limit;
+
+    fn cmsg(level: i32, kind: i32, value: i32) -> Vec<u8> {
+        let header = std::mem::size_of::<libc::cmsghdr>();
+        let mut b = Vec::new();
+        b.extend_from_slice(&(header + 4).to_ne_bytes());
+        b.extend_from_slice(&level.to_ne_bytes());
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.resize(header, 0);
+        b.extend_from_slice(&value.to_ne_bytes());
+        b.resize((header + 4).div_ceil(8) * 8, 0);
+        b
+    }
+
+    #[test]
+    fn the_hop_limit_is_found_among_control_messages() {
+        let mut c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7);
+        c.extend(cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 255));
+        assert_eq!(hop_limit(&c), Some(255));
+        assert_eq!(
+            hop_limit(&cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7)),
+            None
+        );
+        assert_eq!(hop_limit(&[]), None);
+        // A truncated buffer is not read past its end.
+        let c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 64);
+        assert_eq!(hop_limit(&c[..10]), None);
+    }
+}

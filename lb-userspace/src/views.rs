@@ -8,7 +8,10 @@ use tokio::sync::watch;
 
 use crate::{
     addr,
-    api::{BackendView, CounterView, HealthView, ProbeView, Stats, Status, VipView, VrrpStatus},
+    api::{
+        BackendView, BgpStatus, CounterView, HealthView, ProbeView, Stats, Status, VipView,
+        VrrpStatus,
+    },
     datapath::Counters,
     health::{
         Tracker,
@@ -24,6 +27,8 @@ pub struct Views {
     pub snap: watch::Receiver<Arc<Snapshot>>,
     pub health: watch::Receiver<Arc<HealthViews>>,
     pub vrrp: watch::Receiver<Option<VrrpStatus>>,
+    /// The BGP announcer's status (none without `[bgp]`).
+    pub bgp: watch::Receiver<Option<BgpStatus>>,
     pub counters: Counters,
     pub state_file: PathBuf,
     pub bpffs: PathBuf,
@@ -149,6 +154,10 @@ impl Views {
 
     pub fn vrrp(&self) -> Option<VrrpStatus> {
         self.vrrp.borrow().clone()
+    }
+
+    pub fn bgp(&self) -> Option<BgpStatus> {
+        self.bgp.borrow().clone()
     }
 
     /// The running state as a `maglb.toml`.

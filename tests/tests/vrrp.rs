@@ -5,13 +5,20 @@
 use std::{
     collections::BTreeSet,
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use maglb_tests::{
     agent::{Agent, Scratch, attach_decaps},
     netns::{Netns, require_root},
-    topology::{self, LB_IF, TCP_PORT, Topology, VRRP_ADDR, backend_addr, vip_addr, wait_for},
+    topology::{
+        self, Conns, LB_IF, TCP_PORT, Topology, VRRP_ADDR, backend_addr, backend_addr6, vip_addr,
+        vip6_addr, wait_for,
+    },
     traffic::Traffic,
 };
 
@@ -468,4 +475,398 @@ fn bad_adverts_are_ignored_and_counted() {
     );
     assert_eq!(vrrp_state(&p.a2), "backup");
     println!("refused: {}", v["invalid"]);
+}
+
+/// How long until the router sends the VRRP address to `mac` (polled every 5 ms).
+fn router_on(p: &Pair, mac: &str, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if p.t.router_neighbour(VRRP_ADDR).as_deref() == Some(mac) {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn stats_packets(a: &Agent) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&["stats", "--output", "json"])).unwrap();
+    v["vips"][0]["packets"].as_u64().unwrap_or(0)
+}
+
+/// Failback to the preferred balancer (priority 150; its link-down penalty of 50 ties it
+/// with the peer's 100): after an agent restart, a link coming back, a SIGTERM and restart,
+/// and a stall (SIGSTOP past Master_Down_Interval), the router sends to it again within 1 s,
+/// 10 times out of 10 for each, under live traffic that loses nothing.
+#[test]
+fn failback_reaches_the_preferred_balancer_within_1s_every_time() {
+    const RUNS: usize = 10;
+    let mut p = pair("vfb", true);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    p.t.client
+        .run(|| topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("first request");
+    let (m1, m2) = (mac(&p.t.lb), mac(p.t.lb2.as_ref().unwrap()));
+    assert!(router_on(&p, &m1, Duration::from_secs(3)).is_some());
+    let traffic = Traffic::start(&p.t);
+    let mut times: Vec<(&str, Vec<u128>)> = Vec::new();
+    for case in ["agent restart", "link up", "SIGTERM then restart", "stall"] {
+        let mut ms = Vec::new();
+        for run in 0..RUNS {
+            // Fail over to lb2.
+            let mut stopped: Option<u32> = None;
+            match case {
+                "agent restart" => p.a1.kill9(),
+                "link up" => {
+                    p.t.lb.ip(&["link", "set", LB_IF, "down"]).unwrap();
+                }
+                "SIGTERM then restart" => p.a1.stop(),
+                "stall" => {
+                    let pid = p.a1.pid().unwrap();
+                    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                    stopped = Some(pid);
+                }
+                _ => unreachable!(),
+            }
+            assert!(
+                router_on(&p, &m2, Duration::from_secs(3)).is_some(),
+                "{case} run {run}: the router never moved to lb2\n{}",
+                p.a2.log()
+            );
+            // Long enough for lb2 to be the master the router knows.
+            std::thread::sleep(Duration::from_millis(300));
+            // Fail back.
+            let t0 = Instant::now();
+            match case {
+                "agent restart" | "SIGTERM then restart" => {
+                    p.a1 = Agent::start(Path::new(BIN), &p.t.lb, &p.s1.0).expect("restart");
+                }
+                "link up" => {
+                    p.t.lb.ip(&["link", "set", LB_IF, "up"]).unwrap();
+                    p.t.lb
+                        .ip(&["route", "replace", "default", "via", "10.10.2.1"])
+                        .unwrap();
+                }
+                "stall" => unsafe {
+                    libc::kill(stopped.unwrap() as i32, libc::SIGCONT);
+                },
+                _ => unreachable!(),
+            }
+            // From the trigger (the agent's start included) to the router's entry.
+            let back = router_on(&p, &m1, Duration::from_secs(3)).map(|_| t0.elapsed());
+            let Some(back) = back else {
+                panic!(
+                    "{case} run {run}: the router still sends to lb2 3 s after failback\n{}\n{}",
+                    p.a1.log(),
+                    p.a2.log()
+                );
+            };
+            ms.push(back.as_millis());
+            wait_state(&p.a2, "backup", Duration::from_secs(3));
+            // Traffic is on lb1 now: lb2 forwards nothing more.
+            let before = stats_packets(&p.a2);
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                stats_packets(&p.a2),
+                before,
+                "{case} run {run}: lb2 still forwards"
+            );
+        }
+        println!("failback after {case}: back on lb1 after {ms:?} ms");
+        times.push((case, ms));
+    }
+    let (failed, broken, gap) = traffic.stop();
+    println!(
+        "failback runs: {failed} failed requests, {} broken connections, longest gap {gap:?}",
+        broken.len()
+    );
+    let v = vrrp_json(&p.a1);
+    println!("lb1 warnings: {}", v["warnings"]);
+    assert!(
+        v["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w.as_str().unwrap().contains("tie"))),
+        "the tie of priority 150 - 50 with the peer's 100 was not warned about: {v}"
+    );
+    for (case, ms) in &times {
+        let slow: Vec<_> = ms.iter().filter(|m| **m >= 1000).collect();
+        assert!(
+            slow.is_empty(),
+            "{case}: failback took {slow:?} ms (of {ms:?})"
+        );
+    }
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+    let _ = (&p.s2, &p.a2);
+}
+
+/// The VRRP address of the IPv6 instance; the router sends the IPv6 VIP to it.
+const VRRP6: &str = "fd10:2::100";
+
+fn config6(priority: u8, vrrp: bool) -> String {
+    let mut c = String::from("[balancer]\ninterface = \"l0\"\n\n");
+    if vrrp {
+        c += &format!(
+            "[vrrp]\nvrid = 52\npriority = {priority}\nadvert_interval_cs = 10\naddresses = [\"{VRRP6}\"]\n\n"
+        );
+    }
+    c += &format!(
+        "[[vip]]\naddress = \"[{}]:{TCP_PORT}/tcp\"\n",
+        topology::VIP6
+    );
+    for i in 0..3 {
+        c += &format!("[[vip.backend]]\naddress = \"{}\"\n", backend_addr6(i));
+    }
+    c
+}
+
+/// The pair for IPv6 VRRP: lb2 gets an IPv6 address and route, the router sends the IPv6
+/// VIP to the VRRP address, and the router's bridge floods multicast (no MLD snooping).
+fn pair6(tag: &str, vrrp2: bool) -> Pair {
+    require_root();
+    let s1 = Scratch::new(&format!("{tag}1"));
+    let s2 = Scratch::new(&format!("{tag}2"));
+    let t = Topology::build_pair(tag, 3).expect("pair topology");
+    let lb2 = t.lb2.as_ref().unwrap();
+    lb2.ip(&["addr", "add", "fd10:2::3/64", "dev", LB_IF, "nodad"])
+        .unwrap();
+    lb2.ip(&["-6", "route", "add", "default", "via", "fd10:2::1"])
+        .unwrap();
+    t.router
+        .ip(&[
+            "link",
+            "set",
+            "brl",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])
+        .unwrap();
+    t.router
+        .ip(&[
+            "-6",
+            "route",
+            "replace",
+            &format!("{}/128", topology::VIP6),
+            "via",
+            VRRP6,
+        ])
+        .unwrap();
+    // IPv6 link-local addresses come up with the links; wait for them (DAD).
+    for ns in [&t.lb, lb2] {
+        assert!(wait_for(Duration::from_secs(5), || {
+            let out = ns
+                .ip(&["-6", "addr", "show", "dev", LB_IF, "scope", "link"])
+                .unwrap();
+            out.contains("fe80") && !out.contains("tentative")
+        }));
+    }
+    attach_decaps(Path::new(BIN), &t, &s1);
+    let a1 = start(&t.lb, &s1, &config6(150, true));
+    let a2 = start(lb2, &s2, &config6(100, vrrp2));
+    a1.wait_ready();
+    a2.wait_ready();
+    Pair { t, s1, s2, a1, a2 }
+}
+
+/// The MAC the router has for the IPv6 VRRP address.
+fn router_neighbour6(p: &Pair) -> Option<String> {
+    let out = p.t.router.ip(&["-6", "neigh", "show", VRRP6]).ok()?;
+    let line = out.lines().find(|l| l.contains("lladdr"))?;
+    let mut it = line.split_whitespace();
+    it.find(|w| *w == "lladdr")?;
+    it.next().map(str::to_owned)
+}
+
+/// IPv6 requests and long-lived IPv6 connections until stopped: (failed, broken).
+fn traffic6(t: &Topology, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    t.client
+        .spawn(move || {
+            let mut long = Conns::open(20, vip6_addr(TCP_PORT), Duration::from_secs(5)).unwrap();
+            let (mut failed, mut broken) = (0, Vec::new());
+            for round in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if topology::tcp_request(vip6_addr(TCP_PORT), Duration::from_secs(5)).is_err() {
+                    failed += 1;
+                }
+                if round % 10 == 0 {
+                    broken.extend(long.broken());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            broken.extend(long.broken());
+            (failed, broken)
+        })
+        .unwrap()
+}
+
+#[test]
+fn ipv6_vrrp_fails_over_and_keeps_ipv6_connections() {
+    let mut p = pair6("v6f", true);
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    let lb2 = p.t.lb2.as_ref().unwrap();
+    let v = vrrp_json(&p.a1);
+    assert!(
+        v["master"].as_str().unwrap().starts_with("fe80:"),
+        "IPv6 advertisements come from the link-local address: {v}"
+    );
+    assert!(
+        vrrp_json(&p.a2)["adverts_received"].as_u64().unwrap() > 0,
+        "the backup heard no IPv6 advertisement"
+    );
+    assert!(
+        p.t.lb
+            .ip(&["-6", "addr", "show", "dev", LB_IF])
+            .unwrap()
+            .contains(&format!("{VRRP6}/128")),
+        "the master does not hold {VRRP6}"
+    );
+    p.t.client
+        .run(|| topology::tcp_request(vip6_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("first IPv6 request");
+    assert!(wait_for(Duration::from_secs(3), || router_neighbour6(&p)
+        == Some(mac(&p.t.lb))));
+
+    // The master dies: the backup takes the address and tells the router with an
+    // unsolicited neighbour advertisement; IPv6 connections carry on through it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = traffic6(&p.t, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    p.a1.kill9();
+    let took = wait_state(&p.a2, "master", Duration::from_secs(3));
+    assert!(
+        wait_for(Duration::from_secs(3), || router_neighbour6(&p)
+            == Some(mac(lb2))),
+        "the router's IPv6 neighbour entry still points at lb1"
+    );
+    let moved = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (failed, broken) = traffic.join().unwrap();
+    println!(
+        "IPv6 VRRP failover: backup master after {took:?}, router moved after {moved:?}; \
+         {failed} failed IPv6 requests, {} broken IPv6 connections",
+        broken.len()
+    );
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+
+    // Failback: the preferred balancer returns and the router follows within a second.
+    let t0 = Instant::now();
+    p.a1 = Agent::start(Path::new(BIN), &p.t.lb, &p.s1.0).expect("restart");
+    assert!(wait_for(Duration::from_secs(3), || router_neighbour6(&p)
+        == Some(mac(&p.t.lb))));
+    println!(
+        "IPv6 VRRP failback: router back on lb1 after {:?}",
+        t0.elapsed()
+    );
+    wait_state(&p.a2, "backup", Duration::from_secs(3));
+    let _ = &p.s2;
+}
+
+/// keepalived's IPv6 VRRPv3 instance as the second balancer's VRRP.
+struct Keepalived6(std::process::Child);
+
+impl Keepalived6 {
+    fn start(ns: &Netns, dir: &Path) -> Self {
+        let conf = dir.join("keepalived6.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "global_defs {{\n  vrrp_version 3\n  script_user root\n}}\n\
+                 vrrp_instance VI_6 {{\n  state BACKUP\n  interface {LB_IF}\n  virtual_router_id 52\n  \
+                 priority 100\n  advert_int 0.1\n  native_ipv6\n  virtual_ipaddress {{\n    {VRRP6}/128\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let child = ns
+            .command("keepalived")
+            .unwrap()
+            .args(["--dont-fork", "--log-console", "--vrrp", "-f"])
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.join("keepalived6.pid"))
+            .arg("-r")
+            .arg(dir.join("vrrp6.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("keepalived6.log")).unwrap())
+            .spawn()
+            .expect("keepalived (Debian package keepalived; `cargo xtask setup`)");
+        Self(child)
+    }
+
+    fn holds(&self, ns: &Netns) -> bool {
+        ns.ip(&["-6", "addr", "show", "dev", LB_IF])
+            .unwrap()
+            .contains(&format!("{VRRP6}/128"))
+    }
+}
+
+impl Drop for Keepalived6 {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn keepalived_ipv6_peer_interoperates() {
+    let mut p = pair6("v6k", false);
+    let lb2 = p.t.lb2.as_ref().unwrap();
+    let ka = Keepalived6::start(lb2, &p.s2.0.dir);
+    let ka_log = || std::fs::read_to_string(p.s2.0.dir.join("keepalived6.log")).unwrap_or_default();
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !ka.holds(lb2),
+        "keepalived took the IPv6 address from a higher-priority maglb:\n{}",
+        ka_log()
+    );
+    p.t.client
+        .run(|| topology::tcp_request(vip6_addr(TCP_PORT), Duration::from_secs(3)))
+        .unwrap()
+        .expect("first IPv6 request");
+
+    // maglb dies: keepalived takes over; IPv6 connections continue through lb2's datapath.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = traffic6(&p.t, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    p.a1.kill9();
+    assert!(
+        wait_for(Duration::from_secs(3), || ka.holds(lb2)),
+        "keepalived did not take over:\n{}",
+        ka_log()
+    );
+    assert!(wait_for(Duration::from_secs(3), || router_neighbour6(&p)
+        == Some(mac(lb2))));
+    std::thread::sleep(Duration::from_millis(500));
+    // maglb returns with the higher priority: keepalived yields.
+    p.a1 = Agent::start(Path::new(BIN), &p.t.lb, &p.s1.0).expect("restart");
+    wait_state(&p.a1, "master", Duration::from_secs(3));
+    assert!(
+        wait_for(Duration::from_secs(3), || !ka.holds(lb2)),
+        "keepalived kept the IPv6 address:\n{}",
+        ka_log()
+    );
+    assert!(wait_for(Duration::from_secs(3), || router_neighbour6(&p)
+        == Some(mac(&p.t.lb))));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (failed, broken) = traffic.join().unwrap();
+    println!(
+        "maglb <-> keepalived (IPv6): {failed} failed IPv6 requests, {} broken IPv6 connections",
+        broken.len()
+    );
+    assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
+    let v = vrrp_json(&p.a1);
+    assert!(
+        v["adverts_received"].as_u64().unwrap() > 0 && v["invalid"].as_object().unwrap().is_empty(),
+        "keepalived's IPv6 advertisements were not understood: {v}"
+    );
 }

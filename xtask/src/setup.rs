@@ -9,9 +9,10 @@ use crate::{cmd, output};
 
 /// Debian packages the tests, the demo and the benches use.
 /// (`prometheus` brings promtool, which checks the metrics and the alert rules; keepalived
-/// is the VRRP peer of the interoperability test; nginx serves the probe tests and the
-/// benches, HAProxy and wrk the benches; chromium renders the status page in its test;
-/// openssl makes the probe tests' certificates.)
+/// is the VRRP peer of the interoperability test; bird2 speaks BGP and BFD for the ECMP
+/// tests; nginx serves the probe tests and the benches, HAProxy and wrk the benches;
+/// chromium renders the status page in its test; openssl makes the probe tests'
+/// certificates.)
 pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -20,6 +21,7 @@ pub const PACKAGES: &[&str] = &[
     "curl",
     "prometheus",
     "keepalived",
+    "bird2",
     "nginx-light",
     "haproxy",
     "wrk",

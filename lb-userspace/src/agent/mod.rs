@@ -3,11 +3,13 @@
 //! - the writer ([`crate::writer`]), on a thread of its own: the one owner of the desired
 //!   state, the state file and the maps;
 //! - the VRRP speaker ([`crate::vrrp::speaker`]), on a thread of its own;
-//! - on the async runtime: the probe supervisor, the next-hop refresher and the HTTP
-//!   listeners (admin socket, read-only socket, metrics and status page).
+//! - on the async runtime: the probe supervisor, the next-hop refresher, the BGP announcer
+//!   ([`crate::bgp`]) and the HTTP listeners (admin socket, read-only socket, metrics and
+//!   status page).
 //!
-//! On SIGTERM a VRRP master hands over first; the pinned datapath keeps forwarding after the
-//! agent exits.
+//! On SIGTERM the BGP routes are withdrawn first and the agent forwards on for
+//! `withdraw_wait_ms`, then a VRRP master hands over; the pinned datapath keeps forwarding
+//! after the agent exits.
 
 mod nexthop;
 
@@ -27,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::server::{self, Api},
+    bgp::announcer::{BgpHandle, Op as BgpOp},
     bpffs,
     datapath::Datapath,
     health,
@@ -35,6 +38,7 @@ use crate::{
     store::{Persisted, Store, StoreError},
     views::Views,
     vrrp::speaker::Speaker,
+    writer::Snapshot,
     writer::Writer,
 };
 
@@ -62,6 +66,19 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     }
     let mut store = Store::open(&opts.state_dir)?;
     let saved = load_state(&mut store, &opts)?;
+    // The VRRP speaker reads snapshots through `vrrp_snap`. When an attached datapath is
+    // pinned it forwards already, so the speaker starts before the datapath is loaded again
+    // (a few hundred milliseconds: the program is verified anew): a returning preferred
+    // balancer takes over without waiting for that. Otherwise it starts once the writer
+    // has made the datapath carry the state.
+    let pinned = Datapath::pinned_and_attached(&opts.bpffs);
+    let (vrrp_tx, vrrp_snap) =
+        watch::channel(Arc::new(Snapshot::preliminary(saved.state.clone(), pinned)));
+    let early_speaker = if pinned {
+        Some(Speaker::spawn(vrrp_snap.clone())?)
+    } else {
+        None
+    };
     let dp = Datapath::load_pinned(&opts.bpffs)?;
     let counters = dp.counters();
     let writer_metrics = WriterMetrics::default();
@@ -75,7 +92,11 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let state_file = store.path();
     let (writer, snap) = Writer::open(store, saved, dp, writer_metrics.clone())?;
     let (writer, writer_thread) = writer.spawn();
-    let speaker = Speaker::spawn(snap.clone())?;
+    vrrp_tx.send_replace(snap.borrow().clone());
+    let speaker = match early_speaker {
+        Some(s) => s,
+        None => Speaker::spawn(vrrp_snap)?,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -89,10 +110,18 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             probe_metrics.clone(),
         ));
         tokio::spawn(nexthop::run(writer.clone(), snap.clone()));
+        let mut follow = snap.clone();
+        tokio::spawn(async move {
+            while follow.changed().await.is_ok() {
+                vrrp_tx.send_replace(follow.borrow_and_update().clone());
+            }
+        });
+        let bgp = BgpHandle::spawn(snap.clone(), health_rx.clone());
         let views = Views {
             snap,
             health: health_rx,
             vrrp: speaker.status.clone(),
+            bgp: bgp.status.clone(),
             counters,
             state_file,
             bpffs: opts.bpffs.clone(),
@@ -102,6 +131,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             writer,
             views,
             vrrp: speaker.commands.clone(),
+            bgp,
             metrics: registry,
         });
         serve(&opts, api).await
@@ -174,12 +204,27 @@ async fn serve(opts: &Options, api: Arc<Api>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the metrics listener {at}"))?;
         info!(%at, "serving metrics and the status page");
-        tokio::spawn(server::serve_tcp(l, server::metrics(api)));
+        tokio::spawn(server::serve_tcp(l, server::metrics(api.clone())));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    // A planned stop: the router stops sending before the agent goes. The API still answers
+    // meanwhile.
+    if api.bgp.active() {
+        match api
+            .bgp
+            .withdraw_and_wait(BgpOp::Leave("the agent is stopping".into()))
+            .await
+        {
+            Ok(took) => info!(
+                took_ms = took.as_millis() as u64,
+                "BGP routes withdrawn before stopping"
+            ),
+            Err(e) => warn!(error = %e, "withdrawing the BGP routes before stopping"),
+        }
     }
     Ok(())
 }

@@ -239,4 +239,44 @@ pub struct VrrpStatus {
     pub invalid: BTreeMap<String, u64>,
     /// Released with `maglb vrrp release`: stays backup until `maglb vrrp claim`.
     pub released: bool,
+    /// Times a master announced its addresses again without a transition (link up,
+    /// priority back, a stall, a rival master).
+    #[serde(default)]
+    pub announcements: u64,
+    /// Configuration problems seen at run time (a peer whose priority ties with ours).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// One VIP address as `maglb bgp status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BgpAddress {
+    pub address: IpAddr,
+    /// The VIPs on this address.
+    pub vips: Vec<VipId>,
+    /// Its route is in the table now (BIRD announces it).
+    pub announced: bool,
+    /// Why it is announced or withdrawn.
+    pub reason: String,
+    /// Seconds since `announced` last changed.
+    pub since_s: f64,
+}
+
+/// What `maglb bgp status` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BgpStatus {
+    /// The kernel routing table the routes live in, and their route protocol number.
+    pub table: u32,
+    pub protocol: u8,
+    /// The interface the routes point at.
+    pub interface: Option<String>,
+    pub min_live_backends: u32,
+    pub withdraw_wait_ms: u32,
+    /// `maglb bgp withdraw` holds every address back (until `maglb bgp announce`).
+    pub withdrawn_by_operator: bool,
+    /// The agent is leaving (SIGTERM or detach): everything is withdrawn.
+    pub leaving: bool,
+    pub addresses: Vec<BgpAddress>,
+    /// The last error writing the routes, if the last attempt failed.
+    pub error: Option<String>,
 }

@@ -30,6 +30,7 @@ use super::{
     REQUEST_ID_HEADER, RequestStatus, SwitchRequest, Verification, VipRef, VipRequest,
 };
 use crate::{
+    bgp::announcer::{BgpHandle, Op as BgpOp},
     state::{BackendEntry, BackendState, Change, Refusal, State as DesiredState, Vip},
     views::Views,
     vrrp::speaker::Command as VrrpCommand,
@@ -46,6 +47,7 @@ pub struct Api {
     pub writer: WriterHandle,
     pub views: Views,
     pub vrrp: watch::Sender<VrrpCommand>,
+    pub bgp: BgpHandle,
     pub metrics: Registry,
 }
 
@@ -127,6 +129,7 @@ fn read_routes() -> Router<Shared> {
             get(|State(a): State<Shared>| async move { Json(a.views.probes()) }),
         )
         .route("/v1/vrrp", get(vrrp_status))
+        .route("/v1/bgp", get(bgp_status))
         .route(
             "/v1/config",
             get(|State(a): State<Shared>| async move {
@@ -151,6 +154,7 @@ pub fn admin(api: Shared) -> Router {
         .route("/v1/health", post(health))
         .route("/v1/apply", post(apply))
         .route("/v1/vrrp/{action}", post(vrrp_command))
+        .route("/v1/bgp/{action}", post(bgp_command))
         .route("/v1/requests/{id}", get(committed))
         .route("/v1/verify", get(verify))
         .fallback(not_found)
@@ -258,6 +262,59 @@ async fn vrrp_command(State(a): State<Shared>, Path(action): Path<String>) -> An
     }))
 }
 
+async fn bgp_status(State(a): State<Shared>) -> Answer<super::BgpStatus> {
+    a.views.bgp().map(Json).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "BGP announcements are off: add a [bgp] section with `maglb apply`".into(),
+        )
+    })
+}
+
+/// `withdraw` answers once the routes are gone and `withdraw_wait_ms` has passed (the router
+/// has stopped sending); `announce` once the routes that qualify are back.
+async fn bgp_command(State(a): State<Shared>, Path(action): Path<String>) -> Answer<Changes> {
+    if !a.bgp.active() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "BGP announcements are off: add a [bgp] section with `maglb apply`".into(),
+        ));
+    }
+    let line = match action.as_str() {
+        "withdraw" => {
+            let waited = a
+                .bgp
+                .withdraw_and_wait(BgpOp::Withdraw)
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            format!(
+                "withdrawn: every VIP address, until `maglb bgp announce` (took {} ms, the withdraw wait included)",
+                waited.as_millis()
+            )
+        }
+        "announce" => {
+            a.bgp
+                .request(BgpOp::Announce)
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            let n = a
+                .views
+                .bgp()
+                .map_or(0, |s| s.addresses.iter().filter(|x| x.announced).count());
+            format!("announcing again: {n} VIP addresses qualify now")
+        }
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no BGP action {action:?}; withdraw or announce"),
+            ));
+        }
+    };
+    Ok(Json(Changes {
+        changes: vec![line],
+    }))
+}
+
 async fn validate(State(a): State<Shared>, b: Bytes) -> Answer<Changes> {
     let t: ConfigText = body(&b)?;
     let file = DesiredState::from_toml(&t.config)?;
@@ -285,8 +342,29 @@ async fn attach(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Chang
     .await
 }
 
+/// A detach withdraws the BGP announcements first and keeps forwarding for
+/// `withdraw_wait_ms`, so the router stops sending before the datapath goes.
 async fn detach(State(a): State<Shared>, h: HeaderMap) -> Answer<Changes> {
-    write(&a, &h, Change::Detach).await
+    let mut lines = Vec::new();
+    let attached = a.views.snapshot().state.balancer.interface.is_some();
+    if a.bgp.active() && attached {
+        let waited = a
+            .bgp
+            .withdraw_and_wait(BgpOp::Leave("detaching".into()))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        lines.push(format!(
+            "BGP routes withdrawn; forwarded {} ms more before detaching",
+            waited.as_millis()
+        ));
+    }
+    let r = write(&a, &h, Change::Detach).await;
+    if a.bgp.active() {
+        let _ = a.bgp.request(BgpOp::Rejoin).await;
+    }
+    let Json(mut c) = r?;
+    lines.append(&mut c.changes);
+    Ok(Json(Changes { changes: lines }))
 }
 
 async fn vip_add(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Changes> {

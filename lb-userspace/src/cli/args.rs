@@ -165,6 +165,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: VrrpCmd,
     },
+    /// Active/active behind ECMP: which VIP addresses BIRD announces, and why; graceful
+    /// withdraw.
+    Bgp {
+        #[command(subcommand)]
+        cmd: BgpCmd,
+    },
     /// The backend-side decap program (no agent needed).
     Decap {
         #[command(subcommand)]
@@ -389,6 +395,20 @@ pub enum VrrpCmd {
     Release,
     /// Take part with the configured priority again after `release`.
     Claim,
+}
+
+#[derive(Subcommand)]
+pub enum BgpCmd {
+    /// Per VIP address: announced or withdrawn, and why.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Withdraw every VIP address and keep forwarding for `withdraw_wait_ms`; returns when
+    /// the router has stopped sending (a planned removal). Lasts until `maglb bgp announce`.
+    Withdraw,
+    /// Announce what qualifies again after `withdraw`.
+    Announce,
 }
 
 #[derive(Subcommand)]

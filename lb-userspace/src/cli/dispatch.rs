@@ -12,7 +12,8 @@ use clap::CommandFactory as _;
 use super::{
     Error,
     args::{
-        AffinityArg, BackendCmd, Cli, Cmd, ConfigCmd, DecapCmd, LogFormat, Output, VipCmd, VrrpCmd,
+        AffinityArg, BackendCmd, BgpCmd, Cli, Cmd, ConfigCmd, DecapCmd, LogFormat, Output, VipCmd,
+        VrrpCmd,
     },
     output,
 };
@@ -143,6 +144,21 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
                 output::changes(out, &send(sock, "POST", "/v1/vrrp/release", &())?)?
             }
             VrrpCmd::Claim => output::changes(out, &send(sock, "POST", "/v1/vrrp/claim", &())?)?,
+        },
+        Cmd::Bgp { cmd } => match cmd {
+            BgpCmd::Status { output } => {
+                let body = client::call(read, "GET", "/v1/bgp", None)?;
+                match output {
+                    Output::Json => output::json(out, &body)?,
+                    Output::Table => output::bgp(out, &serde_json::from_str(&body)?)?,
+                }
+            }
+            BgpCmd::Withdraw => {
+                output::changes(out, &send(sock, "POST", "/v1/bgp/withdraw", &())?)?
+            }
+            BgpCmd::Announce => {
+                output::changes(out, &send(sock, "POST", "/v1/bgp/announce", &())?)?
+            }
         },
         Cmd::Config {
             cmd: ConfigCmd::Export,

@@ -192,7 +192,58 @@ pub fn vrrp(out: &mut impl Write, v: &VrrpStatus) -> io::Result<()> {
     } else {
         invalid.join(", ")
     };
-    writeln!(out, "refused      {invalid}")
+    writeln!(out, "refused      {invalid}")?;
+    if v.announcements > 0 {
+        writeln!(out, "re-announced {} times while master", v.announcements)?;
+    }
+    for w in &v.warnings {
+        writeln!(out, "warning      {w}")?;
+    }
+    Ok(())
+}
+
+pub fn bgp(out: &mut impl Write, b: &api::BgpStatus) -> io::Result<()> {
+    writeln!(
+        out,
+        "routes       table {} proto {} via {} (BIRD exports them)",
+        b.table,
+        b.protocol,
+        b.interface.as_deref().unwrap_or("-")
+    )?;
+    writeln!(
+        out,
+        "rules        at least {} live backends; withdraw wait {} ms",
+        b.min_live_backends, b.withdraw_wait_ms
+    )?;
+    if b.withdrawn_by_operator {
+        writeln!(
+            out,
+            "held         withdrawn by the operator (`maglb bgp announce` undoes it)"
+        )?;
+    }
+    if b.leaving {
+        writeln!(out, "held         leaving: everything withdrawn")?;
+    }
+    if let Some(e) = &b.error {
+        writeln!(out, "error        {e}")?;
+    }
+    writeln!(out)?;
+    writeln!(out, "{:<28} {:<10} {:>9}  WHY", "ADDRESS", "STATE", "SINCE")?;
+    for a in &b.addresses {
+        writeln!(
+            out,
+            "{:<28} {:<10} {:>8.0}s  {}",
+            a.address,
+            if a.announced {
+                "announced"
+            } else {
+                "withdrawn"
+            },
+            a.since_s,
+            a.reason
+        )?;
+    }
+    Ok(())
 }
 
 pub fn backends(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {

@@ -158,6 +158,12 @@ impl Datapath {
     /// moves the old link to this program in one atomic replace. Connection-table entries and
     /// counters do not carry over; established flows keep their backend through the Maglev
     /// table as long as the backend set is unchanged.
+    /// Whether an attached datapath is pinned under `bpffs` (it forwards before any agent
+    /// loads it).
+    pub fn pinned_and_attached(bpffs: &Path) -> bool {
+        bpffs.join(LAYOUT).join(LINK_FILE).exists()
+    }
+
     pub fn load_pinned(bpffs: &Path) -> Result<Self, DatapathError> {
         std::fs::create_dir_all(bpffs).map_err(|e| pin_error(bpffs, e))?;
         let older = link::older_layouts(bpffs, LAYOUT).map_err(|e| pin_error(bpffs, e))?;

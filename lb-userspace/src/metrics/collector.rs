@@ -206,11 +206,29 @@ impl Collector for Scrape {
                 }),
             )?;
         }
-        self.vrrp(&mut enc)
+        self.vrrp(&mut enc)?;
+        self.bgp(&mut enc)
     }
 }
 
 impl Scrape {
+    /// One sample per VIP while `[bgp]` is configured: 1 while its address is announced.
+    fn bgp(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let b = self.0.bgp();
+        gauges(
+            enc,
+            "maglb_bgp_announced",
+            "1 while this balancer announces the VIP's address over BGP (through BIRD)",
+            b.iter().flat_map(|b| {
+                b.addresses.iter().flat_map(|a| {
+                    a.vips
+                        .iter()
+                        .map(|v| (vec![("vip", v.to_string())], i64::from(a.announced)))
+                })
+            }),
+        )
+    }
+
     fn vrrp(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
         let v = self.0.vrrp();
         let vrid = |v: &crate::api::VrrpStatus| vec![("vrid", v.vrid.to_string())];

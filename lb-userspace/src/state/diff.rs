@@ -44,6 +44,15 @@ impl State {
                 None => "VRRP off".to_owned(),
             });
         }
+        if self.bgp != new.bgp {
+            out.push(match &new.bgp {
+                Some(b) => format!(
+                    "BGP announcements: table {}, at least {} live backends, withdraw wait {} ms",
+                    b.table, b.min_live_backends, b.withdraw_wait_ms
+                ),
+                None => "BGP announcements off".to_owned(),
+            });
+        }
         for v in &new.vips {
             let Some(old) = self.vip(&v.address) else {
                 out.push(format!(

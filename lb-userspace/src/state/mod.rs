@@ -370,9 +370,10 @@ pub struct VrrpConfig {
     /// Interface for advertisements and addresses; default: the balancer's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
-    /// Addresses the master holds (IPv4): typically the next hop the router sends the VIPs
-    /// to, or the VIPs themselves.
-    pub addresses: Vec<std::net::Ipv4Addr>,
+    /// Addresses the master holds, all IPv4 or all IPv6 (one family per instance, as
+    /// keepalived has it): typically the next hop the router sends the VIPs to, or the VIPs
+    /// themselves. IPv6 advertises to ff02::12 from the link-local address.
+    pub addresses: Vec<IpAddr>,
     /// Priority lost while the interface is down.
     #[serde(default = "d_penalty")]
     pub track_interface_penalty: u8,
@@ -381,6 +382,60 @@ pub struct VrrpConfig {
     pub track_vips: Vec<VipId>,
     #[serde(default = "d_penalty")]
     pub track_vip_penalty: u8,
+}
+
+fn d_bgp_table() -> u32 {
+    4242
+}
+fn d_min_live() -> u32 {
+    1
+}
+fn d_withdraw_wait() -> u32 {
+    2000
+}
+fn d_announce_hold() -> u32 {
+    1000
+}
+
+/// Active/active behind ECMP (`[bgp]`): which VIP addresses this balancer offers to a BGP
+/// speaker (BIRD) running beside it. The agent keeps one host route per announced VIP
+/// address in a kernel routing table of its own (`table`), with route protocol
+/// [`crate::bgp::ROUTE_PROTOCOL`]; BIRD's `kernel` protocol learns that table and its BGP
+/// sessions export it. No rule points at the table, so it never changes forwarding here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpConfig {
+    /// The kernel routing table the announced VIP routes live in (not 0, 253, 254 or 255).
+    #[serde(default = "d_bgp_table")]
+    pub table: u32,
+    /// A VIP is announced only while at least this many of its backends take new flows.
+    #[serde(default = "d_min_live")]
+    pub min_live_backends: u32,
+    /// Graceful leave: after withdrawing (SIGTERM, `maglb bgp withdraw`, detach), keep
+    /// forwarding this long so the router stops sending first (0-60000).
+    #[serde(default = "d_withdraw_wait")]
+    pub withdraw_wait_ms: u32,
+    /// A withdrawn VIP is announced again only once the set of its live backends has not
+    /// changed for this long (0-60000): backends recovering together come up within a
+    /// probe interval or two of each other, and a balancer announced in between would hash
+    /// new flows on a table the others do not have.
+    #[serde(default = "d_announce_hold")]
+    pub announce_hold_ms: u32,
+    /// The interface the routes point at; default: the balancer's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            table: d_bgp_table(),
+            min_live_backends: d_min_live(),
+            withdraw_wait_ms: d_withdraw_wait(),
+            announce_hold_ms: d_announce_hold(),
+            interface: None,
+        }
+    }
 }
 
 /// The whole desired state.
@@ -393,6 +448,8 @@ pub struct State {
     pub balancer: BalancerSettings,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vrrp: Option<VrrpConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
 }
@@ -403,6 +460,7 @@ impl Default for State {
             version: STATE_VERSION,
             balancer: BalancerSettings::default(),
             vrrp: None,
+            bgp: None,
             vips: Vec::new(),
         }
     }

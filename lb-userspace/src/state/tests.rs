@@ -305,3 +305,51 @@ fn a_file_without_an_interface_keeps_the_attachment_in_validate_and_apply_alike(
     let lines = running.diff(&after);
     assert!(!lines.iter().any(|l| l.contains("detach")), "{lines:?}");
 }
+
+#[test]
+fn bgp_and_ipv6_vrrp_sections_are_checked() {
+    let base = "[balancer]\ninterface = \"eth0\"\n";
+    let ok = State::from_toml(&format!(
+        "{base}[bgp]\nmin_live_backends = 2\n[vrrp]\nvrid = 52\naddresses = [\"fd10:2::100\"]\n"
+    ))
+    .unwrap();
+    let b = ok.bgp.as_ref().unwrap();
+    assert_eq!(
+        (
+            b.table,
+            b.min_live_backends,
+            b.withdraw_wait_ms,
+            b.announce_hold_ms
+        ),
+        (4242, 2, 2000, 1000)
+    );
+    assert_eq!(State::from_toml(&ok.to_toml()).unwrap(), ok, "round trip");
+    for (section, field) in [
+        ("[bgp]\ntable = 254\n", "bgp.table"),
+        ("[bgp]\nmin_live_backends = 0\n", "bgp.min_live_backends"),
+        ("[bgp]\nwithdraw_wait_ms = 60001\n", "bgp.withdraw_wait_ms"),
+        ("[bgp]\nannounce_hold_ms = 70000\n", "bgp.announce_hold_ms"),
+        ("[bgp]\ninterface = \"a/b\"\n", "bgp.interface"),
+        (
+            "[vrrp]\nvrid = 5\naddresses = [\"10.0.0.100\", \"fd10:2::100\"]\n",
+            "vrrp.addresses",
+        ),
+        (
+            "[vrrp]\nvrid = 5\naddresses = [\"fe80::1\"]\n",
+            "vrrp.addresses",
+        ),
+    ] {
+        let e = State::from_toml(&format!("{base}{section}")).unwrap_err();
+        assert!(e.to_string().starts_with(field), "{section}: {e}");
+        assert_eq!(e.code(), 400);
+    }
+    let mut without = ok.clone();
+    without.bgp = None;
+    assert!(
+        ok.diff(&without)
+            .iter()
+            .any(|l| l == "BGP announcements off"),
+        "{:?}",
+        ok.diff(&without)
+    );
+}

@@ -2,12 +2,12 @@
 //! `apply`, the state file read at start) ends here, and the first problem found is the
 //! error.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
 
 use super::{
-    HealthCheck, MAX_WEIGHT, ProbeKind, Refusal, STATE_VERSION, State, Vip, VrrpConfig,
+    BgpConfig, HealthCheck, MAX_WEIGHT, ProbeKind, Refusal, STATE_VERSION, State, Vip, VrrpConfig,
     vip_id::{backend_addr_problem, vip_addr_problem},
 };
 use crate::{addr, maglev};
@@ -132,6 +132,9 @@ impl State {
         if let Some(v) = &self.vrrp {
             v.validate(&self.vips)?;
         }
+        if let Some(b) = &self.bgp {
+            b.validate()?;
+        }
         if pairs > MAX_BACKENDS as usize {
             return Err(Refusal::invalid(
                 "vip",
@@ -246,9 +249,32 @@ impl VrrpConfig {
         if self.addresses.is_empty() || self.addresses.len() > 20 {
             return Err(Refusal::invalid(
                 "vrrp.addresses",
-                "give 1-20 IPv4 addresses for the master to hold",
+                "give 1-20 addresses for the master to hold",
             ));
         }
+        if self
+            .addresses
+            .iter()
+            .any(|a| a.is_ipv4() != self.addresses[0].is_ipv4())
+        {
+            return Err(Refusal::invalid(
+                "vrrp.addresses",
+                "all IPv4 or all IPv6: VRRP runs one instance per family (use a second \
+                 balancer pair, or keepalived, for the other family)",
+            ));
+        }
+        if let Some(a) = self.addresses.iter().find(|a| {
+            a.is_unspecified()
+                || a.is_multicast()
+                || a.is_loopback()
+                || matches!(a, IpAddr::V6(v) if v.is_unicast_link_local())
+        }) {
+            return Err(Refusal::invalid(
+                "vrrp.addresses",
+                format!("{a} cannot be a VRRP address (give a unicast, non-link-local address)"),
+            ));
+        }
+
         for v in &self.track_vips {
             if !vips.iter().any(|x| x.address == *v) {
                 return Err(Refusal::invalid(
@@ -256,6 +282,43 @@ impl VrrpConfig {
                     format!("VIP {v} does not exist"),
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl BgpConfig {
+    fn validate(&self) -> Result<(), Refusal> {
+        if matches!(self.table, 0 | 253..=255) {
+            return Err(Refusal::invalid(
+                "bgp.table",
+                format!(
+                    "{} is a table the kernel uses (0 unspec, 253 default, 254 main, 255 local); \
+                     give a table of maglb's own, e.g. 4242",
+                    self.table
+                ),
+            ));
+        }
+        if self.min_live_backends == 0 || self.min_live_backends > 1024 {
+            return Err(Refusal::invalid(
+                "bgp.min_live_backends",
+                format!("{} is out of range 1-1024", self.min_live_backends),
+            ));
+        }
+        if self.announce_hold_ms > 60_000 {
+            return Err(Refusal::invalid(
+                "bgp.announce_hold_ms",
+                format!("{} is out of range 0-60000", self.announce_hold_ms),
+            ));
+        }
+        if self.withdraw_wait_ms > 60_000 {
+            return Err(Refusal::invalid(
+                "bgp.withdraw_wait_ms",
+                format!("{} is out of range 0-60000", self.withdraw_wait_ms),
+            ));
+        }
+        if let Some(i) = &self.interface {
+            check_ifname(i).map_err(|m| Refusal::invalid("bgp.interface", m))?;
         }
         Ok(())
     }

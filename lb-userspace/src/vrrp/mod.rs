@@ -7,6 +7,7 @@
 pub mod speaker;
 
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -168,6 +169,38 @@ pub enum Action {
     BecomeMaster,
     /// Give the addresses up.
     BecomeBackup,
+    /// Still master, but the router may be sending elsewhere (our link came back, our
+    /// priority came back, we stalled, or another router thinks it is master): announce the
+    /// addresses again (gratuitous ARP / unsolicited NA burst).
+    Announce,
+}
+
+/// Every priority a router with these settings can advertise while it takes part: the
+/// configured one less any combination of the tracking penalties (clamped to 1-254).
+/// A peer advertising one of them ties with us in some failure, and a tie goes to the
+/// higher address, not to the intended master.
+pub fn reachable_priorities(
+    priority: u8,
+    interface_penalty: u8,
+    vip_penalties: &[u8],
+) -> BTreeSet<u8> {
+    if priority == OWNER {
+        return BTreeSet::from([OWNER]);
+    }
+    let mut out = BTreeSet::new();
+    let n = vip_penalties.len().min(8);
+    for down in [false, true] {
+        for mask in 0u32..(1 << n) {
+            let mut p = priority as i32 - if down { interface_penalty as i32 } else { 0 };
+            for (i, v) in vip_penalties.iter().take(n).enumerate() {
+                if mask & (1 << i) != 0 {
+                    p -= *v as i32;
+                }
+            }
+            out.insert(p.clamp(1, 254) as u8);
+        }
+    }
+    out
 }
 
 /// The settings of one virtual router.
@@ -192,6 +225,8 @@ pub struct Router {
     advert_at: Option<Instant>,
     /// When this router started: no preemption before `started + preempt_delay`.
     started: Instant,
+    /// The last re-announcement caused by a lower-priority advertisement (rate limit).
+    announced_at: Option<Instant>,
     /// Last master heard from (Backup), and why the last transition happened.
     pub master: Option<IpAddr>,
     pub reason: String,
@@ -208,6 +243,7 @@ impl Router {
             down_at: None,
             advert_at: None,
             started: now,
+            announced_at: None,
             master: None,
             reason: "starting".into(),
             since: now,
@@ -275,17 +311,34 @@ impl Router {
         out
     }
 
-    /// Changes the priority (tracking); a master advertises it at once.
+    /// Changes the priority (tracking); a master advertises it at once. A master whose
+    /// priority goes up (back to full after its link or a VIP recovered) also announces its
+    /// addresses again: while it was lower, a peer may have taken them over without this
+    /// router ever seeing itself lose mastership.
     pub fn set_priority(&mut self, p: u8, now: Instant) -> Vec<Action> {
         if p == self.s.priority {
             return vec![];
         }
+        let up = p > self.s.priority;
         self.s.priority = p;
         if self.state == State::Master {
             self.advert_at = Some(now + self.s.interval);
+            if up {
+                return vec![Action::Advertise(p), Action::Announce];
+            }
             return vec![Action::Advertise(p)];
         }
         vec![]
+    }
+
+    /// The interface came back up. A master advertises and announces its addresses at once:
+    /// the peer took over while the link was down, and the router sends to the peer's MAC.
+    pub fn link_up(&mut self, now: Instant) -> Vec<Action> {
+        if self.state != State::Master {
+            return vec![];
+        }
+        self.advert_at = Some(now + self.s.interval);
+        vec![Action::Advertise(self.s.priority), Action::Announce]
     }
 
     /// An advertisement arrived from `from` (already checked).
@@ -306,9 +359,19 @@ impl Router {
                     self.master_interval = Duration::from_millis(a.interval_cs as u64 * 10)
                         .max(Duration::from_millis(10));
                     self.down_at = Some(now + self.master_down_interval());
+                    return vec![];
                 }
-                // Else a lower-priority master and preemption allowed: the advertisement is
-                // discarded, so Master_Down fires and this router takes over.
+                // Else a lower-priority master and preemption allowed. RFC 5798 discards the
+                // advertisement and lets Master_Down_Interval (about 3 intervals) run out; this
+                // router takes over after Skew_Time instead, as after a release: the master
+                // it preempts is known and lower, and a failback then takes one interval
+                // less than four.
+                let at = now + self.skew();
+                if self.down_at.is_none_or(|t| t > at) {
+                    self.down_at = Some(at);
+                    self.reason =
+                        format!("preempting lower priority master {from} ({})", a.priority);
+                }
                 vec![]
             }
             State::Master => {
@@ -318,17 +381,29 @@ impl Router {
                 }
                 let theirs_wins =
                     a.priority > self.s.priority || (a.priority == self.s.priority && from > local);
-                if theirs_wins {
-                    self.master_interval = Duration::from_millis(a.interval_cs as u64 * 10)
-                        .max(Duration::from_millis(10));
-                    let out = self.become_backup(
-                        &format!("higher priority master {from} ({})", a.priority),
-                        now,
-                    );
-                    self.master = Some(from);
+                if !theirs_wins {
+                    // Another router believes it is master (it took over while we were cut
+                    // off or stalled): assert mastership now rather than at the next interval,
+                    // and announce the addresses again, at most once per second.
+                    self.advert_at = Some(now + self.s.interval);
+                    let mut out = vec![Action::Advertise(self.s.priority)];
+                    if self
+                        .announced_at
+                        .is_none_or(|t| now >= t + Duration::from_secs(1))
+                    {
+                        self.announced_at = Some(now);
+                        out.push(Action::Announce);
+                    }
                     return out;
                 }
-                vec![]
+                self.master_interval =
+                    Duration::from_millis(a.interval_cs as u64 * 10).max(Duration::from_millis(10));
+                let out = self.become_backup(
+                    &format!("higher priority master {from} ({})", a.priority),
+                    now,
+                );
+                self.master = Some(from);
+                out
             }
         }
     }
@@ -339,6 +414,7 @@ impl Router {
             State::Backup if self.down_at.is_some_and(|t| now >= t) => {
                 let why = match &self.master {
                     Some(m) if self.reason.contains("released") => format!("master {m} released"),
+                    Some(_) if self.reason.starts_with("preempting") => self.reason.clone(),
                     Some(m) => format!(
                         "no advertisement from {m} for {:?}",
                         self.master_down_interval()
@@ -348,7 +424,16 @@ impl Router {
                 self.become_master(&why, now)
             }
             State::Master if self.advert_at.is_some_and(|t| now >= t) => {
+                // Advertisements this late mean this router stalled long enough for a backup
+                // to take over: announce the addresses again as well.
+                let stalled = self
+                    .advert_at
+                    .is_some_and(|t| now >= t + self.master_down_interval());
                 self.advert_at = Some(now + self.s.interval);
+                if stalled {
+                    self.reason = "stalled past Master_Down_Interval; announcing again".into();
+                    return vec![Action::Advertise(self.s.priority), Action::Announce];
+                }
                 vec![Action::Advertise(self.s.priority)]
             }
             _ => vec![],
@@ -504,16 +589,105 @@ mod tests {
         );
     }
 
+    fn master(priority: u8, t0: Instant) -> Router {
+        let mut m = router(priority, t0);
+        m.start(t0);
+        m.tick(t0 + Duration::from_millis(400));
+        assert_eq!(m.state, State::Master);
+        m
+    }
+
+    #[test]
+    fn a_master_announces_again_after_link_up_priority_return_stall_or_a_rival() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Link down costs 50: the master advertises 100, no announcement.
+        let mut m = master(150, t0);
+        assert_eq!(m.set_priority(100, at(450)), [Action::Advertise(100)]);
+        // Back to full priority: advertise at once and announce (the peer may hold the
+        // router's ARP entry by now).
+        assert_eq!(
+            m.set_priority(150, at(900)),
+            [Action::Advertise(150), Action::Announce]
+        );
+        // Link up while master: the same, even if the priority never changed.
+        assert_eq!(
+            m.link_up(at(950)),
+            [Action::Advertise(150), Action::Announce]
+        );
+        // A backup has nothing to announce.
+        let mut b = router(100, t0);
+        b.start(t0);
+        assert!(b.link_up(at(10)).is_empty());
+        // A stall: the next advertisement is due long past Master_Down_Interval.
+        let mut m = master(150, t0);
+        let due = m.next_deadline().unwrap();
+        assert_eq!(m.tick(due), [Action::Advertise(150)]);
+        let due = m.next_deadline().unwrap();
+        assert_eq!(
+            m.tick(due + Duration::from_secs(2)),
+            [Action::Advertise(150), Action::Announce]
+        );
+        // A lower-priority router advertising as master: assert mastership and announce,
+        // announcing at most once a second.
+        let mut m = master(150, t0);
+        assert_eq!(
+            m.advert(&advert(100), ip(PEER), ip(ME), at(500)),
+            [Action::Advertise(150), Action::Announce]
+        );
+        assert_eq!(
+            m.advert(&advert(100), ip(PEER), ip(ME), at(600)),
+            [Action::Advertise(150)]
+        );
+        assert_eq!(m.state, State::Master);
+    }
+
+    #[test]
+    fn a_higher_priority_backup_preempts_after_skew_time() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut h = router(150, t0);
+        h.start(t0);
+        assert!(h.advert(&advert(100), ip(PEER), ip(ME), at(10)).is_empty());
+        // Skew_Time at priority 150: (256 - 150) / 256 × 100 ms = 41.4 ms.
+        assert!(h.tick(at(10 + 41)).is_empty());
+        assert_eq!(
+            h.tick(at(10 + 42)),
+            [Action::Advertise(150), Action::BecomeMaster]
+        );
+        assert!(h.reason.contains("preempting"), "{}", h.reason);
+        // No preemption: the lower master is accepted.
+        let mut n = router(150, t0);
+        n.s.preempt = false;
+        n.start(t0);
+        n.advert(&advert(100), ip(PEER), ip(ME), at(10));
+        assert!(n.tick(at(300)).is_empty());
+    }
+
+    #[test]
+    fn reachable_priorities_show_the_ties_penalties_make() {
+        // The held-out pair: 150 less 50 for a link down is 100, the peer's priority.
+        let r = reachable_priorities(150, 50, &[]);
+        assert_eq!(r, BTreeSet::from([100, 150]));
+        let r = reachable_priorities(150, 60, &[20, 30]);
+        assert_eq!(r, BTreeSet::from([40, 60, 70, 90, 100, 120, 130, 150]));
+        assert_eq!(reachable_priorities(10, 50, &[]), BTreeSet::from([1, 10]));
+        assert_eq!(
+            reachable_priorities(OWNER, 50, &[]),
+            BTreeSet::from([OWNER])
+        );
+    }
+
     #[test]
     fn equal_priority_ties_go_to_the_higher_address_and_owner_starts_master() {
         let t0 = Instant::now();
         let mut m = router(100, t0);
         m.start(t0);
         m.tick(t0 + Duration::from_millis(400));
-        assert!(
-            m.advert(&advert(100), ip("10.0.0.1"), ip(ME), t0)
-                .is_empty(),
-            "lower address loses"
+        assert_eq!(
+            m.advert(&advert(100), ip("10.0.0.1"), ip(ME), t0),
+            [Action::Advertise(100), Action::Announce],
+            "lower address loses, and is told so at once"
         );
         assert_eq!(
             m.advert(&advert(100), ip("10.0.0.9"), ip(ME), t0),

@@ -1,6 +1,8 @@
-//! The agent's VRRPv3 speaker (IPv4): advertisements on a raw socket (IP protocol 112, to
-//! 224.0.0.18, TTL 255), the state machine of [`super`], the master's addresses added and
-//! removed with rtnetlink, and gratuitous ARP when it takes them.
+//! The agent's VRRPv3 speaker, IPv4 or IPv6: advertisements on a raw socket (IP protocol
+//! 112, to 224.0.0.18 with TTL 255, or from the link-local address to ff02::12 with hop limit
+//! 255), the state machine of [`super`], the master's addresses added and removed with
+//! rtnetlink, and gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6) when
+//! it takes them or must announce them again.
 //!
 //! It runs on a thread of its own with its own runtime and netlink connection: nothing the
 //! control plane does (an apply, a scrape, a burst of probes) can delay an advertisement. It
@@ -12,14 +14,18 @@
 //! backend instead of being lost.
 
 use std::{
+    collections::{BTreeSet, VecDeque},
     io::{self, Read as _},
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use futures_util::TryStreamExt as _;
-use rtnetlink::Handle;
+use rtnetlink::{
+    Handle,
+    packet_route::address::{AddressAttribute, AddressFlags},
+};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -27,7 +33,16 @@ use tracing::{info, warn};
 use super::{Action, Advert, Invalid, OWNER, PROTO_VRRP, Router, Settings, State};
 use crate::{api::VrrpStatus, netlink, state::VrrpConfig, writer::Snapshot};
 
-const GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 18);
+const GROUP4: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 18);
+const GROUP6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x12);
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+/// When the announcements of one takeover go out, after the first: a router that missed
+/// one (or took it before its entry existed) gets the next.
+const ANNOUNCE_AGAIN: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_millis(1000),
+];
 
 /// Commands from the API to the speaker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,36 +150,63 @@ async fn run(
     }
 }
 
-/// The advertisement socket, bound to `iface` and joined to 224.0.0.18 there.
-fn open_socket(iface: &str, ifindex: u32, local: Ipv4Addr) -> io::Result<Socket> {
-    let s = Socket::new(
-        Domain::IPV4,
-        Type::RAW,
-        Some(Protocol::from(PROTO_VRRP as i32)),
-    )?;
+/// The advertisement socket, bound to the interface and joined to the VRRP group there.
+fn open_socket(iface: &str, link: &Link) -> io::Result<Socket> {
+    let proto = Some(Protocol::from(PROTO_VRRP as i32));
+    let s = match link.local {
+        IpAddr::V4(local) => {
+            let s = Socket::new(Domain::IPV4, Type::RAW, proto)?;
+            s.bind_device(Some(iface.as_bytes()))?;
+            s.set_multicast_ttl_v4(255)?;
+            s.set_multicast_loop_v4(false)?;
+            s.join_multicast_v4_n(
+                &GROUP4,
+                &socket2::InterfaceIndexOrAddress::Index(link.index),
+            )?;
+            s.set_multicast_if_v4(&local)?;
+            s
+        }
+        IpAddr::V6(local) => {
+            let s = Socket::new(Domain::IPV6, Type::RAW, proto)?;
+            s.bind_device(Some(iface.as_bytes()))?;
+            s.set_multicast_hops_v6(255)?;
+            s.set_unicast_hops_v6(255)?;
+            s.set_multicast_loop_v6(false)?;
+            s.join_multicast_v6(&GROUP6, link.index)?;
+            s.set_multicast_if_v6(link.index)?;
+            s.set_recv_hoplimit_v6(true)?;
+            // The source of every advertisement is the link-local address (RFC 5798 5.1.2.1),
+            // and the checksum covers it.
+            s.bind(&SockAddr::from(SocketAddrV6::new(local, 0, 0, link.index)))?;
+            s
+        }
+    };
     s.set_nonblocking(true)?;
-    s.bind_device(Some(iface.as_bytes()))?;
-    s.set_multicast_ttl_v4(255)?;
-    s.set_multicast_loop_v4(false)?;
-    s.join_multicast_v4_n(&GROUP, &socket2::InterfaceIndexOrAddress::Index(ifindex))?;
-    s.set_multicast_if_v4(&local)?;
     Ok(s)
 }
 
-/// Sends an advertisement with priority `priority` to 224.0.0.18.
-fn advertise(sock: &Socket, cfg: &VrrpConfig, local: Ipv4Addr, priority: u8) -> io::Result<()> {
+/// Sends an advertisement with priority `priority` to the VRRP group.
+fn advertise(sock: &Socket, cfg: &VrrpConfig, link: &Link, priority: u8) -> io::Result<()> {
     let adv = Advert {
         vrid: cfg.vrid,
         priority,
         interval_cs: cfg.advert_interval_cs,
-        addrs: cfg.addresses.iter().map(|a| IpAddr::V4(*a)).collect(),
+        addrs: cfg.addresses.clone(),
     };
-    let dst = SockAddr::from(SocketAddrV4::new(GROUP, 0));
-    sock.send_to(&adv.encode(IpAddr::V4(local), IpAddr::V4(GROUP)), &dst)
-        .map(drop)
+    let (group, dst) = match link.local {
+        IpAddr::V4(_) => (
+            IpAddr::V4(GROUP4),
+            SockAddr::from(SocketAddrV4::new(GROUP4, 0)),
+        ),
+        IpAddr::V6(_) => (
+            IpAddr::V6(GROUP6),
+            SockAddr::from(SocketAddrV6::new(GROUP6, 0, 0, link.index)),
+        ),
+    };
+    sock.send_to(&adv.encode(link.local, group), &dst).map(drop)
 }
 
-/// Gratuitous ARP for each address (request form, which every stack takes).
+/// Gratuitous ARP for each IPv4 address (request form, which every stack takes).
 fn garp(ifindex: u32, mac: [u8; 6], addrs: &[Ipv4Addr]) -> io::Result<()> {
     const ETH_P_ARP: u16 = 0x0806;
     let sock = Socket::new(
@@ -187,9 +229,70 @@ fn garp(ifindex: u32, mac: [u8; 6], addrs: &[Ipv4Addr]) -> io::Result<()> {
     Ok(())
 }
 
-async fn add_addresses(h: &Handle, ifindex: u32, addrs: &[Ipv4Addr]) {
+/// An unsolicited neighbour advertisement (RFC 4861 7.2.6): ICMPv6 type 136 with the
+/// override flag and our MAC as target link-layer address, to all nodes, hop limit 255.
+pub fn neighbour_advert(target: Ipv6Addr, mac: [u8; 6]) -> Vec<u8> {
+    let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    m.extend_from_slice(&target.octets());
+    m.extend_from_slice(&[2, 1]);
+    m.extend_from_slice(&mac);
+    m
+}
+
+/// Unsolicited neighbour advertisements for each IPv6 address, from the link-local address.
+/// (The kernel fills in the ICMPv6 checksum of a raw ICMPv6 socket.)
+fn unsolicited_na(link: &Link, iface: &str, addrs: &[Ipv6Addr]) -> io::Result<()> {
+    let IpAddr::V6(local) = link.local else {
+        return Ok(());
+    };
+    let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+    s.bind_device(Some(iface.as_bytes()))?;
+    s.set_multicast_hops_v6(255)?;
+    s.set_multicast_if_v6(link.index)?;
+    s.bind(&SockAddr::from(SocketAddrV6::new(local, 0, 0, link.index)))?;
+    let dst = SockAddr::from(SocketAddrV6::new(ALL_NODES, 0, 0, link.index));
     for a in addrs {
-        if let Err(e) = h.address().add(ifindex, IpAddr::V4(*a), 32).execute().await
+        s.send_to(&neighbour_advert(*a, link.mac), &dst)?;
+    }
+    Ok(())
+}
+
+/// Tells the link who holds the addresses now.
+fn announce(link: &Link, iface: &str, addrs: &[IpAddr]) -> io::Result<()> {
+    let v4: Vec<Ipv4Addr> = addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<Ipv6Addr> = addrs
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    if !v4.is_empty() {
+        garp(link.index, link.mac, &v4)?;
+    }
+    if !v6.is_empty() {
+        unsolicited_na(link, iface, &v6)?;
+    }
+    Ok(())
+}
+
+async fn add_addresses(h: &Handle, ifindex: u32, addrs: &[IpAddr]) {
+    for a in addrs {
+        let len = if a.is_ipv4() { 32 } else { 128 };
+        let mut req = h.address().add(ifindex, *a, len);
+        if a.is_ipv6() {
+            // Usable at once: no duplicate address detection (the peer holds it no more).
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        if let Err(e) = req.execute().await
             && !e.to_string().contains("File exists")
         {
             warn!(address = %a, error = %e, "adding a VRRP address");
@@ -197,13 +300,13 @@ async fn add_addresses(h: &Handle, ifindex: u32, addrs: &[Ipv4Addr]) {
     }
 }
 
-async fn del_addresses(h: &Handle, ifindex: u32, addrs: &[Ipv4Addr]) {
+async fn del_addresses(h: &Handle, ifindex: u32, addrs: &[IpAddr]) {
     for a in addrs {
         let mut found = h
             .address()
             .get()
             .set_link_index_filter(ifindex)
-            .set_address_filter(IpAddr::V4(*a))
+            .set_address_filter(*a)
             .execute();
         while let Ok(Some(m)) = found.try_next().await {
             if let Err(e) = h.address().del(m).execute().await {
@@ -233,6 +336,32 @@ fn effective_priority(c: &VrrpConfig, snap: &Snapshot, running: bool, released: 
     p.clamp(1, 254) as u8
 }
 
+/// The warning for a peer whose priority ties with one this configuration can reach.
+fn tie_warning(cfg: &VrrpConfig, from: IpAddr, theirs: u8) -> Option<String> {
+    if theirs == super::RELEASE || theirs == OWNER {
+        return None;
+    }
+    let pens = vec![cfg.track_vip_penalty; cfg.track_vips.len()];
+    let mine = super::reachable_priorities(cfg.priority, cfg.track_interface_penalty, &pens);
+    if !mine.contains(&theirs) {
+        return None;
+    }
+    Some(if theirs == cfg.priority {
+        format!(
+            "peer {from} advertises priority {theirs}, the same as ours: every election is decided \
+             by the higher address; give the balancers different priorities"
+        )
+    } else {
+        format!(
+            "peer {from} advertises priority {theirs}, which our priority {} reaches after tracking \
+             penalties (track_interface_penalty {}, track_vip_penalty {}): that tie is decided by \
+             the higher address, so failover and failback race; choose penalties that take us \
+             strictly below {theirs}",
+            cfg.priority, cfg.track_interface_penalty, cfg.track_vip_penalty
+        )
+    })
+}
+
 /// One run of the speaker with one configuration.
 struct Speak<'a> {
     snap: &'a watch::Receiver<Arc<Snapshot>>,
@@ -246,7 +375,28 @@ struct Speak<'a> {
 struct Link {
     index: u32,
     mac: [u8; 6],
-    local: Ipv4Addr,
+    /// Where advertisements come from: the interface's IPv4 address, or its IPv6
+    /// link-local address.
+    local: IpAddr,
+}
+
+/// Announcements due (one takeover's burst).
+#[derive(Default)]
+struct Burst(VecDeque<Instant>);
+
+impl Burst {
+    fn start(&mut self, now: Instant) {
+        self.0 = ANNOUNCE_AGAIN.iter().map(|d| now + *d).collect();
+    }
+    /// Whether one is due now (and drops it).
+    fn due(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while self.0.front().is_some_and(|t| *t <= now) {
+            self.0.pop_front();
+            any = true;
+        }
+        any
+    }
 }
 
 impl Speak<'_> {
@@ -254,13 +404,23 @@ impl Speak<'_> {
         let l = netlink::link(self.nl, self.iface)
             .await
             .map_err(io::Error::other)?;
-        let (local, _) = netlink::addresses(self.nl, l.index)
-            .await
-            .map_err(io::Error::other)?;
-        let Some(IpAddr::V4(local)) = local else {
+        let v6 = self.cfg.addresses.first().is_some_and(IpAddr::is_ipv6);
+        let local = if v6 {
+            netlink::link_local_v6(self.nl, l.index)
+                .await
+                .map_err(io::Error::other)?
+                .map(IpAddr::V6)
+        } else {
+            let (a4, _) = netlink::addresses(self.nl, l.index)
+                .await
+                .map_err(io::Error::other)?;
+            a4
+        };
+        let Some(local) = local else {
             return Err(io::Error::other(format!(
-                "{} has no IPv4 address to advertise from",
-                self.iface
+                "{} has no {} address to advertise from",
+                self.iface,
+                if v6 { "IPv6 link-local" } else { "IPv4" }
             )));
         };
         Ok(Link {
@@ -274,7 +434,7 @@ impl Speak<'_> {
     async fn speak(&mut self, cmds: &mut watch::Receiver<Command>) -> io::Result<bool> {
         let cfg = self.cfg;
         let link = self.link().await?;
-        let sock = crate::sys::async_socket(open_socket(self.iface, link.index, link.local)?)?;
+        let sock = crate::sys::async_socket(open_socket(self.iface, &link)?)?;
         let interval = Duration::from_millis(cfg.advert_interval_cs as u64 * 10);
         let mut router = Router::new(
             Settings {
@@ -292,11 +452,16 @@ impl Speak<'_> {
             priority: cfg.priority,
             ..VrrpStatus::default()
         };
-        let mut garp_again: Option<Instant> = None;
+        let mut burst = Burst::default();
+        let mut running = netlink::link(self.nl, self.iface)
+            .await
+            .is_ok_and(|l| l.running);
+        let mut warned: BTreeSet<(IpAddr, u8)> = BTreeSet::new();
         info!(
             iface = self.iface,
             vrid = cfg.vrid,
             priority = cfg.priority,
+            from = %link.local,
             "VRRP started"
         );
         let mut actions = router.start(Instant::now());
@@ -305,22 +470,27 @@ impl Speak<'_> {
         loop {
             for a in actions.drain(..) {
                 match a {
-                    Action::Advertise(p) => match advertise(sock.get_ref(), cfg, link.local, p) {
+                    Action::Advertise(p) => match advertise(sock.get_ref(), cfg, &link, p) {
                         Ok(()) => status.adverts_sent += 1,
                         Err(e) => warn!(error = %e, "sending a VRRP advertisement"),
                     },
-                    Action::BecomeMaster => {
+                    Action::BecomeMaster | Action::Announce => {
                         add_addresses(self.nl, link.index, &cfg.addresses).await;
-                        if let Err(e) = garp(link.index, link.mac, &cfg.addresses) {
-                            warn!(error = %e, "gratuitous ARP");
+                        if let Err(e) = announce(&link, self.iface, &cfg.addresses) {
+                            warn!(error = %e, "announcing the VRRP addresses");
                         }
-                        garp_again = Some(Instant::now() + Duration::from_secs(1));
-                        status.transitions += 1;
-                        info!(vrid = cfg.vrid, reason = %router.reason, "VRRP master");
+                        burst.start(Instant::now());
+                        if a == Action::BecomeMaster {
+                            status.transitions += 1;
+                            info!(vrid = cfg.vrid, reason = %router.reason, "VRRP master");
+                        } else {
+                            status.announcements += 1;
+                            info!(vrid = cfg.vrid, reason = %router.reason, "VRRP master announces its addresses again");
+                        }
                     }
                     Action::BecomeBackup => {
                         del_addresses(self.nl, link.index, &cfg.addresses).await;
-                        garp_again = None;
+                        burst = Burst::default();
                         if router.state != State::Initialize || status.transitions > 0 {
                             status.transitions += 1;
                         }
@@ -345,11 +515,12 @@ impl Speak<'_> {
             tokio::select! {
                 r = sock.readable() => {
                     let mut guard = r?;
-                    let n = match guard.try_io(|s| (&mut s.get_ref()).read(&mut buf)) {
+                    let got = match guard.try_io(|s| receive(s.get_ref(), &mut buf, link.local)) {
                         Ok(r) => r?,
                         Err(_) => continue,
                     };
-                    if let Some(new) = self.received(&mut router, &mut status, &buf[..n], link.local) {
+                    let Some((n, src, dst, ttl, ihl)) = got else { continue };
+                    if let Some(new) = self.received(&mut router, &mut status, &buf[ihl..n], (src, dst, ttl), link.local, &mut warned) {
                         actions = new;
                     }
                 }
@@ -364,12 +535,22 @@ impl Speak<'_> {
                         self.finish(&mut actions, &router, sock.get_ref(), &link).await;
                         return Ok(false);
                     }
-                    let running = netlink::link(self.nl, self.iface).await.is_ok_and(|l| l.running);
-                    let p = effective_priority(cfg, &snap, running, released);
-                    actions = router.set_priority(p, Instant::now());
-                    if garp_again.is_some_and(|t| Instant::now() >= t) && router.state == State::Master {
-                        let _ = garp(link.index, link.mac, &cfg.addresses);
-                        garp_again = None;
+                    let now_running = netlink::link(self.nl, self.iface).await.is_ok_and(|l| l.running);
+                    let p = effective_priority(cfg, &snap, now_running, released);
+                    let now = Instant::now();
+                    actions = router.set_priority(p, now);
+                    if now_running && !running {
+                        info!(iface = self.iface, "VRRP interface up again");
+                        if router.state == State::Master {
+                            router.reason = "interface up again; announcing".into();
+                        }
+                        if !actions.contains(&Action::Announce) {
+                            actions.extend(router.link_up(now));
+                        }
+                    }
+                    running = now_running;
+                    if burst.due(now) && router.state == State::Master {
+                        let _ = announce(&link, self.iface, &cfg.addresses);
                     }
                 }
                 _ = cmds.changed() => {
@@ -401,30 +582,21 @@ impl Speak<'_> {
         &self,
         router: &mut Router,
         status: &mut VrrpStatus,
-        pkt: &[u8],
-        local: Ipv4Addr,
+        msg: &[u8],
+        (src, dst, ttl): (IpAddr, IpAddr, u8),
+        local: IpAddr,
+        warned: &mut BTreeSet<(IpAddr, u8)>,
     ) -> Option<Vec<Action>> {
-        let n = pkt.len();
-        if n < 20 || pkt[0] >> 4 != 4 {
-            return None;
-        }
-        let ihl = (pkt[0] & 0x0f) as usize * 4;
-        let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
-        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-        if src == local || n < ihl {
-            return None;
-        }
-        let ttl = pkt[8];
-        match Advert::decode(
-            &pkt[ihl..],
-            IpAddr::V4(src),
-            IpAddr::V4(dst),
-            ttl,
-            self.cfg.vrid,
-        ) {
+        match Advert::decode(msg, src, dst, ttl, self.cfg.vrid) {
             Ok(adv) => {
                 status.adverts_received += 1;
-                Some(router.advert(&adv, IpAddr::V4(src), IpAddr::V4(local), Instant::now()))
+                if warned.insert((src, adv.priority))
+                    && let Some(w) = tie_warning(self.cfg, src, adv.priority)
+                {
+                    warn!(vrid = self.cfg.vrid, "{w}");
+                    status.warnings.push(w);
+                }
+                Some(router.advert(&adv, src, local, Instant::now()))
             }
             Err(why) => {
                 *status.invalid.entry(why.name().to_owned()).or_default() += 1;
@@ -441,14 +613,96 @@ impl Speak<'_> {
         for a in actions.drain(..) {
             match a {
                 Action::Advertise(p) => {
-                    let _ = advertise(sock, self.cfg, link.local, p);
+                    let _ = advertise(sock, self.cfg, link, p);
                 }
                 Action::BecomeBackup => {
                     del_addresses(self.nl, link.index, &self.cfg.addresses).await
                 }
-                Action::BecomeMaster => {}
+                Action::BecomeMaster | Action::Announce => {}
             }
         }
         info!(vrid = self.cfg.vrid, reason = %router.reason, "VRRP stopped");
+    }
+}
+
+/// One packet from the advertisement socket: (length, source, destination, TTL or hop
+/// limit, where the VRRP message starts), or none for our own or a runt.
+type Received = Option<(usize, IpAddr, IpAddr, u8, usize)>;
+
+fn receive(sock: &Socket, buf: &mut [u8], local: IpAddr) -> io::Result<Received> {
+    match local {
+        IpAddr::V4(local) => {
+            let n = (&mut &*sock).read(buf)?;
+            let pkt = &buf[..n];
+            if n < 20 || pkt[0] >> 4 != 4 {
+                return Ok(None);
+            }
+            let ihl = (pkt[0] & 0x0f) as usize * 4;
+            let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+            let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+            if src == local || n < ihl {
+                return Ok(None);
+            }
+            Ok(Some((n, IpAddr::V4(src), IpAddr::V4(dst), pkt[8], ihl)))
+        }
+        IpAddr::V6(local) => {
+            // An IPv6 raw socket gives the payload only: the source comes with the datagram,
+            // the hop limit as ancillary data. Advertisements go to ff02::12.
+            let (n, src, hops) = crate::sys::recv_with_hop_limit(sock, buf)?;
+            if src == local {
+                return Ok(None);
+            }
+            Ok(Some((
+                n,
+                IpAddr::V6(src),
+                IpAddr::V6(GROUP6),
+                hops.unwrap_or(0),
+                0,
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsolicited_neighbour_advertisement_layout() {
+        let target: Ipv6Addr = "fd10:2::100".parse().unwrap();
+        let mac = [2, 0, 0, 0, 0, 1];
+        let m = neighbour_advert(target, mac);
+        assert_eq!(m.len(), 32);
+        assert_eq!(m[0], 136, "ICMPv6 neighbour advertisement");
+        assert_eq!(m[4], 0x20, "override, not solicited, not router");
+        assert_eq!(&m[8..24], &target.octets());
+        assert_eq!(&m[24..26], &[2, 1], "target link-layer address option");
+        assert_eq!(&m[26..], &mac);
+    }
+
+    #[test]
+    fn ties_with_a_peer_are_named() {
+        let cfg = VrrpConfig {
+            vrid: 51,
+            priority: 150,
+            advert_interval_cs: 10,
+            preempt: true,
+            preempt_delay_ms: 0,
+            interface: None,
+            addresses: vec!["10.10.2.100".parse().unwrap()],
+            track_interface_penalty: 50,
+            track_vips: vec![],
+            track_vip_penalty: 50,
+        };
+        let peer: IpAddr = "10.10.2.3".parse().unwrap();
+        let w = tie_warning(&cfg, peer, 100).expect("150 - 50 ties with 100");
+        assert!(w.contains("track_interface_penalty 50"), "{w}");
+        assert!(
+            tie_warning(&cfg, peer, 150)
+                .unwrap()
+                .contains("same as ours")
+        );
+        assert_eq!(tie_warning(&cfg, peer, 99), None);
+        assert_eq!(tie_warning(&cfg, peer, 0), None);
     }
 }

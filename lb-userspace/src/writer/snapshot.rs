@@ -38,6 +38,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// What is known before the writer takes over the datapath: the state, every backend
+    /// taken as up.
+    pub fn preliminary(state: State, attached: bool) -> Self {
+        Self {
+            specs: Arc::new(state.vips.iter().map(|v| v.spec(|_| true)).collect()),
+            state: Arc::new(state),
+            attached,
+            ..Self::default()
+        }
+    }
+
     /// Whether the datapath forwards (attached, with a next hop).
     pub fn forwarding(&self) -> bool {
         self.attached && self.config.ready != 0

@@ -247,6 +247,12 @@ fn main() -> anyhow::Result<()> {
     println!("\n8. the running state as a config file");
     run(&a, &["config", "export"]);
     println!(
+        "\nthis demo runs one balancer. More of them carry the same config: two as an \
+         active/passive pair ([vrrp], IPv4 or IPv6), or any number active/active behind a \
+         router with ECMP ([bgp] and BIRD with BFD, see packaging/bird/ and `maglb bgp \
+         status`); `cargo test -p maglb-tests --test ecmp` runs three balancers behind BIRD."
+    );
+    println!(
         "done in {:.1} s; removing the namespaces, pins and agent",
         started.elapsed().as_secs_f64()
     );
