@@ -376,3 +376,38 @@ fn an_older_layout_is_migrated_while_traffic_flows() {
     eprintln!("longest gap between completed requests: {gap:?}");
     assert_maps_equal_state(&a, "migrated");
 }
+
+/// The state directory is the truth: the unit's `--initial-config` file is read on the first
+/// start only, and a restart keeps every change made through the API since.
+#[test]
+fn the_initial_config_is_read_once_and_the_state_directory_stays_the_truth() {
+    let scratch = Scratch::new("cti");
+    let ns = Netns::new(&format!("{}-cp", unique_prefix("cti"))).unwrap();
+    std::fs::create_dir_all(&scratch.0.dir).unwrap();
+    let file = write_file(
+        &scratch.0.dir,
+        "maglb.toml",
+        "[[vip]]\naddress = \"10.201.0.1:80/tcp\"\n",
+    );
+    let start = || {
+        let mut cmd = ns.command("sh").unwrap();
+        cmd.args([
+            "-c",
+            "exec \"$0\" \"$@\" --initial-config \"$MAGLB_INITIAL\"",
+        ])
+        .arg(BIN)
+        .env("MAGLB_INITIAL", &file);
+        Agent::start_with(cmd, bin(), &scratch.0).unwrap()
+    };
+    let mut a = start();
+    assert!(a.ok(&["vip", "list"]).contains("10.201.0.1:80/tcp"));
+    a.ok(&["vip", "add", "10.201.0.2:80/tcp"]);
+    a.ok(&["vip", "del", "10.201.0.1:80/tcp"]);
+    a.stop();
+    let a = start();
+    let list = a.ok(&["vip", "list"]);
+    assert!(
+        list.contains("10.201.0.2:80/tcp") && !list.contains("10.201.0.1:80/tcp"),
+        "the file was applied again: {list}"
+    );
+}
