@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use super::{HealthCheck, State};
 
-/// A check's kind, for change lines.
+/// A check's kind, for change lines ("default" when none is configured).
 fn kind(h: &Option<Box<HealthCheck>>) -> String {
-    h.as_ref().map_or("none".to_owned(), |h| h.kind.to_string())
+    h.as_ref()
+        .map_or("default".to_owned(), |h| h.kind.to_string())
 }
 
 /// A pool split, for change lines: "blue 95, green 5", or "every pool".
@@ -60,6 +61,9 @@ impl State {
                     v.address,
                     v.backends.len()
                 ));
+                if let Some(why) = v.unprobed() {
+                    out.push(format!("note: VIP {}: {why}", v.address));
+                }
                 continue;
             };
             let id = v.address;
@@ -72,6 +76,9 @@ impl State {
                     kind(&old.health),
                     kind(&v.health)
                 ));
+                if let Some(why) = v.unprobed() {
+                    out.push(format!("note: VIP {id}: {why}"));
+                }
             }
             if old.pools != v.pools {
                 out.push(format!("VIP {id}: new flows to {}", pools(&v.pools)));
