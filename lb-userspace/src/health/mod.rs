@@ -35,8 +35,14 @@ impl Default for Tracker {
 impl Tracker {
     /// A new backend counts as up until `fall` probes fail, so adding one takes effect at once.
     pub fn new() -> Self {
+        Self::starting(true)
+    }
+
+    /// A tracker that starts `up` or down (a backend the writer holds down: known down
+    /// before a restart, or added with `initial = "down"`); down, it needs `rise` successes.
+    pub fn starting(up: bool) -> Self {
         Self {
-            up: true,
+            up,
             ok_run: 0,
             fail_run: 0,
             last: None,
@@ -112,5 +118,15 @@ mod tests {
         assert_eq!(t.record(&ok(), d, 2, 3), None);
         assert_eq!(t.record(&ok(), d, 2, 3), Some(true));
         assert_eq!(t.checks, 10);
+    }
+
+    #[test]
+    fn a_tracker_that_starts_down_needs_rise_successes() {
+        let d = Duration::from_millis(1);
+        let mut t = Tracker::starting(false);
+        assert!(!t.up);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&ok(), d, 2, 3), None);
+        assert_eq!(t.record(&ok(), d, 2, 3), Some(true));
     }
 }

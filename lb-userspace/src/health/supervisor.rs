@@ -61,6 +61,8 @@ struct Supervisor {
     results: mpsc::Sender<Outcome>,
     permits: Arc<Semaphore>,
     dirty: bool,
+    /// Transitions sent to the writer that its snapshots do not show yet.
+    pending: BTreeMap<BackendKey, bool>,
 }
 
 /// Runs until the writer goes.
@@ -80,11 +82,12 @@ pub async fn run(
         results,
         permits: Arc::new(Semaphore::new(MAX_PROBES_IN_FLIGHT)),
         dirty: false,
+        pending: BTreeMap::new(),
     };
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     loop {
-        let state = snap.borrow_and_update().state.clone();
-        s.follow(&state);
+        let now = snap.borrow_and_update().clone();
+        s.follow(&now);
         tokio::select! {
             r = snap.changed() => if r.is_err() { break },
             Some((key, result, took)) = rx.recv() => {
@@ -101,9 +104,14 @@ pub async fn run(
 }
 
 impl Supervisor {
-    /// Starts, restarts and stops probe tasks to match `state`.
-    fn follow(&mut self, state: &State) {
-        let want = probes(state);
+    /// Starts, restarts and stops probe tasks to match the snapshot's state, and keeps the
+    /// trackers in step with the writer's verdicts: a new tracker starts as the writer holds
+    /// its backend (down when it was known down before a restart, or added with
+    /// `initial = "down"`), and one the writer disagrees with, with no transition of its own
+    /// on the way, takes the writer's word (a backend removed and added again between two
+    /// snapshots).
+    fn follow(&mut self, snap: &Snapshot) {
+        let want = probes(&snap.state);
         self.running.retain(|k, (p, task)| {
             let keep = want.get(k) == Some(p);
             if !keep {
@@ -114,6 +122,22 @@ impl Supervisor {
         let before = self.trackers.len();
         self.trackers.retain(|k, _| want.contains_key(k));
         self.dirty |= before != self.trackers.len();
+        self.pending
+            .retain(|k, up| want.contains_key(k) && snap.is_up(&k.0, &k.1) != *up);
+        for k in want.keys() {
+            let up = snap.is_up(&k.0, &k.1);
+            match self.trackers.get_mut(k) {
+                None => {
+                    self.trackers.insert(*k, Tracker::starting(up));
+                    self.dirty = true;
+                }
+                Some(t) if t.up != up && !self.pending.contains_key(k) => {
+                    *t = Tracker::starting(up);
+                    self.dirty = true;
+                }
+                Some(_) => {}
+            }
+        }
         for (k, p) in want {
             if self.running.contains_key(&k) {
                 continue;
@@ -153,6 +177,7 @@ impl Supervisor {
             warn!(%vip, %backend, %reason, fall, "backend down");
         }
         self.publish();
+        self.pending.insert(key, up);
         self.writer.send(Command::Health { vip, backend, up }).await
     }
 
