@@ -99,11 +99,19 @@ impl Journal {
         self.pos + (HEADER + len + 8) as u64 <= SIZE
     }
 
-    /// Writes a record and makes it durable.
+    /// Writes a record and makes it durable. On failure the record is not there: a write
+    /// that reached the page cache before the flush failed is taken back (its magic
+    /// cleared), so that no reader takes a refused change for a committed one.
     pub fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
         let f = frame(seq, payload);
-        self.file.write_all_at(&f, self.pos)?;
-        self.file.sync_data()?;
+        let r = self
+            .file
+            .write_all_at(&f, self.pos)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = r {
+            let _ = self.file.write_all_at(&[0; 4], self.pos);
+            return Err(e);
+        }
         self.pos += f.len() as u64;
         Ok(())
     }
