@@ -70,6 +70,7 @@ impl Views {
             interface: s.state.balancer.interface.clone(),
             mode: s.state.balancer.mode,
             attached: s.attached,
+            detached_reason: s.detached_why.as_deref().map(str::to_owned),
             ready: s.forwarding(),
             mtu: cfg.mtu,
             source_v4: (cfg.src_v4 != 0)

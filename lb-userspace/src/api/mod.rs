@@ -174,6 +174,9 @@ pub struct Status {
     pub interface: Option<String>,
     pub mode: AttachMode,
     pub attached: bool,
+    /// Why it is detached although no one detached it (a defunct pinned link at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_reason: Option<String>,
     /// The datapath has its configuration and forwards (false: it passes everything).
     pub ready: bool,
     pub mtu: u16,
