@@ -287,9 +287,15 @@ impl Topology {
         }
         let name = format!("b{i}");
         let ctl = Arc::new(BackendCtl::default());
-        // The service on the VIPs and on the backend's own address (where TCP health probes
-        // go), and a health endpoint on the backend's own address.
-        for at in [IpAddr::V4(VIP), IpAddr::V6(VIP6), IpAddr::V4(a)] {
+        // The service on the VIPs and on the backend's own addresses (where TCP health
+        // probes go: the default check of a TCP VIP), and a health endpoint on the
+        // backend's own address.
+        for at in [
+            IpAddr::V4(VIP),
+            IpAddr::V6(VIP6),
+            IpAddr::V4(a),
+            IpAddr::V6(a6),
+        ] {
             let at = SocketAddr::new(at, TCP_PORT);
             self.servers
                 .push(tcp_server(b, &name, at, &self.stop, &ctl)?);

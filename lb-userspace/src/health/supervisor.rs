@@ -105,11 +105,11 @@ pub async fn run(
 
 impl Supervisor {
     /// Starts, restarts and stops probe tasks to match the snapshot's state, and keeps the
-    /// trackers in step with the writer's verdicts: a new tracker starts as the writer holds
-    /// its backend (down when it was known down before a restart, or added with
-    /// `initial = "down"`), and one the writer disagrees with, with no transition of its own
-    /// on the way, takes the writer's word (a backend removed and added again between two
-    /// snapshots).
+    /// trackers in step with the writer's verdicts: a backend the writer holds down gets a
+    /// tracker that starts down (it was known down before a restart, or was added with
+    /// `initial = "down"`), and a tracker the writer disagrees with, with no transition of
+    /// its own on the way, takes the writer's word (a backend removed and added again
+    /// between two snapshots).
     fn follow(&mut self, snap: &Snapshot) {
         let want = probes(&snap.state);
         self.running.retain(|k, (p, task)| {
@@ -127,8 +127,11 @@ impl Supervisor {
         for k in want.keys() {
             let up = snap.is_up(&k.0, &k.1);
             match self.trackers.get_mut(k) {
+                // Up is what a backend without a result counts as; a tracker shows it once
+                // probed. One the writer holds down shows it at once.
+                None if up => {}
                 None => {
-                    self.trackers.insert(*k, Tracker::starting(up));
+                    self.trackers.insert(*k, Tracker::starting(false));
                     self.dirty = true;
                 }
                 Some(t) if t.up != up && !self.pending.contains_key(k) => {

@@ -236,13 +236,23 @@ fn replay(dir: &Path) -> Result<(Option<Snapshot>, Journal), StoreError> {
         dir: dir.to_owned(),
         source,
     })?;
+    Ok((fold(snap, records, &jpath, first)?, journal))
+}
+
+/// `snap` with the journal's `records` (numbered from `first`) applied.
+fn fold(
+    snap: Option<Snapshot>,
+    records: Vec<Vec<u8>>,
+    jpath: &Path,
+    first: u64,
+) -> Result<Option<Snapshot>, StoreError> {
     if records.is_empty() {
-        return Ok((snap, journal));
+        return Ok(snap);
     }
     let mut s = snap.unwrap_or_default();
     for (i, payload) in records.into_iter().enumerate() {
         let corrupt = |why: String| StoreError::Corrupt {
-            file: jpath.clone(),
+            file: jpath.to_owned(),
             why: format!("record {}: {why}", first + i as u64),
         };
         let rec: Record = serde_json::from_slice(&payload).map_err(|e| {
@@ -251,13 +261,23 @@ fn replay(dir: &Path) -> Result<(Option<Snapshot>, Journal), StoreError> {
         })?;
         s.apply(rec).map_err(corrupt)?;
     }
-    Ok((Some(s), journal))
+    Ok(Some(s))
 }
 
-/// The state a state directory holds (snapshot and journal), read without taking its lock,
-/// for inspection while an agent runs.
+/// The state a state directory holds (snapshot and journal), read without taking its lock
+/// and without writing (the directory may be read-only), for inspection while an agent
+/// runs.
 pub fn read_state(dir: &Path) -> Result<State, StoreError> {
-    Ok(replay(dir)?.0.unwrap_or_default().state)
+    let snap = read_snapshot(&dir.join(STATE_FILE))?;
+    let first = snap.as_ref().map_or(0, |s| s.seq) + 1;
+    let jpath = dir.join(JOURNAL_FILE);
+    let records = Journal::read(&jpath, first).map_err(|source| StoreError::Io {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    Ok(fold(snap, records, &jpath, first)?
+        .unwrap_or_default()
+        .state)
 }
 
 impl Store {
