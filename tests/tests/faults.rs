@@ -328,6 +328,56 @@ fn verdicts_survive_restarts_and_new_backends_can_start_down() {
     assert!(seen.contains_key("b3"), "{seen:?}");
 }
 
+/// A balancer whose own interface is down cannot reach any backend, and that says nothing
+/// about them: their verdicts stay (so that a VRRP failback brings back the peer's tables,
+/// not a balancer that took every backend down), and probes judge again once it is up.
+#[test]
+fn probes_do_not_judge_backends_while_the_balancers_own_link_is_down() {
+    let scratch = Scratch::new("fdk");
+    let (t, a) = operated_topology(bin(), "fdk", &scratch, 2);
+    let v = vip();
+    a.ok(&["vip", "add", &v]);
+    for i in 0..2 {
+        a.ok(&["backend", "add", &v, &backend_addr(i).to_string()]);
+    }
+    a.ok(&[
+        "vip",
+        "health",
+        &v,
+        "--kind",
+        "tcp",
+        "--interval-ms",
+        "100",
+        "--timeout-ms",
+        "80",
+        "--fall",
+        "2",
+    ]);
+    for i in 0..2 {
+        wait_probe(&a, backend_addr(i).into(), true, Duration::from_secs(3));
+    }
+    t.lb.ip(&["link", "set", "l0", "down"]).unwrap();
+    // Ten intervals: five times what `fall` needs.
+    std::thread::sleep(Duration::from_millis(1000));
+    for i in 0..2 {
+        let (up, last, _) = probe(&a, backend_addr(i).into()).unwrap();
+        assert!(up, "b{i} taken down while l0 was down: {last}");
+        assert!(last.contains("not judged: l0 is down"), "{last}");
+    }
+    assert!(a.log().contains("failed probes do not take backends down"));
+    t.lb.ip(&["link", "set", "l0", "up"]).unwrap();
+    t.lb.ip(&["route", "replace", "default", "via", "10.10.2.1"])
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(3), || probe(
+        &a,
+        backend_addr(0).into()
+    )
+    .is_some_and(|p| p.1 == "ok")));
+    // Judged again: a stopped server goes down.
+    t.ctl[1].serving.store(false, Ordering::Relaxed);
+    wait_probe(&a, backend_addr(1).into(), false, Duration::from_secs(3));
+}
+
 /// `n` VIPs of `per` backends (addresses no one answers at: probing off), weight `w`.
 fn many(n: u32, per: u32, w: u32) -> String {
     let mut c = String::new();

@@ -52,6 +52,14 @@ impl Tracker {
         }
     }
 
+    /// Records a probe that says nothing about the backend (the balancer could not probe at
+    /// all): counted and shown, and the verdict and its runs stay as they were.
+    pub fn record_unjudged(&mut self, why: String, latency: Duration) {
+        self.checks += 1;
+        self.latency = Some(latency);
+        self.last = Some(why);
+    }
+
     /// Records a probe result; returns the new state when it changed.
     pub fn record(
         &mut self,
@@ -118,6 +126,22 @@ mod tests {
         assert_eq!(t.record(&ok(), d, 2, 3), None);
         assert_eq!(t.record(&ok(), d, 2, 3), Some(true));
         assert_eq!(t.checks, 10);
+    }
+
+    #[test]
+    fn unjudged_probes_leave_the_verdict_and_its_runs() {
+        let d = Duration::from_millis(1);
+        let mut t = Tracker::new();
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        for _ in 0..10 {
+            t.record_unjudged("interface down".into(), d);
+        }
+        assert!(t.up);
+        assert_eq!(t.last.as_deref(), Some("interface down"));
+        // The run of two failures goes on where it was.
+        assert_eq!(t.record(&bad(), d, 2, 3), Some(false));
+        assert_eq!(t.checks, 13);
     }
 
     #[test]

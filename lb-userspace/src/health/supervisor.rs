@@ -33,6 +33,8 @@ pub type HealthViews = BTreeMap<BackendKey, Tracker>;
 const MAX_PROBES_IN_FLIGHT: usize = 256;
 /// Readers see new results within this long (transitions at once).
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+/// How long what was read of the balancer's own interface is taken as current.
+const LINK_FRESH: Duration = Duration::from_millis(200);
 
 /// The probes a state asks for.
 pub fn probes(state: &State) -> BTreeMap<BackendKey, Probe> {
@@ -63,6 +65,11 @@ struct Supervisor {
     dirty: bool,
     /// Transitions sent to the writer that its snapshots do not show yet.
     pending: BTreeMap<BackendKey, bool>,
+    /// The balancer's interface (from the state), and whether it was up with a carrier when
+    /// last read.
+    iface: Option<String>,
+    link: Option<(Instant, bool)>,
+    nl: Option<rtnetlink::Handle>,
 }
 
 /// Runs until the writer goes.
@@ -83,6 +90,9 @@ pub async fn run(
         permits: Arc::new(Semaphore::new(MAX_PROBES_IN_FLIGHT)),
         dirty: false,
         pending: BTreeMap::new(),
+        iface: None,
+        link: None,
+        nl: None,
     };
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     loop {
@@ -111,6 +121,10 @@ impl Supervisor {
     /// its own on the way, takes the writer's word (a backend removed and added again
     /// between two snapshots).
     fn follow(&mut self, snap: &Snapshot) {
+        if self.iface != snap.state.balancer.interface {
+            self.iface = snap.state.balancer.interface.clone();
+            self.link = None;
+        }
         let want = probes(&snap.state);
         self.running.retain(|k, (p, task)| {
             let keep = want.get(k) == Some(p);
@@ -167,6 +181,18 @@ impl Supervisor {
         };
         let (rise, fall) = (probe.check.rise, probe.check.fall);
         self.metrics.observe(&key, took);
+        // While the balancer's own interface is down nothing can be reached, and that says
+        // nothing about the backends: their verdicts stay, so that a balancer coming back
+        // (a VRRP failback) carries the same backends as its peer.
+        if let Err(why) = r
+            && !self.link_running().await
+        {
+            let iface = self.iface.clone().unwrap_or_default();
+            let t = self.trackers.entry(key).or_default();
+            t.record_unjudged(format!("not judged: {iface} is down ({why})"), took);
+            self.dirty = true;
+            return Ok(());
+        }
         let t = self.trackers.entry(key).or_default();
         self.dirty = true;
         let Some(up) = t.record(r, took, rise, fall) else {
@@ -182,6 +208,39 @@ impl Supervisor {
         self.publish();
         self.pending.insert(key, up);
         self.writer.send(Command::Health { vip, backend, up }).await
+    }
+
+    /// Whether the balancer's interface is up with a carrier (true when it has none, or it
+    /// cannot be read: then probes judge as usual).
+    async fn link_running(&mut self) -> bool {
+        let Some(iface) = self.iface.clone() else {
+            return true;
+        };
+        if let Some((at, running)) = self.link
+            && at.elapsed() < LINK_FRESH
+        {
+            return running;
+        }
+        if self.nl.is_none() {
+            self.nl = crate::netlink::connect().ok();
+        }
+        let Some(nl) = self.nl.as_ref() else {
+            return true;
+        };
+        let running = match crate::netlink::link(nl, &iface).await {
+            Ok(l) => l.running,
+            Err(crate::netlink::NetlinkError::NoLink(_)) => false,
+            Err(_) => true,
+        };
+        if self.link.map_or(true, |(_, was)| was) != running {
+            if running {
+                info!(%iface, "the balancer's interface is up: probes judge the backends again");
+            } else {
+                warn!(%iface, "the balancer's interface is down: failed probes do not take backends down meanwhile");
+            }
+        }
+        self.link = Some((Instant::now(), running));
+        running
     }
 
     fn publish(&mut self) {
