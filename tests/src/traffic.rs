@@ -98,6 +98,16 @@ impl Requests {
         pause: Duration,
     ) -> Self {
         assert!(!targets.is_empty());
+        Self::start_shared(ns, Arc::new(Mutex::new(targets)), timeout, pause)
+    }
+
+    /// As `start`, to targets the caller may change meanwhile (none: it waits).
+    pub fn start_shared(
+        ns: &crate::netns::Netns,
+        targets: Arc<Mutex<Vec<std::net::SocketAddr>>>,
+        timeout: Duration,
+        pause: Duration,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let (s, l) = (stop.clone(), log.clone());
@@ -107,7 +117,13 @@ impl Requests {
                     if s.load(Ordering::Relaxed) {
                         break;
                     }
-                    let target = targets[i % targets.len()];
+                    let Some(target) = ({
+                        let t = targets.lock().unwrap();
+                        (!t.is_empty()).then(|| t[i % t.len()])
+                    }) else {
+                        std::thread::sleep(pause);
+                        continue;
+                    };
                     let start = Instant::now();
                     let result =
                         topology::tcp_request(target, timeout).map_err(|e| format!("{e:#}"));

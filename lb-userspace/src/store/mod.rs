@@ -268,6 +268,11 @@ fn fold(
 /// and without writing (the directory may be read-only), for inspection while an agent
 /// runs.
 pub fn read_state(dir: &Path) -> Result<State, StoreError> {
+    Ok(read_persisted(dir)?.state)
+}
+
+/// What a state directory holds, state and down backends, read as [`read_state`] reads.
+pub fn read_persisted(dir: &Path) -> Result<Persisted, StoreError> {
     let snap = read_snapshot(&dir.join(STATE_FILE))?;
     let first = snap.as_ref().map_or(0, |s| s.seq) + 1;
     let jpath = dir.join(JOURNAL_FILE);
@@ -275,9 +280,11 @@ pub fn read_state(dir: &Path) -> Result<State, StoreError> {
         dir: dir.to_owned(),
         source,
     })?;
-    Ok(fold(snap, records, &jpath, first)?
-        .unwrap_or_default()
-        .state)
+    let s = fold(snap, records, &jpath, first)?.unwrap_or_default();
+    Ok(Persisted {
+        state: s.state,
+        down: s.down,
+    })
 }
 
 impl Store {
