@@ -1,8 +1,11 @@
 //! What a change does, in words: one line per effective change.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use super::{HealthCheck, State};
+use super::{BackendEntry, HealthCheck, State, Vip, VipId};
 
 /// A check's kind, for change lines.
 fn kind(h: &Option<Box<HealthCheck>>) -> String {
@@ -53,8 +56,9 @@ impl State {
                 None => "BGP announcements off".to_owned(),
             });
         }
+        let old_vips: BTreeMap<VipId, &Vip> = self.vips.iter().map(|v| (v.address, v)).collect();
         for v in &new.vips {
-            let Some(old) = self.vip(&v.address) else {
+            let Some(old) = old_vips.get(&v.address) else {
                 out.push(format!(
                     "add VIP {} with {} backends",
                     v.address,
@@ -76,8 +80,10 @@ impl State {
             if old.pools != v.pools {
                 out.push(format!("VIP {id}: new flows to {}", pools(&v.pools)));
             }
+            let old_backends: BTreeMap<IpAddr, &BackendEntry> =
+                old.backends.iter().map(|b| (b.address, b)).collect();
             for nb in &v.backends {
-                let Some(ob) = old.backends.iter().find(|o| o.address == nb.address) else {
+                let Some(ob) = old_backends.get(&nb.address) else {
                     continue;
                 };
                 if ob.backup != nb.backup || ob.pool != nb.pool {
@@ -98,7 +104,7 @@ impl State {
                 }
             }
             for nb in &v.backends {
-                match old.backends.iter().find(|o| o.address == nb.address) {
+                match old_backends.get(&nb.address) {
                     None => out.push(format!(
                         "VIP {id}: add backend {} (weight {})",
                         nb.address, nb.weight
@@ -114,14 +120,16 @@ impl State {
                     _ => {}
                 }
             }
+            let new_backends: BTreeSet<IpAddr> = v.backends.iter().map(|b| b.address).collect();
             for ob in &old.backends {
-                if !v.backends.iter().any(|b| b.address == ob.address) {
+                if !new_backends.contains(&ob.address) {
                     out.push(format!("VIP {id}: delete backend {}", ob.address));
                 }
             }
         }
+        let new_ids: BTreeSet<VipId> = new.vips.iter().map(|v| v.address).collect();
         for v in &self.vips {
-            if new.vip(&v.address).is_none() {
+            if !new_ids.contains(&v.address) {
                 out.push(format!("delete VIP {}", v.address));
             }
         }

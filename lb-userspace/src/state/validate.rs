@@ -75,30 +75,31 @@ impl State {
             }
             let mut mine = BTreeSet::new();
             for b in &v.backends {
-                let bf = format!("{field}: backend {}", b.address);
+                // Named only when something is wrong: a VIP may have thousands of backends.
+                let bf = || format!("{field}: backend {}", b.address);
                 if !mine.insert(b.address) {
-                    return Err(Refusal::invalid(bf, "listed twice for this VIP"));
+                    return Err(Refusal::invalid(bf(), "listed twice for this VIP"));
                 }
                 if b.weight > MAX_WEIGHT {
                     return Err(Refusal::invalid(
-                        bf,
+                        bf(),
                         format!("weight {} is out of range 0-{MAX_WEIGHT}", b.weight),
                     ));
                 }
                 if let Some(why) = backend_addr_problem(b.address) {
-                    return Err(Refusal::invalid(bf, why));
+                    return Err(Refusal::invalid(bf(), why));
                 }
                 if a.is_ipv6() && b.address.is_ipv4() {
                     return Err(Refusal::invalid(
-                        bf,
+                        bf(),
                         "an IPv4 backend cannot carry an IPv6 VIP's traffic; use an IPv6 address",
                     ));
                 }
                 if let Some(p) = &b.pool {
-                    check_pool(p).map_err(|m| Refusal::invalid(format!("{bf}: pool"), m))?;
+                    check_pool(p).map_err(|m| Refusal::invalid(format!("{}: pool", bf()), m))?;
                 }
                 if let Some(h) = &b.health {
-                    h.validate(&format!("{bf}: health"), v.address.port)?;
+                    h.validate(&format!("{}: health", bf()), v.address.port)?;
                 }
                 pairs += 1;
             }
