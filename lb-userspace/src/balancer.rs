@@ -452,6 +452,22 @@ impl Balancer {
         self.conntrack.get(flow, 0).ok()
     }
 
+    /// Flows one CPU can add to the connection table before its inserts start evicting:
+    /// the table's size, or with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`) that CPU's share.
+    pub fn conntrack_capacity_per_cpu(&self) -> u32 {
+        use aya::maps::IterableMap as _;
+        const NO_COMMON_LRU: u32 = 1 << 1;
+        let Ok(info) = self.conntrack.map().info() else {
+            return 0;
+        };
+        if info.map_flags() & NO_COMMON_LRU != 0 {
+            let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+            info.max_entries() / cpus
+        } else {
+            info.max_entries()
+        }
+    }
+
     /// Number of connection-table entries (walks the table).
     pub fn conntrack_len(&self) -> usize {
         self.conntrack.keys().filter(|k| k.is_ok()).count()

@@ -112,3 +112,25 @@ pub fn run(prog: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
 }
+
+/// Pins the calling thread to one CPU, so that BPF_PROG_TEST_RUN always runs the program
+/// on that CPU and its per-CPU state (counters, the flood meter, this CPU's share of the
+/// connection table) is the same from run to run. Returns the CPU.
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(cpu)
+}
+
+/// Pins the calling thread to the highest-numbered online CPU (see [`pin_to_cpu`]).
+pub fn pin_to_last_cpu() -> anyhow::Result<usize> {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    pin_to_cpu(n - 1)
+}

@@ -4,15 +4,29 @@ use maglb_tests::{agent::sibling_maglb, bench, netns::require_root};
 
 fn main() -> anyhow::Result<()> {
     require_root();
-    let bin = sibling_maglb();
+    // `maglb-bench packet forward ...` runs only those sections and writes no file (for
+    // measuring one thing); without arguments every section runs and BENCHMARKS.md is written.
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let mut r = bench::Report(String::from(
         "# maglb benchmarks\n\nWritten by `cargo xtask bench` on this machine (2 cores). Every \
          comparison is measured in the same run.\n\n",
     ));
-    bench::packet::run(&mut r)?;
-    bench::forward::run(&mut r)?;
-    bench::conns::run(&mut r, &bin)?;
-    bench::control::run(&mut r, &bin)?;
+    if want("packet") {
+        bench::packet::run(&mut r)?;
+    }
+    if want("forward") {
+        bench::forward::run(&mut r)?;
+    }
+    if want("conns") {
+        bench::conns::run(&mut r, &sibling_maglb())?;
+    }
+    if want("control") {
+        bench::control::run(&mut r, &sibling_maglb())?;
+    }
+    if !only.is_empty() {
+        return Ok(());
+    }
     r.0.push_str(LIMITS);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
     std::fs::write(path, &r.0)?;
