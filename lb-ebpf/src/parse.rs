@@ -76,6 +76,26 @@ pub struct Ports {
     pub dst: u16,
 }
 
+/// The first 14 bytes of a TCP header: ports, sequence numbers, data offset and flags.
+#[repr(C)]
+pub struct TcpHead {
+    pub src: u16,
+    pub dst: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub doff: u8,
+    pub flags: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub src: u16,
+    pub dst: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
 /// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
@@ -102,6 +122,8 @@ pub struct Packet {
     pub df: bool,
     /// IPv4 fragment (first or later): ports are not used.
     pub fragment: bool,
+    /// TCP flags (`lb_common::TCP_*`); 0 for other protocols and for fragments.
+    pub tcp_flags: u8,
     /// The flow; ports are 0 for ICMP and for fragments.
     pub flow: FlowKey,
 }
@@ -150,6 +172,7 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Parsed {
         tos: ip.tos,
         df: false,
         fragment: false,
+        tcp_flags: 0,
         flow: FlowKey {
             src: [ip.src, 0, 0, 0],
             dst: [ip.dst, 0, 0, 0],
@@ -191,6 +214,7 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Parsed {
         tos: (vtcfl >> 20) as u8,
         df: true,
         fragment: false,
+        tcp_flags: 0,
         flow: FlowKey {
             src: ip.src,
             dst: ip.dst,
@@ -206,7 +230,7 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Parsed {
     l4_ports(ctx, pkt)
 }
 
-/// Fills the ports of TCP and UDP flows; other protocols keep port 0.
+/// Fills the ports of TCP and UDP flows (and the TCP flags); other protocols keep port 0.
 #[inline(always)]
 fn l4_ports(ctx: &XdpContext, mut pkt: Packet) -> Parsed {
     let need = match pkt.flow.proto {
@@ -218,7 +242,14 @@ fn l4_ports(ctx: &XdpContext, mut pkt: Packet) -> Parsed {
     if pkt.l4_off + need > pkt.l3_off + pkt.l3_len {
         return Parsed::Malformed(pkt);
     }
-    if pkt.flow.proto == PROTO_TCP || pkt.flow.proto == PROTO_UDP {
+    if pkt.flow.proto == PROTO_TCP {
+        let Some(tcp) = ptr_at::<TcpHead>(ctx, pkt.l4_off) else {
+            return Parsed::Malformed(pkt);
+        };
+        pkt.flow.sport = unsafe { (*tcp).src };
+        pkt.flow.dport = unsafe { (*tcp).dst };
+        pkt.tcp_flags = unsafe { (*tcp).flags };
+    } else if pkt.flow.proto == PROTO_UDP {
         let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4_off) else {
             return Parsed::Malformed(pkt);
         };

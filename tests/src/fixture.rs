@@ -7,7 +7,7 @@ use aya::{TestRun, TestRunOptions};
 use lb_common::Config;
 use lb_userspace::{
     addr,
-    balancer::Balancer,
+    balancer::{Balancer, LoadOptions},
     service::{BackendSpec, Services, VipId, VipSpec},
 };
 
@@ -67,10 +67,21 @@ pub fn config() -> Config {
     }
 }
 
+/// The connection-table size of fixtures: small keeps loading fast (the default table is
+/// allocated up front).
+pub const LAB_CONNTRACK: u32 = 1 << 16;
+
 impl Lab {
     /// Loads the balancer and configures the VIPs above. Ring size 251 keeps set-up fast.
     pub fn new() -> anyhow::Result<Self> {
-        let mut bal = Balancer::load()?;
+        Self::with(&LoadOptions {
+            conntrack_entries: LAB_CONNTRACK,
+        })
+    }
+
+    /// As [`Lab::new`], with other load options.
+    pub fn with(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let mut bal = Balancer::load_with(opts)?;
         bal.set_config(&config())?;
         let mut svc = Services::new();
         let three = [B1.into(), B2.into(), B3.into()];

@@ -32,6 +32,15 @@ fn syn4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     )
 }
 
+/// A TCP ACK: a packet of an established flow (a SYN would be chosen from the ring again).
+fn ack4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4(
+        V4::new(src, dst, TCP),
+        &[],
+        &tcp4(src, dst, sport, dport, ACK, &[]),
+    )
+}
+
 fn raw_port(p: u16) -> u32 {
     u16::from_ne_bytes(p.to_be_bytes()) as u32
 }
@@ -485,8 +494,9 @@ fn source_ip_affinity_keeps_a_client_on_one_backend() {
 fn established_flows_keep_their_backend_until_reset() {
     let mut lab = lab();
     let id = vip(VIP, 80, "tcp");
-    let old = to_lb(&syn4(CLIENT, VIP, 41000, 80), ETH_IP);
-    assert_eq!(lab.run(&old).1[30..34], B1.octets());
+    let syn = to_lb(&syn4(CLIENT, VIP, 41000, 80), ETH_IP);
+    assert_eq!(lab.run(&syn).1[30..34], B1.octets());
+    let old = to_lb(&ack4(CLIENT, VIP, 41000, 80), ETH_IP);
     lab.svc
         .set_backends(&mut lab.bal, &id, drain_b1_add_b2())
         .unwrap();
@@ -752,8 +762,9 @@ fn a_down_or_removed_backend_loses_its_flows() {
     use lb_userspace::service::BackendSpec;
     let mut lab = lab();
     let id = vip(VIP, 80, "tcp");
-    let f = to_lb(&syn4(CLIENT, VIP, 42000, 80), ETH_IP);
-    assert_eq!(lab.run(&f).1[30..34], B1.octets());
+    let syn = to_lb(&syn4(CLIENT, VIP, 42000, 80), ETH_IP);
+    assert_eq!(lab.run(&syn).1[30..34], B1.octets());
+    let f = to_lb(&ack4(CLIENT, VIP, 42000, 80), ETH_IP);
     // B1 goes down (health): out of the ring, and its established flow moves to B2.
     let mut b1 = BackendSpec::new(B1.into(), 1);
     b1.live = false;
@@ -773,8 +784,8 @@ fn a_down_or_removed_backend_loses_its_flows() {
         .unwrap();
     assert_eq!(lab.run(&f).1[30..34], B2.octets(), "flow moved back");
     // A flow on a backend that leaves the VIP moves too.
-    let g = to_lb(&syn4(CLIENT, VIP, 42001, 80), ETH_IP);
-    let on = lab.run(&g).1[30..34].to_vec();
+    let on = lab.run(&to_lb(&syn4(CLIENT, VIP, 42001, 80), ETH_IP)).1[30..34].to_vec();
+    let g = to_lb(&ack4(CLIENT, VIP, 42001, 80), ETH_IP);
     let (stay, gone) = if on == B1.octets() {
         (b2, B1)
     } else {

@@ -54,6 +54,26 @@ fn time(prog: &Xdp, mut frame: impl FnMut(usize) -> Vec<u8>) -> f64 {
     median(ns)
 }
 
+/// As `time`, on both CPUs at once (one thread pinned to each, each with its own stream of
+/// new flows): the cost of a new flow while the other CPU inserts too. The mean of the two
+/// CPUs' medians.
+fn time_both_cpus(prog: &Xdp, streams: &mut [Fresh; 2]) -> f64 {
+    std::thread::scope(|s| {
+        let threads: Vec<_> = streams
+            .iter_mut()
+            .enumerate()
+            .map(|(cpu, f)| {
+                s.spawn(move || {
+                    fixture::pin_to_cpu(cpu).expect("pin");
+                    time(prog, |_| f.next())
+                })
+            })
+            .collect();
+        let ns: Vec<f64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        ns.iter().sum::<f64>() / ns.len() as f64
+    })
+}
+
 /// Runs `prog` once on `f`, returns the action.
 fn once(prog: &Xdp, f: &[u8]) -> u32 {
     fixture::run(prog, f).0
@@ -218,6 +238,9 @@ impl Row {
 pub fn run(report: &mut Report) -> anyhow::Result<()> {
     let cpu = fixture::pin_to_last_cpu()?;
     let (mut bal, _svc) = balancer()?;
+    // The bench inserts far faster than any flood threshold: measure inserts, not the flood
+    // mode (which has its own row).
+    bal.set_flood_threshold(None)?;
     let mut empty = Decap::load()?;
     let empty = empty.program(decap::PASS_PROGRAM)?;
     let capacity = bal.conntrack_capacity_per_cpu();
@@ -261,6 +284,30 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
             format!("table {in_table} -> {}", in_table + grow),
         ),
     );
+    // Both CPUs insert at once: a table shared by the CPUs pays for it here.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
+    if cpus >= 2 {
+        let mut row = Row::new(
+            "new TCP flow (SYN), both CPUs inserting at once",
+            format!("table {} -> {}", in_table + grow, in_table + 3 * grow),
+        );
+        let mut for_empty = [Fresh::new(3), Fresh::new(4)];
+        let mut for_maglb = [Fresh::new(5), Fresh::new(6)];
+        for _ in 0..ROUNDS {
+            row.empty.push(time_both_cpus(empty, &mut for_empty));
+            row.maglb
+                .push(time_both_cpus(bal.program(), &mut for_maglb));
+        }
+        rows.insert(1, row);
+    }
+    // Under flood: the ring still chooses, nothing is inserted.
+    bal.set_flood_threshold(Some(1))?;
+    rows.push(new_at(
+        &mut bal,
+        "new TCP flow (SYN), CPU under flood (no insert)",
+        "no inserts".into(),
+    ));
+    bal.set_flood_threshold(None)?;
     let ack = ack4(40_000);
     let udp = udp(40_001);
     let six = ack6(40_000);
@@ -274,7 +321,7 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
         ("IPv6 TCP (established)", &six),
         ("not for a VIP (pass)", &passf),
     ] {
-        let mut row = Row::new(name, format!("table {}", in_table + 2 * grow));
+        let mut row = Row::new(name, format!("table {}", in_table + 3 * grow));
         for _ in 0..ROUNDS {
             row.empty.push(time(empty, |_| f.clone()));
             row.maglb.push(time(bal.program(), |_| f.clone()));
@@ -289,6 +336,8 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
         format!("{capacity} (full, every insert evicts)"),
     ));
 
+    let memory = bal.conntrack_memory().unwrap_or(0);
+    let entries = bal.conntrack_entries();
     let table: Vec<Vec<String>> = rows.into_iter().map(Row::cells).collect();
     report.section(
         "1. Per-packet cost (BPF_PROG_TEST_RUN)",
@@ -308,9 +357,12 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
              subtraction removes. Three VIPs (TCP, UDP, IPv6 TCP), each with {BACKENDS} \
              backends on a {}-slot ring. Every new-flow run is a SYN from a (source address, \
              port) never sent before, so it never hits the connection table; the table's \
-             fill is shown before -> after the measured runs. This CPU's share of the table \
-             holds {capacity} flows.",
-            lb_common::DEFAULT_RING_SIZE
+             fill is shown before -> after the measured runs. The table has {entries} entries \
+             (the default `conntrack_entries`), {capacity} per CPU; its kernel memory is {} MiB, \
+             {} bytes per entry. The flood threshold is off except in its own row.",
+            lb_common::DEFAULT_RING_SIZE,
+            memory >> 20,
+            memory / entries.max(1) as u64,
         )],
     );
     maglev_build(report);
