@@ -289,8 +289,8 @@ const _: () = assert!(size_of::<VipPolicy>() == 40);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SrcKey {
     pub vip: u32,
-    pub family: u8,
-    pub _pad: [u8; 3],
+    /// `FAMILY_V4` or `FAMILY_V6` (a u32: no padding bytes to zero).
+    pub family: u32,
     /// IPv4: the address and 0; IPv6: the first 64 bits.
     pub addr: [u32; 2],
 }

@@ -44,9 +44,17 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(xdp_action::XDP_PASS);
         }
     };
-    // SAFETY: Packet is plain data; all zeroes is a valid value.
-    let mut pkt: Packet = unsafe { core::mem::zeroed() };
-    match parse_into(ctx, &mut pkt) {
+    // Not zeroed: that would be a byte-by-byte memset loop on every packet (BPF has no
+    // memset). `parse_into` writes it whenever it is read.
+    let mut pkt = core::mem::MaybeUninit::<Packet>::uninit();
+    let parsed = parse_into(ctx, pkt.as_mut_ptr());
+    if parsed == PARSED_NOT_IP {
+        stats::global(stat::PASS_NOT_VIP, 0);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // SAFETY: written by parse_into for PARSED_OK and PARSED_MALFORMED.
+    let pkt = unsafe { pkt.assume_init_ref() };
+    match parsed {
         PARSED_OK => {}
         PARSED_MALFORMED => {
             // Broken headers to a VIP go nowhere; anything else is the kernel's to judge.
@@ -57,10 +65,7 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             stats::global(stat::PASS_NOT_VIP, 0);
             return Ok(xdp_action::XDP_PASS);
         }
-        _ => {
-            stats::global(stat::PASS_NOT_VIP, 0);
-            return Ok(xdp_action::XDP_PASS);
-        }
+        _ => {}
     }
     // Not a VIP address: one array read decides, no hash lookup.
     if !lookup::maybe_vip(&pkt.flow) {
@@ -69,20 +74,20 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
     }
     match pkt.flow.proto {
         PROTO_TCP | PROTO_UDP => {}
-        PROTO_ICMP | PROTO_ICMPV6 if !pkt.fragment => return icmp::handle(ctx, &pkt, cfg),
-        _ => return Ok(not_handled(ctx, &pkt)),
+        PROTO_ICMP | PROTO_ICMPV6 if !pkt.fragment => return icmp::handle(ctx, pkt, cfg),
+        _ => return Ok(not_handled(ctx, pkt)),
     }
     let now = conntrack::now_ns();
     // A SYN starts a flow: it goes to the ring without a connection-table lookup (a
     // retransmitted SYN is chosen the same way again, unless the ring changed).
     let syn = pkt.flow.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if !syn {
-        let action = established(ctx, &pkt, cfg, s, now);
+        let action = established(ctx, pkt, cfg, s, now);
         if action != NOT_ESTABLISHED {
             return Ok(action);
         }
     }
-    Ok(new_flow(ctx, &pkt, cfg, s, now))
+    Ok(new_flow(ctx, pkt, cfg, s, now))
 }
 
 const PARSED_OK: u32 = 0;
@@ -94,17 +99,17 @@ const PARSED_NOT_IP: u32 = 2;
 /// in the entry function's frame, instead of its fields being spilled around every map
 /// lookup, which kept that frame too big for the ICMP path's 512-byte stack.
 #[inline(never)]
-fn parse_into(ctx: &XdpContext, pkt: &mut Packet) -> u32 {
+fn parse_into(ctx: &XdpContext, pkt: *mut Packet) -> u32 {
     // A volatile read keeps LLVM from reading `data` and `data_end` in the caller and passing
     // them in as integers: the verifier refuses arithmetic on a packet end passed that way.
     let _ = unsafe { core::ptr::read_volatile(&(*ctx.ctx).data) };
     match parse::parse(ctx) {
         Parsed::Ok(p) => {
-            *pkt = p;
+            unsafe { pkt.write(p) };
             PARSED_OK
         }
         Parsed::Malformed(p) => {
-            *pkt = p;
+            unsafe { pkt.write(p) };
             PARSED_MALFORMED
         }
         Parsed::NotIp => PARSED_NOT_IP,

@@ -84,8 +84,7 @@ fn prefixes(flow: &FlowKey, vip: u32, p: &VipPolicy) -> Result<(), u32> {
 fn source(flow: &FlowKey, vip: u32, p: &VipPolicy, now: u64) -> Result<(), u32> {
     let key = SrcKey {
         vip,
-        family: flow.family,
-        _pad: [0; 3],
+        family: flow.family as u32,
         addr: if flow.family == FAMILY_V4 {
             [flow.src[0], 0]
         } else {
