@@ -21,19 +21,21 @@ use lb_ebpf::{
 
 const UDP_HLEN: usize = 8;
 
-/// Bytes the outer headers add for this backend.
+/// The GUE destination port in force, or 0 for IP-in-IP.
 #[inline(always)]
-pub fn overhead(b: &Backend, s: &Settings) -> usize {
+pub fn gue_port(s: &Settings) -> u16 {
+    if s.encap == ENCAP_GUE { s.gue_port } else { 0 }
+}
+
+/// Bytes the outer headers add for this backend (`gue_port` as [`gue_port`] says).
+#[inline(always)]
+pub fn overhead(b: &Backend, gue_port: u16) -> usize {
     let ip = if b.family == FAMILY_V4 {
         IPV4_HLEN
     } else {
         IPV6_HLEN
     };
-    if s.encap == ENCAP_GUE {
-        ip + UDP_HLEN
-    } else {
-        ip
-    }
+    if gue_port != 0 { ip + UDP_HLEN } else { ip }
 }
 
 /// GUE source port: a hash of the inner flow, in the dynamic port range 49152-65535.
@@ -110,21 +112,29 @@ pub fn grow_head(ctx: &XdpContext, bytes: usize) -> Result<(), ()> {
     Ok(())
 }
 
-/// Puts the outer headers toward `b` in front of the packet's IP header and sets the MACs
-/// for the next hop. The caller checked that the families fit and the size is within the MTU.
+/// Puts the outer headers toward `b` in front of the packet's IP header (with a UDP header
+/// to `gue_port` unless it is 0) and sets the MACs for the next hop. The caller checked that
+/// the families fit and the size is within the MTU.
+///
+/// A subprogram on both the TCP/UDP and the ICMP paths: its stack counts toward the ICMP
+/// path's 512 bytes, so few values live across its helper calls (64 bytes at most).
 #[inline(never)]
 pub fn encap(
     ctx: &XdpContext,
     pkt: &Packet,
     b: &Backend,
     cfg: &Config,
-    s: &Settings,
+    gue_port: u16,
 ) -> Result<(), ()> {
-    let mut l2 = read_l2(ctx, pkt)?;
-    l2.dst = cfg.nh_mac;
-    l2.src = cfg.if_mac;
+    // Only the VLAN tag is kept from the received L2 header; the MACs come from the config.
+    let tci = if pkt.l3_off != ETH_HLEN {
+        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
+        unsafe { (*vlan).tci }
+    } else {
+        0
+    };
     trim_to(ctx, pkt.l3_off + pkt.l3_len)?;
-    let gue = s.encap == ENCAP_GUE;
+    let gue = gue_port != 0;
     let udp_len = if gue { UDP_HLEN } else { 0 };
     let inner_proto = if gue {
         PROTO_UDP
@@ -139,6 +149,11 @@ pub fn encap(
     if b.family == FAMILY_V4 {
         ip_len = IPV4_HLEN;
         grow_head(ctx, IPV4_HLEN + udp_len)?;
+        let l2 = L2 {
+            dst: cfg.nh_mac,
+            src: cfg.if_mac,
+            tci,
+        };
         write_l2(ctx, pkt.l3_off, &l2, ETH_P_IP)?;
         let ip = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off).ok_or(())?;
         let tot_len = ((pkt.l3_len + IPV4_HLEN + udp_len) as u16).to_be();
@@ -163,6 +178,11 @@ pub fn encap(
     } else if b.family == FAMILY_V6 {
         ip_len = IPV6_HLEN;
         grow_head(ctx, IPV6_HLEN + udp_len)?;
+        let l2 = L2 {
+            dst: cfg.nh_mac,
+            src: cfg.if_mac,
+            tci,
+        };
         write_l2(ctx, pkt.l3_off, &l2, ETH_P_IPV6)?;
         // The flow label carries flow entropy for ECMP between here and the backends.
         let f = &pkt.flow;
@@ -185,7 +205,7 @@ pub fn encap(
         let udp = ptr_at::<UdpHdr>(ctx, pkt.l3_off + ip_len).ok_or(())?;
         unsafe {
             (*udp).src = gue_sport(&pkt.flow).to_be();
-            (*udp).dst = s.gue_port.to_be();
+            (*udp).dst = gue_port.to_be();
             (*udp).len = ((pkt.l3_len + UDP_HLEN) as u16).to_be();
             (*udp).check = 0;
         }

@@ -20,7 +20,7 @@ use lb_common::{
     Backend, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
     Settings, TCP_ACK, TCP_SYN, VipMeta, stat, vip_stat,
 };
-use lb_ebpf::parse::{self, Packet, Parsed};
+use lb_ebpf::parse::{self, Kind, Packet};
 
 #[xdp]
 pub fn maglb_balancer(ctx: XdpContext) -> u32 {
@@ -47,25 +47,21 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
     // Not zeroed: that would be a byte-by-byte memset loop on every packet (BPF has no
     // memset). `parse_into` writes it whenever it is read.
     let mut pkt = core::mem::MaybeUninit::<Packet>::uninit();
-    let parsed = parse_into(ctx, pkt.as_mut_ptr());
-    if parsed == PARSED_NOT_IP {
+    let kind = parse::parse_into(ctx, &mut pkt);
+    if kind == Kind::NotIp {
         stats::global(stat::PASS_NOT_VIP, 0);
         return Ok(xdp_action::XDP_PASS);
     }
-    // SAFETY: written by parse_into for PARSED_OK and PARSED_MALFORMED.
+    // SAFETY: parse_into wrote the packet for the other kinds.
     let pkt = unsafe { pkt.assume_init_ref() };
-    match parsed {
-        PARSED_OK => {}
-        PARSED_MALFORMED => {
-            // Broken headers to a VIP go nowhere; anything else is the kernel's to judge.
-            if lookup::maybe_vip(&pkt.flow) && lookup::is_vip_addr(&pkt.flow) {
-                stats::global(stat::DROP_MALFORMED, 0);
-                return Ok(xdp_action::XDP_DROP);
-            }
-            stats::global(stat::PASS_NOT_VIP, 0);
-            return Ok(xdp_action::XDP_PASS);
+    if kind == Kind::Malformed {
+        // Broken headers to a VIP go nowhere; anything else is the kernel's to judge.
+        if lookup::maybe_vip(&pkt.flow) && lookup::is_vip_addr(&pkt.flow) {
+            stats::global(stat::DROP_MALFORMED, 0);
+            return Ok(xdp_action::XDP_DROP);
         }
-        _ => {}
+        stats::global(stat::PASS_NOT_VIP, 0);
+        return Ok(xdp_action::XDP_PASS);
     }
     // Not a VIP address: one array read decides, no hash lookup.
     if !lookup::maybe_vip(&pkt.flow) {
@@ -77,43 +73,16 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         PROTO_ICMP | PROTO_ICMPV6 if !pkt.fragment => return icmp::handle(ctx, pkt, cfg),
         _ => return Ok(not_handled(ctx, pkt)),
     }
-    let now = conntrack::now_ns();
     // A SYN starts a flow: it goes to the ring without a connection-table lookup (a
     // retransmitted SYN is chosen the same way again, unless the ring changed).
     let syn = pkt.flow.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if !syn {
-        let action = established(ctx, pkt, cfg, s, now);
+        let action = established(ctx, pkt, cfg, s);
         if action != NOT_ESTABLISHED {
             return Ok(action);
         }
     }
-    Ok(new_flow(ctx, pkt, cfg, s, now))
-}
-
-const PARSED_OK: u32 = 0;
-const PARSED_MALFORMED: u32 = 1;
-const PARSED_NOT_IP: u32 = 2;
-
-/// Parses the packet into `pkt` (`PARSED_OK`, `PARSED_MALFORMED`: addresses and protocol
-/// only, `PARSED_NOT_IP`: nothing). A subprogram: the parsed packet then lives in one place
-/// in the entry function's frame, instead of its fields being spilled around every map
-/// lookup, which kept that frame too big for the ICMP path's 512-byte stack.
-#[inline(never)]
-fn parse_into(ctx: &XdpContext, pkt: *mut Packet) -> u32 {
-    // A volatile read keeps LLVM from reading `data` and `data_end` in the caller and passing
-    // them in as integers: the verifier refuses arithmetic on a packet end passed that way.
-    let _ = unsafe { core::ptr::read_volatile(&(*ctx.ctx).data) };
-    match parse::parse(ctx) {
-        Parsed::Ok(p) => {
-            unsafe { pkt.write(p) };
-            PARSED_OK
-        }
-        Parsed::Malformed(p) => {
-            unsafe { pkt.write(p) };
-            PARSED_MALFORMED
-        }
-        Parsed::NotIp => PARSED_NOT_IP,
-    }
+    Ok(new_flow(ctx, pkt, cfg, s))
 }
 
 /// `established`'s answer for a flow the connection table does not know (or no longer
@@ -125,9 +94,9 @@ const NOT_ESTABLISHED: u32 = u32::MAX;
 /// `icmp::handle`, `encap::encap`), which must fit in 512 bytes. Returns the action, or
 /// `NOT_ESTABLISHED`.
 #[inline(never)]
-fn established(ctx: &XdpContext, pkt: &Packet, cfg: &Config, s: &Settings, now: u64) -> u32 {
-    let Some((index, backend, vip)) = conntrack::established(&pkt.flow, s, conntrack::ticks(now))
-    else {
+fn established(ctx: &XdpContext, pkt: &Packet, cfg: &Config, s: &Settings) -> u32 {
+    let now = conntrack::ticks(conntrack::now_ns());
+    let Some((index, backend, vip)) = conntrack::established(&pkt.flow, s, now) else {
         return NOT_ESTABLISHED;
     };
     send(ctx, pkt, index, &backend, vip, cfg, s, Reply::TooBig, false).unwrap_or_else(|()| {
@@ -142,7 +111,8 @@ fn established(ctx: &XdpContext, pkt: &Packet, cfg: &Config, s: &Settings, now: 
 /// path's. Returns the action (at most 5 arguments and a scalar result: no stack
 /// arguments in BPF).
 #[inline(never)]
-fn new_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config, s: &Settings, now: u64) -> u32 {
+fn new_flow(ctx: &XdpContext, pkt: &Packet, cfg: &Config, s: &Settings) -> u32 {
+    let now = conntrack::now_ns();
     let vip = if pkt.fragment {
         // Later fragments carry no ports: all fragments hash on the addresses alone, to the
         // VIP that takes this address's fragments.
@@ -236,7 +206,8 @@ fn send(
         stats::vip_drop(vip_index, vip_stat::FAMILY, pkt.l3_len);
         return Ok(xdp_action::XDP_DROP);
     }
-    let overhead = encap::overhead(backend, s);
+    let gue_port = encap::gue_port(s);
+    let overhead = encap::overhead(backend, gue_port);
     let outer = pkt.l3_len + overhead;
     let mtu = cfg.mtu as usize;
     if mtu != 0 && outer > mtu {
@@ -246,7 +217,7 @@ fn send(
         }
         return icmp::too_big(ctx, pkt, mtu.saturating_sub(overhead));
     }
-    encap::encap(ctx, pkt, backend, cfg, s)?;
+    encap::encap(ctx, pkt, backend, cfg, gue_port)?;
     stats::backend(index, pkt.l3_len, new_flow);
     Ok(xdp_action::XDP_TX)
 }
