@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{Xdp, links::PinnedLink},
 };
 use lb_common::{AddrKey, Counter, stat};
@@ -54,6 +54,7 @@ impl Decap {
                 vec![
                     ("DECAP_ADDRS", d.join("addrs")),
                     ("DECAP_STATS", d.join("stats")),
+                    ("DECAP_GUE", d.join("gue")),
                 ]
             })
             .unwrap_or_default();
@@ -113,6 +114,27 @@ impl Decap {
             self.add_addr(*a)?;
         }
         Ok(())
+    }
+
+    /// The UDP port on which GUE packets are decapsulated: `Some(port)`, or `None` to leave
+    /// GUE alone. Default (never set): [`lb_common::DEFAULT_GUE_PORT`] (6080), the
+    /// balancer's default.
+    pub fn set_gue_port(&mut self, port: Option<u16>) -> Result<(), BalancerError> {
+        let err = |source| BalancerError::Map {
+            map: "DECAP_GUE",
+            source,
+        };
+        let mut map: Array<&mut MapData, u32> = self
+            .ebpf
+            .map_mut("DECAP_GUE")
+            .ok_or(BalancerError::Missing("map DECAP_GUE"))?
+            .try_into()
+            .map_err(err)?;
+        let value = match port {
+            Some(0) | None => lb_common::DECAP_GUE_OFF,
+            Some(p) => p as u32,
+        };
+        map.set(0, value, 0).map_err(err)
     }
 
     fn addrs(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u32>, BalancerError> {
@@ -224,7 +246,7 @@ pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<(), DecapError> {
     }
     let pinned = PinnedLink::from_pin(&link).map_err(|e| pin_err(&dir)(&e))?;
     pinned.unpin().map_err(|e| pin_err(&dir)(&e))?;
-    for f in ["addrs", "stats"] {
+    for f in ["addrs", "stats", "gue"] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     let _ = std::fs::remove_dir(&dir);

@@ -145,3 +145,58 @@ pub fn pin_to_last_cpu() -> anyhow::Result<usize> {
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
     pin_to_cpu(n - 1)
 }
+
+/// A frame from the router to the balancer carrying `l3` (an IP packet).
+pub fn to_lb(l3: &[u8], ethertype: u16) -> Vec<u8> {
+    crate::packet::eth(IF_MAC, CLIENT_MAC, ethertype, l3)
+}
+
+/// An IPv4 TCP segment with `flags` (and a correct checksum), no payload.
+pub fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    use crate::packet::{TCP, V4, ipv4, tcp4};
+    ipv4(
+        V4::new(src, dst, TCP),
+        &[],
+        &tcp4(src, dst, sport, dport, flags, &[]),
+    )
+}
+
+/// The frame of [`tcp_packet`].
+pub fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    to_lb(
+        &tcp_packet(src, dst, sport, dport, flags),
+        crate::packet::ETH_IP,
+    )
+}
+
+/// An IPv4 UDP datagram frame with a one-byte payload.
+pub fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    use crate::packet::{ETH_IP, UDP, V4, ipv4, udp4};
+    to_lb(
+        &ipv4(
+            V4::new(src, dst, UDP),
+            &[],
+            &udp4(src, dst, sport, dport, b"q"),
+        ),
+        ETH_IP,
+    )
+}
+
+/// The datapath flow key of an IPv4 flow (what the connection table is keyed by).
+pub fn flow4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src: addr::to_words(src.into()).0,
+        dst: addr::to_words(dst.into()).0,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family: lb_common::FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
