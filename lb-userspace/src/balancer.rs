@@ -935,6 +935,42 @@ impl Balancer {
             .map_err(map_err("VIP_POLICY"))
     }
 
+    /// Forgets VIP index `index` (call when it is freed, before it is reused): its policy is
+    /// removed, and its drop counters and the counters of its backend slots are zeroed, so a
+    /// VIP that reuses the index starts from zero.
+    pub fn forget_vip(&mut self, index: u32) -> Result<(), BalancerError> {
+        self.clear_vip_policy(index)?;
+        let cpus = possible_cpus() as usize;
+        let zero = |what: &'static str| {
+            move |e: io::Error| BalancerError::Map {
+                map: what,
+                source: MapError::from(e),
+            }
+        };
+        for r in 0..vip_stat::STRIDE {
+            let z = PerCpuValues::try_from(vec![Counter::default(); cpus])
+                .map_err(zero("VIP_DROPS"))?;
+            self.vip_drops
+                .set(index * vip_stat::STRIDE + r, z, 0)
+                .map_err(map_err("VIP_DROPS"))?;
+        }
+        let owned: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(_, (vip, _))| *vip == index)
+            .map(|(slot, _)| *slot)
+            .collect();
+        for slot in owned {
+            let z = PerCpuValues::try_from(vec![BackendCounter::default(); cpus])
+                .map_err(zero("BACKEND_STATS"))?;
+            self.backend_stats
+                .set(slot, z, 0)
+                .map_err(map_err("BACKEND_STATS"))?;
+            self.slots.remove(&slot);
+        }
+        Ok(())
+    }
+
     // ----- Counters (per-CPU, summed here; one counter per packet in the datapath) -----
 
     fn sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Counter {

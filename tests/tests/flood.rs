@@ -495,3 +495,29 @@ fn fixtures_use_a_small_table() {
     let lab = lab();
     assert_eq!(lab.bal.conntrack_entries(), fixture::LAB_CONNTRACK);
 }
+
+#[test]
+fn a_forgotten_vip_index_starts_from_zero() {
+    let mut lab = lab();
+    let vi = vip80(&lab);
+    lab.bal
+        .set_vip_source_limit(
+            vi,
+            Some(RateLimit {
+                new_flows_per_s: 1,
+                burst: 1,
+            }),
+        )
+        .unwrap();
+    lab.run(&tcp_frame(CLIENT, VIP, 38000, 80, SYN));
+    lab.run(&tcp_frame(CLIENT, VIP, 38001, 80, SYN));
+    assert_eq!(lab.bal.vip_stats(vi).packets, 1);
+    assert_eq!(lab.bal.vip_drop(vi, vip_stat::SRC_RATE).packets, 1);
+    lab.bal.forget_vip(vi).unwrap();
+    assert_eq!(lab.bal.vip_stats(vi).packets, 0);
+    assert_eq!(lab.bal.vip_drop(vi, vip_stat::SRC_RATE).packets, 0);
+    assert_eq!(
+        lab.bal.vip_policy(vi).unwrap(),
+        lb_common::VipPolicy::default()
+    );
+}
