@@ -578,7 +578,7 @@ impl Balancer {
     /// effect when the VIP's entry names that offset.
     pub fn set_ring(&mut self, index: u32, table: &[u32]) -> Result<(u32, usize), BalancerError> {
         let size = table.len();
-        if !self.ring_maps.get(&index).is_some_and(|r| r.size == size) {
+        if self.ring_maps.get(&index).is_none_or(|r| r.size != size) {
             // New VIP or new ring size: a fresh map with both halves filled.
             let mut map =
                 Array::create(2 * size as u32, RING_MAP_FLAGS).map_err(map_err("ring"))?;
@@ -1082,11 +1082,11 @@ impl Balancer {
     pub fn global_stat(&self, reason: u32) -> Counter {
         match reason {
             stat::TX_ENCAP | stat::CT_HIT | stat::CT_MISS => {
-                let gue = self
-                    .settings()
-                    .is_ok_and(|s| s.encap == ENCAP_GUE)
-                    .then_some(8)
-                    .unwrap_or(0);
+                let gue = if self.settings().is_ok_and(|s| s.encap == ENCAP_GUE) {
+                    8
+                } else {
+                    0
+                };
                 let mut out = Counter::default();
                 for (&slot, &(_, family)) in &self.slots {
                     let c = self.backend_counter(slot);

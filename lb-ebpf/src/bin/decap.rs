@@ -42,8 +42,7 @@ static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DECAP_S
 
 #[xdp]
 pub fn maglb_decap(ctx: XdpContext) -> u32 {
-    let action = decap(&ctx).unwrap_or(xdp_action::XDP_PASS);
-    action
+    decap(&ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[xdp]
@@ -69,7 +68,7 @@ fn ours(addr: [u32; 4], family: u8) -> bool {
         proto: 0,
         _pad: [0; 2],
     };
-    unsafe { DECAP_ADDRS.get(&key) }.is_some()
+    unsafe { DECAP_ADDRS.get(key) }.is_some()
 }
 
 /// The UDP header of GUE: 8 bytes, then the inner IP packet (variant 1).

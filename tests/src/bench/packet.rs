@@ -97,7 +97,7 @@ impl Fresh {
         let src = Ipv4Addr::new(
             100,
             64 + self.space,
-            (n / 50_000 >> 8) as u8,
+            ((n / 50_000) >> 8) as u8,
             (n / 50_000) as u8,
         );
         let sport = 10_000 + (n % 50_000) as u16;

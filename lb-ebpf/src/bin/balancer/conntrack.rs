@@ -81,7 +81,7 @@ pub fn remember(
     };
     // A full share evicts this CPU's least recently used entry; a failed insert only costs
     // the flow its stickiness, so the result is not checked.
-    let _ = CONNTRACK.insert(flow, &entry, 0);
+    let _ = CONNTRACK.insert(flow, entry, 0);
 }
 
 /// The flood meter: counts this CPU's inserts per window and says whether one more is

@@ -20,7 +20,7 @@ pub fn is_vip_addr(flow: &FlowKey) -> bool {
         proto: 0,
         _pad: [0; 2],
     };
-    unsafe { VIP_ADDRS.get(&key) }.is_some()
+    unsafe { VIP_ADDRS.get(key) }.is_some()
 }
 
 /// The VIP of a TCP/UDP flow: (address, port, protocol), then the port-wildcard entry.
@@ -32,11 +32,11 @@ pub fn vip(flow: &FlowKey) -> Option<VipMeta> {
         proto: flow.proto,
         family: flow.family,
     };
-    if let Some(m) = unsafe { VIPS.get(&key) } {
+    if let Some(m) = unsafe { VIPS.get(key) } {
         return Some(*m);
     }
     key.port = 0;
-    unsafe { VIPS.get(&key) }.copied()
+    unsafe { VIPS.get(key) }.copied()
 }
 
 /// The VIP that takes IPv4 fragments for the flow's address and protocol.
@@ -48,7 +48,7 @@ pub fn fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
         proto: flow.proto,
         _pad: [0; 2],
     };
-    unsafe { VIP_ADDRS.get(&key) }.copied()
+    unsafe { VIP_ADDRS.get(key) }.copied()
 }
 
 /// Whether the destination may be a VIP address (no false negatives).

@@ -91,14 +91,14 @@ fn source(flow: &FlowKey, vip: u32, p: &VipPolicy, now: u64) -> Result<(), u32> 
             [flow.src[0], flow.src[1]]
         },
     };
-    match SRC_LIMIT.get_ptr_mut(&key) {
+    match SRC_LIMIT.get_ptr_mut(key) {
         Some(tat) => {
             if !gcra(tat, now, p.src_interval_ns, p.src_tolerance_ns) {
                 return Err(vip_stat::SRC_RATE);
             }
         }
         None => {
-            let _ = SRC_LIMIT.insert(&key, &(now + p.src_interval_ns), 0);
+            let _ = SRC_LIMIT.insert(key, now + p.src_interval_ns, 0);
         }
     }
     Ok(())
