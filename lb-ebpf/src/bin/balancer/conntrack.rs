@@ -30,10 +30,12 @@ pub fn ticks(ns: u64) -> u32 {
 
 /// The flow's entry while it is valid: its backend is in use with the same generation, and
 /// it has not been idle longer than its protocol's timeout. Marks it used now (a write at
-/// most once per tick). Returns (backend index, backend, VIP index).
+/// most once per tick). Returns (backend index, backend, VIP index). The clock is read
+/// after the lookup: nothing lives across the lookup but the flow.
 #[inline(always)]
-pub fn established(flow: &FlowKey, s: &Settings, now: u32) -> Option<(u32, Backend, u32)> {
+pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> {
     let e = CONNTRACK.get_ptr_mut(flow)?;
+    let now = ticks(now_ns());
     let entry = unsafe { *e };
     let b = BACKENDS.get(entry.backend)?;
     if b.flags & BACKEND_F_IN_USE == 0 || b.generation != entry.generation {

@@ -65,9 +65,8 @@ pub fn maybe_vip(flow: &FlowKey) -> bool {
 /// carries the drop reason (`vip_stat`). Also returns whether the ring chose.
 #[inline(always)]
 pub fn backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, bool), u32> {
-    let now = conntrack::now_ns();
     if let Some(s) = conntrack::settings()
-        && let Some((index, b, _)) = conntrack::established(flow, s, conntrack::ticks(now))
+        && let Some((index, b, _)) = conntrack::established(flow, s)
     {
         return Ok((index, b, false));
     }

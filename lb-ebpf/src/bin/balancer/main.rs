@@ -95,8 +95,7 @@ const NOT_ESTABLISHED: u32 = u32::MAX;
 /// `NOT_ESTABLISHED`.
 #[inline(never)]
 fn established(ctx: &XdpContext, pkt: &Packet, cfg: &Config, s: &Settings) -> u32 {
-    let now = conntrack::ticks(conntrack::now_ns());
-    let Some((index, backend, vip)) = conntrack::established(&pkt.flow, s, now) else {
+    let Some((index, backend, vip)) = conntrack::established(&pkt.flow, s) else {
         return NOT_ESTABLISHED;
     };
     send(ctx, pkt, index, &backend, vip, cfg, s, Reply::TooBig, false).unwrap_or_else(|()| {
