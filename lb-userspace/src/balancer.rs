@@ -276,7 +276,7 @@ pub struct Balancer {
 pub const PROGRAM: &str = "maglb_balancer";
 
 /// The maps, by the names the object gives them.
-pub const MAPS: [&str; 17] = [
+pub const MAPS: [&str; 18] = [
     "VIPS",
     "VIP_ADDRS",
     "RINGS",
@@ -290,6 +290,7 @@ pub const MAPS: [&str; 17] = [
     "SRC_LIMIT",
     "VIP_CAP",
     "FLOOD",
+    "CLOCK",
     "BACKEND_STATS",
     "VIP_DROPS",
     "GLOBAL_STATS",
@@ -729,8 +730,10 @@ impl Balancer {
     /// Idle timeouts of connection-table entries, in milliseconds (`None`: never). Defaults:
     /// TCP [`lb_common::DEFAULT_TCP_IDLE_MS`] (1 h), UDP [`lb_common::DEFAULT_UDP_IDLE_MS`]
     /// (30 s). An entry idle longer than its protocol's timeout is no longer honoured: the
-    /// flow's next packet is chosen again from the ring. Resolution about 1 ms (the coarse
-    /// clock: one kernel tick).
+    /// flow's next packet is chosen again from the ring. Resolution: the coarse clock (one
+    /// kernel tick). The established path judges idleness by its CPU's copy of that clock,
+    /// refreshed by every new flow and every 256th packet to a backend on that CPU, so on a
+    /// CPU without traffic an expiry waits for its next new flow (never comes early).
     pub fn set_idle_timeouts(
         &mut self,
         tcp_ms: Option<u32>,

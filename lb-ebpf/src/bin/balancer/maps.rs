@@ -81,6 +81,12 @@ pub static SRC_LIMIT: LruHashMap<SrcKey, u64> =
 #[map]
 pub static VIP_CAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 
+/// Slot 0, per CPU: this CPU's copy of the coarse clock (ns), written on new flows and
+/// every `CLOCK_REFRESH`-th packet to a backend; the established path reads it instead of
+/// calling the clock helper. Written here.
+#[map]
+pub static CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Slot 0, per CPU: the flood meter (new flows inserted in the current window, and what the
 /// flood mode did). Written here.
 #[map]
