@@ -54,14 +54,16 @@ const LIMITS: &str = "## What limits the missed targets
 
 - **Per-packet cost.** Traffic for no VIP costs one array read (a VIP-address bitmap). An \
   established flow pays one connection-table lookup (an LRU hash with per-CPU LRU lists), the \
-  backend read, a coarse-clock read for the idle timeout, `bpf_xdp_adjust_head` and the outer \
+  backend read, its CPU's copy of the coarse clock for the idle timeout, \
+  `bpf_xdp_adjust_head` and the outer \
   header, and exactly one per-CPU counter bump (its backend slot's; VIP totals, hits and \
   misses are derived in user space). A new flow skips the lookup when it is a SYN, and adds \
   the VIP lookup, the flow hash, the ring read, the flood meter and the insert. The insert \
   is most of it: the row under flood (no insert) costs about a third of a new flow. An \
   insert touches a cold table element and a cold hash bucket, and on a full table also the \
-  evicted entry and its bucket, which is why the full-table row costs more: the cost is \
-  flat from an empty table to 200k flows, and rises once every insert evicts. The default \
+  evicted entry and its bucket, which is why the full-table row costs more: the cost stays \
+  about flat from an empty table to 200k flows (within run-to-run noise), and rises once \
+  every insert evicts. The default \
   table (2^21 entries, 240 MiB) keeps that regime away until a CPU holds a million flows; \
   the flood mode caps the insert rate that could force it. What would help further: less \
   table memory per entry (the key holds 16-byte addresses even for IPv4), and huge pages \
