@@ -23,6 +23,31 @@ fn pools(p: &BTreeMap<String, u32>) -> String {
         .join(", ")
 }
 
+/// A VIP's limits on new flows, for change lines.
+fn limits(v: &Vip) -> String {
+    let rate = |r: Option<crate::state::RateLimit>| {
+        r.map_or("none".to_owned(), |r| {
+            format!("{}/s burst {}", r.new_flows_per_s, r.burst)
+        })
+    };
+    let prefixes = |p: &[crate::state::Prefix]| match p.len() {
+        0 => "none".to_owned(),
+        1..=4 => p
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        n => format!("{n} prefixes"),
+    };
+    format!(
+        "(per client {}, whole VIP {}, allow {}, deny {})",
+        rate(v.rate_limit),
+        rate(v.new_flow_cap),
+        prefixes(&v.allow),
+        prefixes(&v.deny)
+    )
+}
+
 impl State {
     /// What changes from `self` to `new`, in words, one line per change.
     pub fn diff(&self, new: &State) -> Vec<String> {
@@ -39,7 +64,19 @@ impl State {
         let (mut a2, mut b2) = (a.clone(), b.clone());
         (a2.interface, a2.mode, b2.interface, b2.mode) = (None, b.mode, None, b.mode);
         if a2 != b2 {
-            out.push("change balancer settings (mtu, sources, next hop)".to_owned());
+            out.push(
+                "change balancer settings (mtu, sources, next hop, connection table, encapsulation)"
+                    .to_owned(),
+            );
+        }
+        if a.conntrack_entries != b.conntrack_entries {
+            let size = |n: Option<u32>| n.unwrap_or(lb_common::DEFAULT_CONNTRACK_ENTRIES);
+            out.push(format!(
+                "connection table size {} -> {}: takes effect when the agent next starts (a new \
+                 table; established flows then keep their backend through the Maglev table)",
+                size(a.conntrack_entries),
+                size(b.conntrack_entries)
+            ));
         }
         if self.vrrp != new.vrrp {
             out.push(match &new.vrrp {
@@ -79,6 +116,9 @@ impl State {
             }
             if old.pools != v.pools {
                 out.push(format!("VIP {id}: new flows to {}", pools(&v.pools)));
+            }
+            if old.policy() != v.policy() {
+                out.push(format!("VIP {id}: limits on new flows {}", limits(v)));
             }
             let old_backends: BTreeMap<IpAddr, &BackendEntry> =
                 old.backends.iter().map(|b| (b.address, b)).collect();
