@@ -549,7 +549,7 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
                 .or_default() += 1;
 
             // 3. The VIP with traffic on port 81 deleted and added again (every other cycle).
-            if cycle % 2 == 0 || opts.every_kind_each_cycle {
+            if cycle.is_multiple_of(2) || opts.every_kind_each_cycle {
                 targets.lock().unwrap().retain(|t| *t != second);
                 let at = Instant::now();
                 // Requests to it already sent finish first (or fail inside the window).
@@ -652,7 +652,7 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
             // then failback when it returns) and the master's (SIGTERM: priority 0).
             let kinds: Vec<usize> = if opts.every_kind_each_cycle {
                 vec![0, 1, 2]
-            } else if cycle % 2 == 0 {
+            } else if cycle.is_multiple_of(2) {
                 vec![(cycle / 2) % 3]
             } else {
                 vec![]

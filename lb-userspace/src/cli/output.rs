@@ -104,6 +104,9 @@ pub fn stats(out: &mut impl Write, s: &Stats) -> io::Result<()> {
             v.counters.packets,
             v.counters.bytes
         )?;
+        for (reason, n) in &v.drops {
+            writeln!(out, "{:<28} {:<40} {:>12}", "", reason, n)?;
+        }
         for b in &v.backends {
             let name = format!("{} ({}, w{})", b.address, b.state, b.weight);
             writeln!(
@@ -117,6 +120,12 @@ pub fn stats(out: &mut impl Write, s: &Stats) -> io::Result<()> {
     for (name, c) in &s.global {
         writeln!(out, "{name:<28} {:>12} {:>14}", c.packets, c.bytes)?;
     }
+    writeln!(
+        out,
+        "{:<28} {:>12}",
+        "flood_not_inserted", s.flood.not_inserted
+    )?;
+    writeln!(out, "{:<28} {:>12}", "flood_windows", s.flood.flood_windows)?;
     Ok(())
 }
 
@@ -157,6 +166,11 @@ pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
     writeln!(out, "mtu          {}", s.mtu)?;
     writeln!(out, "vips         {}", s.vips)?;
     writeln!(out, "backends     {}", s.backends)?;
+    writeln!(
+        out,
+        "conntrack    {} flows ({} per CPU)",
+        s.conntrack_entries, s.conntrack_per_cpu
+    )?;
     writeln!(out, "state file   {}", s.state_file)?;
     writeln!(out, "bpffs        {}", s.bpffs)
 }

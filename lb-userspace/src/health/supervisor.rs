@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,12 +18,12 @@ use tracing::{info, warn};
 use super::{Probe, ProbeResult, Tracker};
 use crate::{
     metrics::ProbeMetrics,
-    state::{State, VipId},
+    state::State,
     writer::{Command, Snapshot, WriteError, WriterHandle},
 };
 
 /// A backend of a VIP.
-pub type BackendKey = (VipId, IpAddr);
+pub use crate::state::BackendKey;
 
 /// What readers see of the probes: the tracker of every probed backend.
 pub type HealthViews = BTreeMap<BackendKey, Tracker>;
@@ -232,7 +231,7 @@ impl Supervisor {
             Err(crate::netlink::NetlinkError::NoLink(_)) => false,
             Err(_) => true,
         };
-        if self.link.map_or(true, |(_, was)| was) != running {
+        if self.link.is_none_or(|(_, was)| was) != running {
             if running {
                 info!(%iface, "the balancer's interface is up: probes judge the backends again");
             } else {

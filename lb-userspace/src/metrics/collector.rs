@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use crate::views::Views;
+use crate::{views::Views, writer::Snapshot};
 
 pub struct Scrape(pub Views);
 
@@ -109,24 +109,40 @@ impl Collector for Scrape {
             .iter()
             .map(|(id, p)| (id.to_string(), p.index))
             .collect();
+        let reading = c.read(&s.owners);
         let vip = |v: &str| vec![("vip", v.to_owned())];
         counters(
             &mut enc,
             "maglb_vip_packets",
             "Packets to a VIP sent to a backend",
-            vips.iter().map(|(v, i)| (vip(v), c.vip(*i).packets)),
+            vips.iter().map(|(v, i)| (vip(v), reading.vip(*i).packets)),
         )?;
         counters(
             &mut enc,
             "maglb_vip_bytes",
             "Bytes (IP packets, before encapsulation) to a VIP sent to a backend",
-            vips.iter().map(|(v, i)| (vip(v), c.vip(*i).bytes)),
+            vips.iter().map(|(v, i)| (vip(v), reading.vip(*i).bytes)),
         )?;
         counters(
             &mut enc,
             "maglb_vip_new_flows",
             "Flows that got a backend from the Maglev table",
-            vips.iter().map(|(v, i)| (vip(v), c.vip_new_flows(*i))),
+            vips.iter()
+                .map(|(v, i)| (vip(v), reading.vip(*i).new_flows)),
+        )?;
+        counters(
+            &mut enc,
+            "maglb_vip_dropped_packets",
+            "Packets to a VIP that were not forwarded, by reason (no_backend, src_rate, vip_cap, denied, not_allowed, ...)",
+            vips.iter().flat_map(|(v, i)| {
+                c.vip_drops(*i).into_iter().map(move |(name, n)| {
+                    let reason = name.split_once('_').map_or(name, |(_, r)| r);
+                    (
+                        vec![("vip", v.clone()), ("reason", reason.to_owned())],
+                        n.packets,
+                    )
+                })
+            }),
         )?;
         let backends: Vec<(Labels, u32, bool)> = s
             .placement
@@ -145,7 +161,7 @@ impl Collector for Scrape {
             "Packets sent to a backend of a VIP",
             backends
                 .iter()
-                .map(|(l, slot, _)| (l.clone(), c.backend(*slot).packets)),
+                .map(|(l, slot, _)| (l.clone(), reading.slot(*slot).packets)),
         )?;
         counters(
             &mut enc,
@@ -153,7 +169,7 @@ impl Collector for Scrape {
             "Bytes sent to a backend of a VIP",
             backends
                 .iter()
-                .map(|(l, slot, _)| (l.clone(), c.backend(*slot).bytes)),
+                .map(|(l, slot, _)| (l.clone(), reading.slot(*slot).bytes)),
         )?;
         gauges(
             &mut enc,
@@ -163,7 +179,7 @@ impl Collector for Scrape {
                 .iter()
                 .map(|(l, _, up)| (l.clone(), i64::from(*up))),
         )?;
-        let globals = c.globals();
+        let globals = c.globals(&reading, &s.owners);
         let get = |n: &str| {
             globals
                 .iter()
@@ -206,12 +222,36 @@ impl Collector for Scrape {
                 }),
             )?;
         }
+        self.datapath(&mut enc, &s)?;
         self.vrrp(&mut enc)?;
         self.bgp(&mut enc)
     }
 }
 
 impl Scrape {
+    /// The flood mode and the connection table's size.
+    fn datapath(&self, enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+        let f = self.0.counters.flood();
+        counters(
+            enc,
+            "maglb_flood_not_inserted_flows",
+            "New flows forwarded without a connection-table entry because their CPU was over the flood threshold",
+            [(no_labels(), f.not_inserted)],
+        )?;
+        counters(
+            enc,
+            "maglb_flood_windows",
+            "Flood-meter windows (about 134 ms, per CPU) in which a CPU reached the flood threshold",
+            [(no_labels(), f.flood_windows)],
+        )?;
+        gauges(
+            enc,
+            "maglb_conntrack_entries",
+            "Size of the connection table in flows (conntrack_entries, as the kernel rounded it)",
+            [(no_labels(), i64::from(s.conntrack.0))],
+        )
+    }
+
     /// One sample per VIP while `[bgp]` is configured: 1 while its address is announced.
     fn bgp(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
         let b = self.0.bgp();
