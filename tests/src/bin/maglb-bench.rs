@@ -2,8 +2,8 @@
 
 use maglb_tests::{agent::sibling_maglb, bench, netns::require_root};
 
-/// With section names as arguments (`packet`, `forward`, `conns`, `control`), runs only those
-/// and prints them; BENCHMARKS.md is written only by a full run.
+/// With section names as arguments (`packet`, `forward`, `conns`, `control`, `flood`), runs
+/// only those and prints them; BENCHMARKS.md is written only by a full run.
 fn main() -> anyhow::Result<()> {
     require_root();
     // `maglb-bench packet forward ...` runs only those sections and writes no file (for
@@ -26,6 +26,9 @@ fn main() -> anyhow::Result<()> {
     }
     if want("control") {
         bench::control::run(&mut r, &sibling_maglb())?;
+    }
+    if want("flood") {
+        bench::flood::run(&mut r)?;
     }
     if !only.is_empty() {
         return Ok(());
