@@ -241,47 +241,15 @@ pub fn phase(lab: &FloodLab, conns: Conns, spec: &PhaseSpec) -> anyhow::Result<(
     let ns = &lab.t.client;
     let start = Instant::now();
     let keep = Keep::start(ns, conns, spec.ask_every)?;
-    let legit: Vec<_> = (0..spec.threads)
-        .map(|_| {
-            let (s, p, r) = (lab.sources.clone(), spec.pace, spec.run);
-            ns.spawn(move || connect_loop(&s, p, r, TIMEOUT))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let greedy = spec.greedy.then(|| {
-        let run = spec.run;
-        // A short timeout: a refused SYN is not waited for, the next one goes at once.
-        (0..2)
-            .map(|_| {
-                ns.spawn(move || {
-                    connect_loop(
-                        &[GREEDY.into()],
-                        Duration::ZERO,
-                        run,
-                        Duration::from_millis(300),
-                    )
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-    });
+    let legit = clients(ns, spec.threads, &lab.sources, spec.pace, spec.run, TIMEOUT)?;
+    // The greedy client's short timeout: a refused SYN is not waited for.
+    let greedy_threads = if spec.greedy { 2 } else { 0 };
+    let greedy = [GREEDY.into()];
+    let short = Duration::from_millis(300);
+    let greedy = clients(ns, greedy_threads, &greedy, Duration::ZERO, spec.run, short)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-    let flood: Vec<_> = spec
-        .flood
-        .iter()
-        .flat_map(|&f| (0..cpus).map(move |cpu| (f, cpu)))
-        .map(|(f, cpu)| {
-            let stop = stop.clone();
-            ns.spawn(move || syn_flood(f, cpu, cpus, &stop))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let mut new = NewConns::default();
-    for h in legit {
-        new.merge(join(h)?);
-    }
-    let mut g = NewConns::default();
-    for h in greedy.transpose()?.into_iter().flatten() {
-        g.merge(join(h)?);
-    }
+    let flood = senders(ns, spec.flood, &stop)?;
+    let (new, greedy) = (gather(legit)?, gather(greedy)?);
     stop.store(true, Ordering::Relaxed);
     let mut flood_sent = 0;
     for h in flood {
@@ -290,7 +258,7 @@ pub fn phase(lab: &FloodLab, conns: Conns, spec: &PhaseSpec) -> anyhow::Result<(
     let (conns, broken, rounds) = keep.stop()?;
     let p = Phase {
         new,
-        greedy: g,
+        greedy,
         broken,
         rounds,
         flood_sent,
@@ -299,16 +267,59 @@ pub fn phase(lab: &FloodLab, conns: Conns, spec: &PhaseSpec) -> anyhow::Result<(
     Ok((p, conns))
 }
 
+/// `n` client threads in `ns`, each running [`connect_loop`].
+fn clients(
+    ns: &Netns,
+    n: usize,
+    sources: &[IpAddr],
+    pace: Duration,
+    run: Duration,
+    timeout: Duration,
+) -> anyhow::Result<Vec<JoinHandle<NewConns>>> {
+    (0..n)
+        .map(|_| {
+            let sources = sources.to_vec();
+            ns.spawn(move || connect_loop(&sources, pace, run, timeout))
+        })
+        .collect()
+}
+
+fn gather(clients: Vec<JoinHandle<NewConns>>) -> anyhow::Result<NewConns> {
+    let mut all = NewConns::default();
+    for h in clients {
+        all.merge(join(h)?);
+    }
+    Ok(all)
+}
+
+/// The flood's senders in `ns`, one per CPU (none without a flood).
+fn senders(
+    ns: &Netns,
+    flood: Option<FloodSpec>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Vec<JoinHandle<anyhow::Result<u64>>>> {
+    let Some(f) = flood else {
+        return Ok(Vec::new());
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    (0..cpus)
+        .map(|cpu| {
+            let stop = stop.clone();
+            ns.spawn(move || syn_flood(f, cpu, cpus, &stop))
+        })
+        .collect()
+}
+
 fn join<T>(h: JoinHandle<T>) -> anyhow::Result<T> {
     h.join()
         .map_err(|_| anyhow::anyhow!("traffic thread panicked"))
 }
 
-/// Established connections asked every `every` until stopped; a broken one is reported once
-/// and asked no more.
+/// Established connections asked every `every` until stopped (or dropped); a broken one is
+/// reported once and asked no more.
 struct Keep {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<(Conns, Vec<String>, usize)>,
+    handle: Option<JoinHandle<(Conns, Vec<String>, usize)>>,
 }
 
 impl Keep {
@@ -328,12 +339,22 @@ impl Keep {
             }
             (conns, broken, rounds)
         })?;
-        Ok(Self { stop, handle })
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
     }
 
-    fn stop(self) -> anyhow::Result<(Conns, Vec<String>, usize)> {
+    /// Stops after one more round: (the connections left, the broken ones, rounds).
+    fn stop(mut self) -> anyhow::Result<(Conns, Vec<String>, usize)> {
         self.stop.store(true, Ordering::Relaxed);
-        join(self.handle)
+        join(self.handle.take().expect("joined once"))
+    }
+}
+
+impl Drop for Keep {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
