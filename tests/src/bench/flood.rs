@@ -112,7 +112,8 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
                 "Under flood / no flood: new connections/s {:.2}, p99 {:.2}x. Established \
                  connections broken under flood: {} (target 0: {}); new connections \
                  succeeded under flood: {:.2}% (target 99%: {}). The flood mode engaged in {} \
-                 windows and forwarded {} new flows without inserting them.",
+                 windows and forwarded {} new-flow packets without inserting them (the flood's, and \
+                 those of legitimate connections it did not insert).",
                 u.rate / c.rate,
                 u.p99 / c.p99,
                 u.broken,
@@ -129,8 +130,8 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
                  through their connection-table entries ({TABLE} entries, flood threshold \
                  {THRESHOLD} new flows/s per CPU). Two client threads open new connections \
                  back to back from 8 addresses (one request each) for {} s; in the flood \
-                 phase a raw socket in the client's namespace sends {} SYNs/s from random \
-                 addresses in 100.64.0.0/10, which the backends answer toward a blackhole \
+                 phase raw sockets in the client's namespace (one per CPU) send {} SYNs/s from \
+                 random addresses in 100.64.0.0/10, which the backends answer toward a blackhole \
                  route. Medians of {ROUNDS} rounds of each, alternating. Flood, clients, \
                  router, balancer and backends share the 2 cores: the flood's cost shows as \
                  much in the machine's CPU as in the balancer.",

@@ -249,7 +249,11 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
                 let (bare, lbr) = both(&pair, &frame, flows, cores)?;
                 let ratio = lbr / bare;
                 let target = if queues == 2 && flows >= 10_000 {
-                    issue.push(format!("{size} B, {flows} flows: {:.0}%", ratio * 100.0));
+                    issue.push(format!(
+                        "{size} B, {flows} flows: {:.0}% ({})",
+                        ratio * 100.0,
+                        verdict(ratio >= TARGET)
+                    ));
                     TARGET
                 } else {
                     OTHER_TARGET
