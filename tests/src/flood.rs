@@ -3,8 +3,8 @@
 //! connections from several client addresses, and one greedy client. Shared by
 //! `tests/flood_e2e.rs` and the flood bench.
 //!
-//! The flood leaves the client's namespace through a raw IPv4 socket (the kernel routes it
-//! to the router like any other packet). The backends answer the spoofed SYNs directly
+//! The flood leaves the client's namespace through raw IPv4 sockets, one per CPU (the
+//! kernel routes it to the router like any other packet). The backends answer the spoofed SYNs directly
 //! (DSR) toward the router, whose blackhole route for the spoofed range drops the answers.
 
 use std::{

@@ -96,7 +96,7 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
         ]
     };
     report.section(
-        "5. Under a SYN flood (real TCP, random spoofed sources)",
+        "7. Under a SYN flood (real TCP, random spoofed sources)",
         &[
             "phase",
             "flood SYNs/s",
