@@ -515,7 +515,14 @@ impl Datapath {
             Op::NewRing { index, ring_size } => self.rings.create(index, ring_size),
             Op::WriteTable { .. } | Op::InstallRing { .. } => unreachable!("batched by apply"),
             Op::SetVip { key, meta } => m.vips.insert(key, meta, 0).map_err(map_err("VIPS")),
-            Op::DelVip { key } => ignore_missing(m.vips.remove(&key)).map_err(map_err("VIPS")),
+            Op::DelVip { key } => {
+                // The ring map stays installed at its index for a later VIP to reuse; this
+                // process lets go of its handle, so its open files follow the live VIPs.
+                if let Ok(meta) = m.vips.get(&key, 0) {
+                    self.rings.release(meta.index);
+                }
+                ignore_missing(m.vips.remove(&key)).map_err(map_err("VIPS"))
+            }
             Op::SetAddr { key, meta } => m
                 .vip_addrs
                 .insert(key, meta, 0)

@@ -56,6 +56,14 @@ impl Rings {
         Ok(())
     }
 
+    /// Closes this process's handle on VIP index `index`'s ring map (the outer map keeps the
+    /// map itself; `map` takes a new handle when the index is used again).
+    pub fn release(&mut self, index: u32) {
+        if !self.pending.contains(&index) {
+            self.maps.remove(&index);
+        }
+    }
+
     /// Builds each job's Maglev table and writes it into its VIP index's ring map from its
     /// offset on, spread over the machine's cores; each core holds one table at a time.
     pub fn write_tables(
