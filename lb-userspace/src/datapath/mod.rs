@@ -9,6 +9,7 @@ mod counters;
 pub mod decap;
 mod link;
 mod observe;
+pub mod probe_encap;
 mod rings;
 
 use std::{
