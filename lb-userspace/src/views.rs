@@ -14,8 +14,9 @@ use crate::{
     },
     datapath::Counters,
     health::{
-        Tracker,
-        supervisor::{BackendKey, HealthViews, probes},
+        Route, Tracker,
+        supervisor::{BackendKey, HealthViews},
+        tunnel::{self, TunnelState},
     },
     state::{Change, Refusal, State},
     writer::Snapshot,
@@ -29,6 +30,8 @@ pub struct Views {
     pub vrrp: watch::Receiver<Option<VrrpStatus>>,
     /// The BGP announcer's status (none without `[bgp]`).
     pub bgp: watch::Receiver<Option<BgpStatus>>,
+    /// What probes over the tunnel can count on.
+    pub tunnel: watch::Receiver<Arc<TunnelState>>,
     pub counters: Counters,
     pub state_file: PathBuf,
     pub bpffs: PathBuf,
@@ -80,6 +83,8 @@ impl Views {
             nexthop_mac: (cfg.nh_mac != [0; 6]).then(|| addr::fmt_mac(&cfg.nh_mac)),
             vips: s.state.vips.len(),
             backends: s.slots_in_use,
+            probe_tunnel: self.tunnel.borrow().interface.clone(),
+            probe_tunnel_unavailable: self.tunnel.borrow().unavailable.clone(),
             state_file: self.state_file.display().to_string(),
             bpffs: self.bpffs.display().to_string(),
         }
@@ -140,13 +145,20 @@ impl Views {
     /// Every probe the state asks for, with what it found so far.
     pub fn probes(&self) -> Vec<ProbeView> {
         let s = self.snapshot();
-        probes(&s.state)
+        let t = self.tunnel.borrow().clone();
+        tunnel::probes(&s, &t)
             .into_iter()
             .map(|(key, p)| ProbeView {
                 vip: key.0,
                 backend: key.1,
                 kind: p.check.kind,
                 target: p.target.to_string(),
+                via: p.via(),
+                via_reason: match &p.route {
+                    Route::Direct { because } => because.clone(),
+                    Route::Unavailable(why) => Some(why.clone()),
+                    Route::Tunnel { .. } => None,
+                },
                 health: self.health_of(&key),
             })
             .collect()

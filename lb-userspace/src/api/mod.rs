@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Affinity, AttachMode, BackendState, HealthCheck, ProbeKind, VipId};
+use crate::state::{Affinity, AttachMode, BackendState, HealthCheck, ProbeKind, ProbeVia, VipId};
 
 pub const DEFAULT_SOCKET: &str = "/run/maglb/maglb.sock";
 /// The read-only socket next to an API socket (`maglb.sock` -> `maglb-read.sock`): status,
@@ -105,6 +105,13 @@ pub struct ProbeView {
     pub backend: IpAddr,
     pub kind: ProbeKind,
     pub target: String,
+    /// The way the probes go: over the tunnel (to the VIP, encapsulated like client
+    /// traffic) or direct (to the backend's address).
+    pub via: ProbeVia,
+    /// Why not over the tunnel, when the check left the choice to the agent and it went
+    /// direct; or why a probe the check sends over the tunnel cannot go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_reason: Option<String>,
     /// None until the first probe finishes.
     pub health: Option<HealthView>,
 }
@@ -183,6 +190,12 @@ pub struct Status {
     pub nexthop_mac: Option<String>,
     pub vips: usize,
     pub backends: usize,
+    /// The interface whose egress carries probes over the tunnel, if any.
+    #[serde(default)]
+    pub probe_tunnel: Option<String>,
+    /// Why probes cannot go over the tunnel now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_tunnel_unavailable: Option<String>,
     pub state_file: String,
     pub bpffs: String,
 }

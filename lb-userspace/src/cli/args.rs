@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     api,
     datapath::decap,
-    state::{AttachMode, HealthCheck, ProbeKind, VipId},
+    state::{AttachMode, HealthCheck, ProbeKind, ProbeVia, VipId},
 };
 
 #[derive(Parser)]
@@ -300,6 +300,12 @@ pub enum BackendCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ViaArg {
+    Tunnel,
+    Direct,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum KindArg {
     None,
     Tcp,
@@ -353,6 +359,11 @@ pub struct HealthArgs {
     /// HTTPS: do not verify the certificate.
     #[arg(long)]
     pub tls_insecure: bool,
+    /// The way probes go: tunnel (to the VIP, encapsulated toward the backend like client
+    /// traffic) or direct (to the backend's address) [default: tunnel when the balancer can
+    /// carry it, else direct].
+    #[arg(long, value_enum)]
+    pub via: Option<ViaArg>,
 }
 
 impl HealthArgs {
@@ -379,6 +390,10 @@ impl HealthArgs {
             payload: self.payload.clone(),
             tls_ca: self.tls_ca.clone(),
             tls_insecure: self.tls_insecure,
+            via: self.via.map(|v| match v {
+                ViaArg::Tunnel => ProbeVia::Tunnel,
+                ViaArg::Direct => ProbeVia::Direct,
+            }),
         }
     }
 }

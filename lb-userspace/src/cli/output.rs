@@ -68,23 +68,33 @@ pub fn vips(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
 pub fn probes(out: &mut impl Write, probes: &[ProbeView]) -> io::Result<()> {
     writeln!(
         out,
-        "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
-        "VIP", "BACKEND", "KIND", "TARGET", "STATE", "LAST", "LATENCY", "SINCE"
+        "{:<24} {:<26} {:<5} {:<7} {:<26} {:<5} {:>9} {:>7}  LAST",
+        "VIP", "BACKEND", "KIND", "VIA", "TARGET", "STATE", "LATENCY", "SINCE"
     )?;
+    let mut notes = Vec::new();
     for p in probes {
         let h = health_cells(p.health.as_ref());
+        let mut via = p.via.to_string();
+        if let Some(why) = &p.via_reason {
+            via.push('*');
+            notes.push(format!("{} {}: {via} because {why}", p.vip, p.backend));
+        }
         writeln!(
             out,
-            "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
+            "{:<24} {:<26} {:<5} {:<7} {:<26} {:<5} {:>9} {:>7}  {}",
             p.vip.to_string(),
             p.backend.to_string(),
             p.kind.to_string(),
+            via,
             p.target,
             h.0,
-            h.1,
             h.2,
-            h.3
+            h.3,
+            h.1
         )?;
+    }
+    for n in notes {
+        writeln!(out, "* {n}")?;
     }
     Ok(())
 }
@@ -156,6 +166,14 @@ pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
         or(&s.source_v6)
     )?;
     writeln!(out, "mtu          {}", s.mtu)?;
+    match (&s.probe_tunnel, &s.probe_tunnel_unavailable) {
+        (Some(i), _) => writeln!(
+            out,
+            "probes       over the tunnel possible (classifier on {i})"
+        )?,
+        (None, Some(why)) => writeln!(out, "probes       direct only: {why}")?,
+        (None, None) => writeln!(out, "probes       direct only")?,
+    }
     writeln!(out, "vips         {}", s.vips)?;
     writeln!(out, "backends     {}", s.backends)?;
     writeln!(out, "state file   {}", s.state_file)?;

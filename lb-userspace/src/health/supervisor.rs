@@ -16,7 +16,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Probe, ProbeResult, Tracker};
+use super::{
+    Probe, ProbeResult, Tracker,
+    tunnel::{self, TunnelState},
+};
 use crate::{
     metrics::ProbeMetrics,
     state::{State, VipId},
@@ -63,10 +66,11 @@ struct Supervisor {
     dirty: bool,
 }
 
-/// Runs until the writer goes.
+/// Runs until the writer goes. `tunnel` says what probes over the tunnel can count on.
 pub async fn run(
     writer: WriterHandle,
     mut snap: watch::Receiver<Arc<Snapshot>>,
+    mut tunnel: watch::Receiver<Arc<TunnelState>>,
     views: watch::Sender<Arc<HealthViews>>,
     metrics: ProbeMetrics,
 ) {
@@ -83,10 +87,12 @@ pub async fn run(
     };
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     loop {
-        let state = snap.borrow_and_update().state.clone();
-        s.follow(&state);
+        let current = snap.borrow_and_update().clone();
+        let t = tunnel.borrow_and_update().clone();
+        s.follow(&current, &t);
         tokio::select! {
             r = snap.changed() => if r.is_err() { break },
+            r = tunnel.changed() => if r.is_err() { break },
             Some((key, result, took)) = rx.recv() => {
                 if s.record(key, &result, took).await.is_err() {
                     break;
@@ -101,9 +107,10 @@ pub async fn run(
 }
 
 impl Supervisor {
-    /// Starts, restarts and stops probe tasks to match `state`.
-    fn follow(&mut self, state: &State) {
-        let want = probes(state);
+    /// Starts, restarts and stops probe tasks to match the snapshot's state (a probe whose
+    /// route changes is restarted).
+    fn follow(&mut self, snap: &Snapshot, t: &TunnelState) {
+        let want = tunnel::probes(snap, t);
         self.running.retain(|k, (p, task)| {
             let keep = want.get(k) == Some(p);
             if !keep {

@@ -206,6 +206,18 @@ impl Collector for Scrape {
                 }),
             )?;
         }
+        counters(
+            &mut enc,
+            "maglb_probe_tunnel_packets",
+            "Probe packets the probe classifier handled: encapsulated, or dropped by reason",
+            views.tunnel.borrow().stats.iter().flat_map(|st| {
+                st.read()
+                    .into_iter()
+                    .zip(lb_common::probe_stat::NAMES)
+                    .map(|(c, n)| (vec![("result", n.to_owned())], c.packets))
+                    .collect::<Vec<_>>()
+            }),
+        )?;
         self.vrrp(&mut enc)?;
         self.bgp(&mut enc)
     }

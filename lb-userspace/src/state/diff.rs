@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 
 use super::{HealthCheck, State};
 
-/// A check's kind, for change lines.
+/// A check's kind (and its `via`, when set), for change lines.
 fn kind(h: &Option<Box<HealthCheck>>) -> String {
-    h.as_ref().map_or("none".to_owned(), |h| h.kind.to_string())
+    h.as_ref().map_or("none".to_owned(), |h| match h.via {
+        Some(via) => format!("{} via {via}", h.kind),
+        None => h.kind.to_string(),
+    })
 }
 
 /// A pool split, for change lines: "blue 95, green 5", or "every pool".

@@ -163,6 +163,29 @@ impl fmt::Display for ProbeKind {
     }
 }
 
+/// Which way a probe travels (`via`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeVia {
+    /// To the VIP address and port, encapsulated toward the backend exactly like client
+    /// traffic, leaving through the balancer's interface; the answer comes back directly
+    /// (DSR). Proves the whole path: the backend's decapsulation, the VIP on its loopback,
+    /// the service on the VIP, and its answers reaching clients' side of the network.
+    Tunnel,
+    /// To the backend's own address and the check's port, as an ordinary connection. Proves
+    /// only that the service answers on the backend's address.
+    Direct,
+}
+
+impl fmt::Display for ProbeVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProbeVia::Tunnel => "tunnel",
+            ProbeVia::Direct => "direct",
+        })
+    }
+}
+
 fn d_interval() -> u32 {
     2000
 }
@@ -227,6 +250,10 @@ pub struct HealthCheck {
     /// HTTPS: do not verify the certificate (a self-signed one passes).
     #[serde(default, skip_serializing_if = "is_false")]
     pub tls_insecure: bool,
+    /// Which way the probes travel; default: over the tunnel when the balancer can carry
+    /// them (attached and forwarding), else direct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<ProbeVia>,
 }
 
 impl Default for HealthCheck {
@@ -246,6 +273,7 @@ impl Default for HealthCheck {
             payload: None,
             tls_ca: None,
             tls_insecure: false,
+            via: None,
         }
     }
 }
