@@ -103,6 +103,7 @@ impl Views {
                     affinity: v.affinity,
                     ring_size: v.ring_size,
                     pools: v.pools.clone(),
+                    adaptive_weights: v.adaptive_weights,
                     new_flows: place.map_or(0, |p| self.counters.vip_new_flows(p.index)),
                     counters: place
                         .map(|p| counter(self.counters.vip(p.index)))
@@ -113,6 +114,9 @@ impl Views {
                         .map(|b| BackendView {
                             address: b.address,
                             weight: b.weight,
+                            effective_weight: b.weight as f64
+                                * s.weight_percent(&v.address, &b.address) as f64
+                                / 100.0,
                             state: b.state,
                             backup: b.backup,
                             pool: b.pool().to_owned(),

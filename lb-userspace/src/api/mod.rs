@@ -44,6 +44,17 @@ pub struct VipRequest {
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_weights: Option<bool>,
+}
+
+/// Changes settings of an existing VIP (those given).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSetRequest {
+    pub address: VipId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_weights: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -143,7 +154,11 @@ pub struct CounterView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendView {
     pub address: IpAddr,
+    /// The configured weight.
     pub weight: u32,
+    /// The weight it gets now: the configured one, lowered by adaptive weights while its
+    /// probes are much slower than its peers'.
+    pub effective_weight: f64,
     pub state: BackendState,
     pub backup: bool,
     pub pool: String,
@@ -160,6 +175,8 @@ pub struct VipView {
     pub affinity: Option<Affinity>,
     pub ring_size: u32,
     pub pools: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub adaptive_weights: bool,
     /// Flows that got a backend from the Maglev table.
     pub new_flows: u64,
     #[serde(flatten)]

@@ -210,6 +210,18 @@ pub enum VipCmd {
         /// Maglev table size (a prime).
         #[arg(long)]
         ring_size: Option<u32>,
+        /// Lower the weight of backends whose probes stay much slower than their peers'.
+        #[arg(long)]
+        adaptive_weights: bool,
+    },
+    /// Change settings of a VIP.
+    #[command(after_help = "Example:\n  maglb vip set 10.200.0.1:80/tcp --adaptive-weights on")]
+    Set {
+        vip: VipId,
+        /// Lower the effective weight of backends whose probes stay much slower than their
+        /// peers' (in steps, down to 10%), and raise it again when they are fast.
+        #[arg(long, value_enum)]
+        adaptive_weights: Option<OnOff>,
     },
     /// Delete a VIP and its backends.
     Del { vip: VipId },
@@ -297,6 +309,12 @@ pub enum BackendCmd {
         #[command(flatten)]
         check: HealthArgs,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]

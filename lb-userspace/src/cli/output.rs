@@ -99,6 +99,15 @@ pub fn probes(out: &mut impl Write, probes: &[ProbeView]) -> io::Result<()> {
     Ok(())
 }
 
+/// A weight for tables: whole numbers without decimals.
+fn weight_cell(w: f64) -> String {
+    if w.fract() == 0.0 {
+        format!("{w:.0}")
+    } else {
+        format!("{w:.2}")
+    }
+}
+
 pub fn stats(out: &mut impl Write, s: &Stats) -> io::Result<()> {
     writeln!(
         out,
@@ -267,10 +276,11 @@ pub fn bgp(out: &mut impl Write, b: &api::BgpStatus) -> io::Result<()> {
 pub fn backends(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
     writeln!(
         out,
-        "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
+        "{:<24} {:<26} {:>6} {:>9} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
         "VIP",
         "BACKEND",
         "WEIGHT",
+        "EFFECTIVE",
         "STATE",
         "POOL",
         "HEALTH",
@@ -291,10 +301,11 @@ pub fn backends(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
             };
             writeln!(
                 out,
-                "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
+                "{:<24} {:<26} {:>6} {:>9} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
                 v.address.to_string(),
                 b.address.to_string(),
                 b.weight,
+                weight_cell(b.effective_weight),
                 state,
                 b.pool,
                 h.0,

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::{
     Probe, ProbeResult, Tracker,
+    adaptive::Adaptive,
     tunnel::{self, TunnelState},
 };
 use crate::{
@@ -64,6 +65,8 @@ struct Supervisor {
     results: mpsc::Sender<Outcome>,
     permits: Arc<Semaphore>,
     dirty: bool,
+    /// Probe latencies of the VIPs with adaptive weights.
+    adaptive: Adaptive,
 }
 
 /// Runs until the writer goes. `tunnel` says what probes over the tunnel can count on.
@@ -84,6 +87,7 @@ pub async fn run(
         results,
         permits: Arc::new(Semaphore::new(MAX_PROBES_IN_FLIGHT)),
         dirty: false,
+        adaptive: Adaptive::default(),
     };
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     loop {
@@ -111,6 +115,7 @@ impl Supervisor {
     /// route changes is restarted).
     fn follow(&mut self, snap: &Snapshot, t: &TunnelState) {
         let want = tunnel::probes(snap, t);
+        self.adaptive.follow(&snap.state);
         self.running.retain(|k, (p, task)| {
             let keep = want.get(k) == Some(p);
             if !keep {
@@ -147,6 +152,9 @@ impl Supervisor {
         };
         let (rise, fall) = (probe.check.rise, probe.check.fall);
         self.metrics.observe(&key, took);
+        if r.is_ok() {
+            self.adapt(key, took).await?;
+        }
         let t = self.trackers.entry(key).or_default();
         self.dirty = true;
         let Some(up) = t.record(r, took, rise, fall) else {
@@ -161,6 +169,35 @@ impl Supervisor {
         }
         self.publish();
         self.writer.send(Command::Health { vip, backend, up }).await
+    }
+
+    /// Feeds a successful probe's latency to adaptive weights; a step of the backend's
+    /// effective weight is logged, counted and sent to the writer.
+    async fn adapt(&mut self, key: BackendKey, took: Duration) -> Result<(), WriteError> {
+        let trackers = &self.trackers;
+        let Some(step) = self
+            .adaptive
+            .record(key, took, |k| trackers.get(k).is_none_or(|t| t.up))
+        else {
+            return Ok(());
+        };
+        let (vip, backend) = key;
+        let (avg_ms, median_ms) = (step.average * 1e3, step.median * 1e3);
+        if step.to < step.from {
+            warn!(%vip, %backend, from = step.from, to = step.to, latency_ms = avg_ms,
+                peers_median_ms = median_ms, "slow backend: effective weight lowered (percent of configured)");
+        } else {
+            info!(%vip, %backend, from = step.from, to = step.to, latency_ms = avg_ms,
+                peers_median_ms = median_ms, "backend fast again: effective weight raised (percent of configured)");
+        }
+        self.metrics.weight_step(&key);
+        self.writer
+            .send(Command::Weight {
+                vip,
+                backend,
+                percent: step.to,
+            })
+            .await
     }
 
     fn publish(&mut self) {

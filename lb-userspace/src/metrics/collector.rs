@@ -76,6 +76,19 @@ fn gauges(
     Ok(())
 }
 
+fn float_gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, f64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn no_labels() -> Labels {
     Vec::new()
 }
@@ -162,6 +175,36 @@ impl Collector for Scrape {
             backends
                 .iter()
                 .map(|(l, _, up)| (l.clone(), i64::from(*up))),
+        )?;
+        let weights: Vec<(Labels, u32, u32)> = s
+            .state
+            .vips
+            .iter()
+            .flat_map(|v| {
+                let s = &s;
+                v.backends.iter().map(move |b| {
+                    let labels = vec![
+                        ("vip", v.address.to_string()),
+                        ("backend", b.address.to_string()),
+                    ];
+                    (labels, b.weight, s.weight_percent(&v.address, &b.address))
+                })
+            })
+            .collect();
+        gauges(
+            &mut enc,
+            "maglb_backend_weight",
+            "The backend's configured weight",
+            weights.iter().map(|(l, w, _)| (l.clone(), i64::from(*w))),
+        )?;
+        float_gauges(
+            &mut enc,
+            "maglb_backend_effective_weight",
+            "The backend's weight now: the configured one, lowered by adaptive weights while \
+             its probes are much slower than its peers'",
+            weights
+                .iter()
+                .map(|(l, w, p)| (l.clone(), *w as f64 * *p as f64 / 100.0)),
         )?;
         let globals = c.globals();
         let get = |n: &str| {

@@ -76,6 +76,12 @@ impl State {
                     kind(&v.health)
                 ));
             }
+            if old.adaptive_weights != v.adaptive_weights {
+                out.push(format!(
+                    "VIP {id}: adaptive weights {}",
+                    if v.adaptive_weights { "on" } else { "off" }
+                ));
+            }
             if old.pools != v.pools {
                 out.push(format!("VIP {id}: new flows to {}", pools(&v.pools)));
             }

@@ -339,6 +339,10 @@ pub struct Vip {
     /// Empty: every backend, whatever its pool.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pools: BTreeMap<String, u32>,
+    /// Lower the effective weight of a backend whose probes stay much slower than its
+    /// peers' (in steps, down to a floor; back up with hysteresis).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub adaptive_weights: bool,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendEntry>,
 }
@@ -351,6 +355,7 @@ impl Vip {
             ring_size: DEFAULT_RING_SIZE,
             health: None,
             pools: BTreeMap::new(),
+            adaptive_weights: false,
             backends: Vec::new(),
         }
     }

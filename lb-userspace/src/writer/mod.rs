@@ -69,6 +69,12 @@ pub enum Command {
         backend: IpAddr,
         up: bool,
     },
+    /// Adaptive weights: a backend's effective weight, in percent of its configured one.
+    Weight {
+        vip: VipId,
+        backend: IpAddr,
+        percent: u32,
+    },
     /// The datapath configuration the next-hop refresher computed.
     Config {
         config: Config,
@@ -135,6 +141,9 @@ pub struct Writer {
     dp: Datapath,
     rec: Reconciler,
     down: BTreeSet<(VipId, IpAddr)>,
+    /// Adaptive weights below 100% of the configured weight (not kept across restarts: a
+    /// new agent measures again).
+    weights: BTreeMap<(VipId, IpAddr), u32>,
     /// Interface and mode the program is attached with, as far as this writer knows.
     attached: Option<(String, AttachMode)>,
     nexthop: Option<(IpAddr, [u8; 6])>,
@@ -180,6 +189,7 @@ impl Writer {
             dp,
             rec,
             down,
+            weights: BTreeMap::new(),
             attached,
             nexthop: None,
             serial: 0,
@@ -218,6 +228,11 @@ impl Writer {
                     let _ = reply.send(r);
                 }
                 Command::Health { vip, backend, up } => self.health(vip, backend, up),
+                Command::Weight {
+                    vip,
+                    backend,
+                    percent,
+                } => self.weight(vip, backend, percent),
                 Command::Config { config, nexthop } => self.config(config, nexthop),
                 Command::Committed { id, reply } => {
                     let _ = reply.send(self.store.committed(&id));
@@ -241,7 +256,12 @@ impl Writer {
     fn specs_for(&self, s: &State) -> Vec<VipSpec> {
         s.vips
             .iter()
-            .map(|v| v.spec(|a| !self.down.contains(&(v.address, *a))))
+            .map(|v| {
+                v.spec_scaled(
+                    |a| !self.down.contains(&(v.address, *a)),
+                    |a| self.weights.get(&(v.address, *a)).copied().unwrap_or(100),
+                )
+            })
             .collect()
     }
 
@@ -375,6 +395,24 @@ impl Writer {
         }
     }
 
+    /// An adaptive weight step: the datapath follows at once (not journaled).
+    fn weight(&mut self, vip: VipId, backend: IpAddr, percent: u32) {
+        let key = (vip, backend);
+        let adaptive = self.state.vip(&vip).is_some_and(|v| v.adaptive_weights);
+        let old = self.weights.get(&key).copied().unwrap_or(100);
+        if !adaptive || old == percent {
+            return;
+        }
+        if percent >= 100 {
+            self.weights.remove(&key);
+        } else {
+            self.weights.insert(key, percent);
+        }
+        if let Err(e) = self.realize(self.specs_for(&self.state)) {
+            warn!(error = %e, %vip, %backend, percent, "applying an adaptive weight");
+        }
+    }
+
     fn config(&mut self, config: Config, nexthop: Option<(IpAddr, [u8; 6])>) {
         self.dirty |= self.nexthop != nexthop;
         self.nexthop = nexthop;
@@ -404,6 +442,11 @@ impl Writer {
                     .any(|b| b.address == *a && v.check_for(b).is_some())
             })
         });
+        self.weights.retain(|(v, a), _| {
+            state
+                .vip(v)
+                .is_some_and(|v| v.adaptive_weights && v.backends.iter().any(|b| b.address == *a))
+        });
         let placement: BTreeMap<VipId, Placement> = self
             .rec
             .placements()
@@ -424,6 +467,7 @@ impl Writer {
             specs: self.specs.clone(),
             placement: Arc::new(placement),
             down: Arc::new(self.down.clone()),
+            weights: Arc::new(self.weights.clone()),
             attached: self.dp.is_attached(),
             config: self.dp.config().unwrap_or_default(),
             nexthop: self.nexthop,
