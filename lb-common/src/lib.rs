@@ -3,7 +3,9 @@
 //! Every type that crosses a BPF map is `#[repr(C)]`, has explicit padding fields (padding
 //! bytes in a map key would be uninitialised and break lookups) and a compile-time size check.
 //! Addresses are stored in network byte order in 16-byte fields; IPv4 uses the first 4 bytes.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod hash;
 
 use core::mem::size_of;
 
@@ -15,8 +17,55 @@ pub const MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest ring a VIP may use (the datapath reduces the hash modulo the VIP's ring size).
 pub const MAX_RING_SIZE: u32 = 1_048_573;
-/// Connection-table entries (LRU).
-pub const CONNTRACK_SIZE: u32 = 262_144;
+/// Default size of the connection table (the `conntrack_entries` setting, fixed when the
+/// maps are created): 2^21 = 2,097,152 flows.
+///
+/// The table is an LRU hash with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): every CPU sees
+/// every entry, but each CPU inserts into and evicts from its own share of
+/// `conntrack_entries / CPUs` entries. The default holds 1 million concurrent flows even
+/// when one CPU of two takes twice the other's share of new flows.
+///
+/// Memory: about [`CONNTRACK_BYTES_PER_ENTRY`] bytes per entry, allocated up front
+/// (2^21 entries: 240 MiB, measured as the map's `memlock`).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 21;
+/// Smallest connection table (per-CPU LRU lists need some entries per CPU).
+pub const MIN_CONNTRACK_ENTRIES: u32 = 1 << 10;
+/// Largest connection table (2^27 entries, about 16 GiB).
+pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 27;
+/// Kernel memory per connection-table entry, measured on Linux 6.18 x86-64 (the element:
+/// hash and LRU nodes, 40-byte key, 16-byte value; and its share of the hash buckets).
+pub const CONNTRACK_BYTES_PER_ENTRY: u32 = 120;
+/// Entries of the per-source new-flow limiter (an LRU of token buckets keyed by VIP and
+/// source /32 or /64). Sources beyond this many recently active ones start again with a
+/// full bucket.
+pub const SRC_LIMIT_ENTRIES: u32 = 1 << 17;
+/// Source-prefix entries (allow or deny, over all VIPs) per address family.
+pub const PREFIX_ENTRIES: u32 = 16_384;
+/// Default UDP destination port of GUE encapsulation (Katran's).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// Decap program's GUE port setting (`DECAP_GUE` slot 0): GUE is not decapsulated.
+pub const DECAP_GUE_OFF: u32 = 1 << 16;
+/// Entries of the decap program's counter array (kept at its first size: the array may be
+/// pinned by an older decap).
+pub const DECAP_STATS_ENTRIES: u32 = 17;
+
+/// The datapath's clock: `bpf_ktime_get_coarse_ns() >> CLOCK_SHIFT`, in ticks of 2^20 ns
+/// (1.048576 ms). Connection-table entries hold the tick they were last used in (32 bits:
+/// wraps after about 52 days).
+pub const CLOCK_SHIFT: u32 = 20;
+
+/// Milliseconds to clock ticks (rounded up).
+pub const fn ms_to_ticks(ms: u32) -> u32 {
+    let ticks = ((ms as u64) * 1_000_000).div_ceil(1 << CLOCK_SHIFT);
+    if ticks > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        ticks as u32
+    }
+}
+
+/// Length of the flood meter's window, in nanoseconds (2^27 ns, about 134 ms).
+pub const FLOOD_WINDOW_SHIFT: u32 = 27;
 /// Words (64 bits each) of the VIP address filter: a bitmap with one bit set per VIP address
 /// (collisions allowed), checked before any VIP hash lookup so that traffic for no VIP costs
 /// one array read.
@@ -57,6 +106,27 @@ pub const VIP_F_AFFINITY_SRC_IP: u32 = 1 << 0;
 
 /// Backend flag: the slot holds a backend (cleared when it is removed).
 pub const BACKEND_F_IN_USE: u8 = 1 << 0;
+
+/// TCP flags (byte 13 of the TCP header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// `Settings::encap`: IP-in-IP (IPv4 or IPv6 outer header, protocol 4 or 41).
+pub const ENCAP_IPIP: u8 = 0;
+/// `Settings::encap`: GUE variant 1 (RFC 8086 / draft-ietf-intarea-gue): outer IP, UDP to
+/// `Settings::gue_port` from a per-flow source port, then the inner IP packet directly.
+pub const ENCAP_GUE: u8 = 1;
+
+/// `PrefixKey*` values: what a matching source prefix does.
+pub const PREFIX_ALLOW: u32 = 1;
+pub const PREFIX_DENY: u32 = 2;
+
+/// `VipPolicy::flags`: the VIP has source prefixes in the prefix tries.
+pub const POLICY_F_PREFIXES: u32 = 1 << 0;
+/// `VipPolicy::flags`: sources that match no prefix are refused (the VIP has an allow list).
+pub const POLICY_F_ALLOW_ONLY: u32 = 1 << 1;
 
 /// Flow key: the connection-table key and the input of the flow hash.
 #[repr(C)]
@@ -131,8 +201,9 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 24);
 
-/// Connection-table value. Recency is the LRU's business: every lookup marks the entry as
-/// used, so the hot path writes nothing.
+/// Connection-table value. Recency for eviction is the LRU's business (every lookup marks
+/// the entry as used); `last_seen` is for the idle timeouts and is written at most once per
+/// clock tick.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
@@ -140,9 +211,142 @@ pub struct ConnEntry {
     pub generation: u32,
     /// The flow's VIP index: an established flow needs no VIP lookup.
     pub vip: u32,
-    pub _pad: u32,
+    /// Clock tick (see [`CLOCK_SHIFT`]) of the flow's last packet.
+    pub last_seen: u32,
 }
 const _: () = assert!(size_of::<ConnEntry>() == 16);
+
+/// Runtime settings of the balancer, slot 0 of the settings array. User space writes them
+/// (defaults on a fresh map: [`Settings::default`]); the datapath reads them per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// A TCP connection-table entry idle longer than this many clock ticks is no longer
+    /// honoured (the flow is chosen again, from the ring). 0: never. See [`ms_to_ticks`].
+    pub tcp_idle_ticks: u32,
+    /// The same for UDP flows.
+    pub udp_idle_ticks: u32,
+    /// Flood threshold: new flows per second per CPU above which that CPU stops inserting
+    /// connection-table entries for the rest of the flood meter's window (new flows still
+    /// get a backend from the ring). 0: no threshold.
+    pub flood_new_flows_per_s: u32,
+    /// UDP destination port of GUE encapsulation (host order).
+    pub gue_port: u16,
+    /// `ENCAP_IPIP` or `ENCAP_GUE`.
+    pub encap: u8,
+    pub _pad: u8,
+    /// [`SETTINGS_VERSION`] once user space wrote the settings (0 in a fresh map).
+    pub version: u32,
+}
+const _: () = assert!(size_of::<Settings>() == 20);
+
+impl Settings {
+    /// The GUE destination port in force, or 0 for IP-in-IP.
+    #[inline(always)]
+    pub fn gue_dport(&self) -> u16 {
+        if self.encap == ENCAP_GUE {
+            self.gue_port
+        } else {
+            0
+        }
+    }
+}
+
+/// `Settings::version` of this layout.
+pub const SETTINGS_VERSION: u32 = 1;
+/// Default TCP idle timeout: 1 hour (established TCP flows are mostly ended by FIN or RST;
+/// this only ends the pinning of flows whose end the balancer never saw).
+pub const DEFAULT_TCP_IDLE_MS: u32 = 3_600_000;
+/// Default UDP idle timeout: 30 s (Katran's).
+pub const DEFAULT_UDP_IDLE_MS: u32 = 30_000;
+/// Default flood threshold, new flows per second per CPU.
+pub const DEFAULT_FLOOD_NEW_FLOWS_PER_S: u32 = 100_000;
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            tcp_idle_ticks: ms_to_ticks(DEFAULT_TCP_IDLE_MS),
+            udp_idle_ticks: ms_to_ticks(DEFAULT_UDP_IDLE_MS),
+            flood_new_flows_per_s: DEFAULT_FLOOD_NEW_FLOWS_PER_S,
+            gue_port: DEFAULT_GUE_PORT,
+            encap: ENCAP_IPIP,
+            _pad: 0,
+            version: SETTINGS_VERSION,
+        }
+    }
+}
+
+/// Per-VIP admission policy for new flows, indexed by VIP index. All-zero: no policy.
+/// Rates are GCRA parameters (a token bucket in time units): a flow is admitted when its
+/// bucket's theoretical arrival time is at most `tolerance` ahead of now, and then moves it
+/// `interval` further.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipPolicy {
+    /// Per source (/32 or /64): nanoseconds per new flow (1e9 / rate). 0: no limit.
+    pub src_interval_ns: u64,
+    /// Per source: `src_interval_ns * (burst - 1)`.
+    pub src_tolerance_ns: u64,
+    /// Whole VIP, per CPU (each CPU admits its share, rate / CPUs): nanoseconds per new flow.
+    /// 0: no cap.
+    pub cap_interval_ns: u64,
+    /// Whole VIP, per CPU: `cap_interval_ns * (burst per CPU - 1)`.
+    pub cap_tolerance_ns: u64,
+    /// `POLICY_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<VipPolicy>() == 40);
+
+/// Key of the per-source new-flow limiter: VIP index and source /32 (IPv4) or /64 (IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SrcKey {
+    pub vip: u32,
+    /// `FAMILY_V4` or `FAMILY_V6` (a u32: no padding bytes to zero).
+    pub family: u32,
+    /// IPv4: the address and 0; IPv6: the first 64 bits.
+    pub addr: [u32; 2],
+}
+const _: () = assert!(size_of::<SrcKey>() == 16);
+
+/// Source-prefix trie data (IPv4), after the trie key's `prefix_len`, which is 32 (the VIP
+/// index, always matched whole) plus the prefix length of the address. The value is
+/// `PREFIX_ALLOW` or `PREFIX_DENY`; the longest matching prefix decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PrefixData4 {
+    /// VIP index (always matched whole, so its byte order does not matter).
+    pub vip: u32,
+    /// Network order.
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<PrefixData4>() == 8);
+
+/// Source-prefix trie data (IPv6), as [`PrefixData4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PrefixData6 {
+    pub vip: u32,
+    pub addr: [u32; 4],
+}
+const _: () = assert!(size_of::<PrefixData6>() == 20);
+
+/// Per-CPU flood meter (one entry): new flows counted in the current window, and what the
+/// flood mode did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodMeter {
+    /// Start of the current window (coarse ns).
+    pub window_start: u64,
+    /// Connection-table inserts in the current window.
+    pub inserts: u64,
+    /// New flows forwarded without an insert because the CPU was under flood.
+    pub not_inserted: u64,
+    /// Windows in which the threshold was reached.
+    pub flood_windows: u64,
+}
+const _: () = assert!(size_of::<FloodMeter>() == 32);
 
 /// Balancer configuration, slot 0 of the config array.
 #[repr(C)]
@@ -172,7 +376,56 @@ pub struct Counter {
 }
 const _: () = assert!(size_of::<Counter>() == 16);
 
-/// Indices of the global per-CPU counters.
+/// Per-CPU counter of a backend slot: every forwarded packet bumps exactly this one counter.
+/// VIP totals, connection-table hits and misses and the encapsulation totals are derived
+/// from it by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendCounter {
+    pub packets: u64,
+    /// Bytes of the packets as received (IP header included, outer header excluded).
+    pub bytes: u64,
+    /// Packets of those that chose the backend from the ring (a new flow: a SYN, a
+    /// connection-table miss, or an entry no longer valid). The rest hit the table.
+    pub new_flows: u64,
+}
+const _: () = assert!(size_of::<BackendCounter>() == 24);
+
+/// Reasons counted per VIP (`VIP_DROPS[vip * vip_stat::STRIDE + reason]`): packets of a
+/// VIP's flows that were not forwarded.
+pub mod vip_stat {
+    /// The VIP has no backend.
+    pub const NO_BACKEND: u32 = 0;
+    /// A backend family that cannot carry this packet (IPv6 in IPv4).
+    pub const FAMILY: u32 = 1;
+    /// A ring slot points to a missing backend.
+    pub const BAD_BACKEND: u32 = 2;
+    /// New flow over its source's rate (`rate_limit`).
+    pub const SRC_RATE: u32 = 3;
+    /// New flow over the VIP's cap on new flows.
+    pub const VIP_CAP: u32 = 4;
+    /// New flow from a source on the VIP's deny list.
+    pub const DENIED: u32 = 5;
+    /// New flow from a source on none of the VIP's allow-list prefixes.
+    pub const NOT_ALLOWED: u32 = 6;
+    pub const COUNT: u32 = 7;
+    /// Entries per VIP in the array.
+    pub const STRIDE: u32 = 8;
+    /// The global counter (`stat::*`) each reason adds up to.
+    pub const GLOBAL: [u32; COUNT as usize] = [
+        super::stat::DROP_NO_BACKEND,
+        super::stat::DROP_FAMILY,
+        super::stat::ERR_BAD_BACKEND,
+        super::stat::DROP_SRC_RATE,
+        super::stat::DROP_VIP_CAP,
+        super::stat::DROP_DENIED,
+        super::stat::DROP_NOT_ALLOWED,
+    ];
+}
+
+/// Indices of the global counters by reason, as user space shows them. Most are counted in
+/// the global per-CPU array; `TX_ENCAP`, `CT_HIT` and `CT_MISS` are derived from the backend
+/// counters, and the reasons of [`vip_stat`] are sums over the VIPs.
 pub mod stat {
     /// Not for a VIP: handed to the kernel untouched.
     pub const PASS_NOT_VIP: u32 = 0;
@@ -206,7 +459,15 @@ pub mod stat {
     pub const DECAP_PASS: u32 = 15;
     /// Passed because user space has not written the config yet.
     pub const PASS_NOT_READY: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// Dropped: a new flow over its source's rate.
+    pub const DROP_SRC_RATE: u32 = 17;
+    /// Dropped: a new flow over its VIP's cap.
+    pub const DROP_VIP_CAP: u32 = 18;
+    /// Dropped: a new flow from a denied source prefix.
+    pub const DROP_DENIED: u32 = 19;
+    /// Dropped: a new flow from a source not on its VIP's allow list.
+    pub const DROP_NOT_ALLOWED: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Names, indexed by counter, for display.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -227,6 +488,10 @@ pub mod stat {
         "decap_ok",
         "decap_pass",
         "pass_not_ready",
+        "drop_src_rate",
+        "drop_vip_cap",
+        "drop_denied",
+        "drop_not_allowed",
     ];
 }
 
@@ -268,4 +533,11 @@ mod pod {
     unsafe impl aya::Pod for ConnEntry {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for BackendCounter {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for VipPolicy {}
+    unsafe impl aya::Pod for SrcKey {}
+    unsafe impl aya::Pod for PrefixData4 {}
+    unsafe impl aya::Pod for PrefixData6 {}
+    unsafe impl aya::Pod for FloodMeter {}
 }

@@ -3,7 +3,7 @@
 //! The result is a [`Packet`]: offsets of the layers, the lengths from the IP header and a
 //! [`FlowKey`] for the lookup. Nothing is written here.
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
@@ -76,6 +76,26 @@ pub struct Ports {
     pub dst: u16,
 }
 
+/// The first 14 bytes of a TCP header: ports, sequence numbers, data offset and flags.
+#[repr(C)]
+pub struct TcpHead {
+    pub src: u16,
+    pub dst: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub doff: u8,
+    pub flags: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub src: u16,
+    pub dst: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
 /// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
@@ -102,6 +122,8 @@ pub struct Packet {
     pub df: bool,
     /// IPv4 fragment (first or later): ports are not used.
     pub fragment: bool,
+    /// TCP flags (`lb_common::TCP_*`); 0 for other protocols and for fragments.
+    pub tcp_flags: u8,
     /// The flow; ports are 0 for ICMP and for fragments.
     pub flow: FlowKey,
 }
@@ -115,41 +137,67 @@ pub enum Parsed {
     Ok(Packet),
 }
 
+/// What [`parse_into`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Nothing was written.
+    NotIp,
+    /// The packet was written (addresses and protocol are valid, the rest may not be).
+    Malformed,
+    /// The packet was written.
+    Ok,
+}
+
 /// Parses Ethernet, an optional 802.1Q tag, IPv4 or IPv6, and TCP/UDP ports.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
+    let mut pkt = MaybeUninit::uninit();
+    match parse_into(ctx, &mut pkt) {
+        // SAFETY: parse_into wrote the packet for these kinds.
+        Kind::Ok => Parsed::Ok(unsafe { pkt.assume_init() }),
+        Kind::Malformed => Parsed::Malformed(unsafe { pkt.assume_init() }),
+        Kind::NotIp => Parsed::NotIp,
+    }
+}
+
+/// As [`parse`], writing the packet into `out` as it goes (for `Kind::Ok` and
+/// `Kind::Malformed`). In memory from the start, the fields are not carried in registers
+/// (and spilled to the stack around every map lookup) by the caller.
+#[inline(always)]
+pub fn parse_into(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Kind {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Parsed::NotIp;
+        return Kind::NotIp;
     };
     let mut proto = u16::from_be(unsafe { (*eth).proto });
     let mut l3_off = ETH_HLEN;
     if proto == ETH_P_8021Q {
         let Some(vlan) = ptr_at::<VlanHdr>(ctx, ETH_HLEN) else {
-            return Parsed::NotIp;
+            return Kind::NotIp;
         };
         proto = u16::from_be(unsafe { (*vlan).proto });
         l3_off = ETH_HLEN + VLAN_HLEN;
     }
     match proto {
-        ETH_P_IP => parse_v4(ctx, l3_off),
-        ETH_P_IPV6 => parse_v6(ctx, l3_off),
-        _ => Parsed::NotIp,
+        ETH_P_IP => parse_v4(ctx, l3_off, out),
+        ETH_P_IPV6 => parse_v6(ctx, l3_off, out),
+        _ => Kind::NotIp,
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Parsed {
+fn parse_v4(ctx: &XdpContext, l3_off: usize, out: &mut MaybeUninit<Packet>) -> Kind {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
-        return Parsed::NotIp;
+        return Kind::NotIp;
     };
     let ip = unsafe { *ip };
-    let mut pkt = Packet {
+    let pkt = out.write(Packet {
         l3_off,
         l4_off: 0,
         l3_len: u16::from_be(ip.tot_len) as usize,
         tos: ip.tos,
         df: false,
         fragment: false,
+        tcp_flags: 0,
         flow: FlowKey {
             src: [ip.src, 0, 0, 0],
             dst: [ip.dst, 0, 0, 0],
@@ -157,40 +205,41 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize) -> Parsed {
             family: FAMILY_V4,
             ..FlowKey::default()
         },
-    };
+    });
     let ihl = (ip.vihl & 0x0f) as usize;
     if ip.vihl >> 4 != 4 || ihl < 5 {
-        return Parsed::Malformed(pkt);
+        return Kind::Malformed;
     }
     let hlen = ihl * 4;
     pkt.l4_off = l3_off + hlen;
     let avail = ctx.data_end() - ctx.data() - l3_off;
     if pkt.l3_len < hlen || pkt.l3_len > avail {
-        return Parsed::Malformed(pkt);
+        return Kind::Malformed;
     }
     let frag = u16::from_be(ip.frag_off);
     pkt.df = frag & IP_DF != 0;
     pkt.fragment = frag & (IP_MF | IP_OFFMASK) != 0;
     if pkt.fragment {
-        return Parsed::Ok(pkt);
+        return Kind::Ok;
     }
     l4_ports(ctx, pkt)
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Parsed {
+fn parse_v6(ctx: &XdpContext, l3_off: usize, out: &mut MaybeUninit<Packet>) -> Kind {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
-        return Parsed::NotIp;
+        return Kind::NotIp;
     };
     let ip = unsafe { *ip };
     let vtcfl = u32::from_be(ip.vtcfl);
-    let pkt = Packet {
+    let pkt = out.write(Packet {
         l3_off,
         l4_off: l3_off + IPV6_HLEN,
         l3_len: IPV6_HLEN + u16::from_be(ip.payload_len) as usize,
         tos: (vtcfl >> 20) as u8,
         df: true,
         fragment: false,
+        tcp_flags: 0,
         flow: FlowKey {
             src: ip.src,
             dst: ip.dst,
@@ -198,32 +247,39 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize) -> Parsed {
             family: FAMILY_V6,
             ..FlowKey::default()
         },
-    };
+    });
     let avail = ctx.data_end() - ctx.data() - l3_off;
     if vtcfl >> 28 != 6 || pkt.l3_len > avail {
-        return Parsed::Malformed(pkt);
+        return Kind::Malformed;
     }
     l4_ports(ctx, pkt)
 }
 
-/// Fills the ports of TCP and UDP flows; other protocols keep port 0.
+/// Fills the ports of TCP and UDP flows (and the TCP flags); other protocols keep port 0.
 #[inline(always)]
-fn l4_ports(ctx: &XdpContext, mut pkt: Packet) -> Parsed {
+fn l4_ports(ctx: &XdpContext, pkt: &mut Packet) -> Kind {
     let need = match pkt.flow.proto {
         PROTO_TCP => 20,
         PROTO_UDP => 8,
         PROTO_ICMP | PROTO_ICMPV6 => 8,
-        _ => return Parsed::Ok(pkt),
+        _ => return Kind::Ok,
     };
     if pkt.l4_off + need > pkt.l3_off + pkt.l3_len {
-        return Parsed::Malformed(pkt);
+        return Kind::Malformed;
     }
-    if pkt.flow.proto == PROTO_TCP || pkt.flow.proto == PROTO_UDP {
+    if pkt.flow.proto == PROTO_TCP {
+        let Some(tcp) = ptr_at::<TcpHead>(ctx, pkt.l4_off) else {
+            return Kind::Malformed;
+        };
+        pkt.flow.sport = unsafe { (*tcp).src };
+        pkt.flow.dport = unsafe { (*tcp).dst };
+        pkt.tcp_flags = unsafe { (*tcp).flags };
+    } else if pkt.flow.proto == PROTO_UDP {
         let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4_off) else {
-            return Parsed::Malformed(pkt);
+            return Kind::Malformed;
         };
         pkt.flow.sport = unsafe { (*ports).src };
         pkt.flow.dport = unsafe { (*ports).dst };
     }
-    Parsed::Ok(pkt)
+    Kind::Ok
 }

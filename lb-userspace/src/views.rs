@@ -12,7 +12,7 @@ use crate::{
         BackendView, BgpStatus, CounterView, HealthView, ProbeView, Stats, Status, VipView,
         VrrpStatus,
     },
-    datapath::Counters,
+    datapath::{Counters, Reading},
     health::{
         Route, Tracker,
         supervisor::{BackendKey, HealthViews},
@@ -85,6 +85,8 @@ impl Views {
             backends: s.slots_in_use,
             probe_tunnel: self.tunnel.borrow().interface.clone(),
             probe_tunnel_unavailable: self.tunnel.borrow().unavailable.clone(),
+            conntrack_entries: s.conntrack.0,
+            conntrack_per_cpu: s.conntrack.1,
             state_file: self.state_file.display().to_string(),
             bpffs: self.bpffs.display().to_string(),
         }
@@ -93,21 +95,35 @@ impl Views {
     /// Every VIP with its backends, their health and counters.
     pub fn vips(&self) -> Vec<VipView> {
         let s = self.snapshot();
+        let reading = self.counters.read(&s.owners);
+        self.vip_views(&s, &reading)
+    }
+
+    fn vip_views(&self, s: &Snapshot, reading: &Reading) -> Vec<VipView> {
         s.state
             .vips
             .iter()
             .map(|v| {
                 let place = s.placement.get(&v.address);
+                let total = place.map(|p| reading.vip(p.index)).unwrap_or_default();
                 VipView {
                     address: v.address,
                     affinity: v.affinity,
                     ring_size: v.ring_size,
                     pools: v.pools.clone(),
                     adaptive_weights: v.adaptive_weights,
-                    new_flows: place.map_or(0, |p| self.counters.vip_new_flows(p.index)),
-                    counters: place
-                        .map(|p| counter(self.counters.vip(p.index)))
-                        .unwrap_or_default(),
+                    new_flows: total.new_flows,
+                    counters: CounterView {
+                        packets: total.packets,
+                        bytes: total.bytes,
+                    },
+                    drops: place
+                        .map(|p| self.counters.vip_drops(p.index))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|(_, c)| c.packets > 0)
+                        .map(|(n, c)| (n.to_owned(), c.packets))
+                        .collect(),
                     backends: v
                         .backends
                         .iter()
@@ -125,7 +141,13 @@ impl Views {
                                 .and_then(|_| self.health_of(&(v.address, b.address))),
                             counters: place
                                 .and_then(|p| p.slots.get(&b.address))
-                                .map(|slot| counter(self.counters.backend(*slot)))
+                                .map(|slot| {
+                                    let c = reading.slot(*slot);
+                                    CounterView {
+                                        packets: c.packets,
+                                        bytes: c.bytes,
+                                    }
+                                })
                                 .unwrap_or_default(),
                         })
                         .collect(),
@@ -135,14 +157,17 @@ impl Views {
     }
 
     pub fn stats(&self) -> Stats {
+        let s = self.snapshot();
+        let reading = self.counters.read(&s.owners);
         Stats {
-            vips: self.vips(),
+            vips: self.vip_views(&s, &reading),
             global: self
                 .counters
-                .globals()
+                .globals(&reading, &s.owners)
                 .into_iter()
                 .map(|(n, c)| (n.to_owned(), counter(c)))
                 .collect(),
+            flood: self.counters.flood(),
         }
     }
 

@@ -7,7 +7,7 @@ use aya::{TestRun, TestRunOptions};
 use lb_common::Config;
 use lb_userspace::{
     addr,
-    balancer::Balancer,
+    balancer::{Balancer, LoadOptions},
     state::{BackendSpec, VipId, VipSpec},
 };
 
@@ -134,10 +134,21 @@ pub fn config() -> Config {
     }
 }
 
+/// The connection-table size of fixtures: small keeps loading fast (the default table is
+/// allocated up front).
+pub const LAB_CONNTRACK: u32 = 1 << 16;
+
 impl Lab {
     /// Loads the balancer and configures the VIPs above. Ring size 251 keeps set-up fast.
     pub fn new() -> anyhow::Result<Self> {
-        let mut bal = Balancer::load()?;
+        Self::with(&LoadOptions {
+            conntrack_entries: LAB_CONNTRACK,
+        })
+    }
+
+    /// As [`Lab::new`], with other load options.
+    pub fn with(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let mut bal = Balancer::load_with(opts)?;
         bal.set_config(&config())?;
         for v in &LAYOUT {
             let proto = if v.proto == 17 { "udp" } else { "tcp" };
@@ -168,4 +179,81 @@ pub fn run(prog: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
+}
+
+/// Pins the calling thread to one CPU, so that BPF_PROG_TEST_RUN always runs the program
+/// on that CPU and its per-CPU state (counters, the flood meter, this CPU's share of the
+/// connection table) is the same from run to run. Returns the CPU.
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    Ok(cpu)
+}
+
+/// Pins the calling thread to the highest-numbered online CPU (see [`pin_to_cpu`]).
+pub fn pin_to_last_cpu() -> anyhow::Result<usize> {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    pin_to_cpu(n - 1)
+}
+
+/// A frame from the router to the balancer carrying `l3` (an IP packet).
+pub fn to_lb(l3: &[u8], ethertype: u16) -> Vec<u8> {
+    crate::packet::eth(IF_MAC, CLIENT_MAC, ethertype, l3)
+}
+
+/// An IPv4 TCP segment with `flags` (and a correct checksum), no payload.
+pub fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    use crate::packet::{TCP, V4, ipv4, tcp4};
+    ipv4(
+        V4::new(src, dst, TCP),
+        &[],
+        &tcp4(src, dst, sport, dport, flags, &[]),
+    )
+}
+
+/// The frame of [`tcp_packet`].
+pub fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    to_lb(
+        &tcp_packet(src, dst, sport, dport, flags),
+        crate::packet::ETH_IP,
+    )
+}
+
+/// An IPv4 UDP datagram frame with a one-byte payload.
+pub fn udp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    use crate::packet::{ETH_IP, UDP, V4, ipv4, udp4};
+    to_lb(
+        &ipv4(
+            V4::new(src, dst, UDP),
+            &[],
+            &udp4(src, dst, sport, dport, b"q"),
+        ),
+        ETH_IP,
+    )
+}
+
+/// The datapath flow key of an IPv4 flow (what the connection table is keyed by).
+pub fn flow4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src: addr::to_words(src.into()).0,
+        dst: addr::to_words(dst.into()).0,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        family: lb_common::FAMILY_V4,
+        _pad: [0; 2],
+    }
 }

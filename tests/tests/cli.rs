@@ -391,3 +391,105 @@ fn agent_mounts_a_bpf_filesystem_where_none_is() {
     assert_eq!(failed, 0, "TCP failures; spread {seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
+
+/// `maglb decap attach` again on every backend, with another GUE port.
+fn decap_gue_port(t: &Topology, scratch: &Scratch, port: u16) {
+    for (i, b) in t.backends.iter().enumerate() {
+        let pins = scratch.0.decap_pins.join(format!("b{i}"));
+        let out = b
+            .command(Path::new(BIN))
+            .unwrap()
+            .args(["decap", "attach", "--iface", "e0", "--gue-port"])
+            .arg(port.to_string())
+            .arg("--pin-dir")
+            .arg(&pins)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The VIP's drops of one reason, from `maglb stats --output json`.
+fn vip_drops(a: &Agent, reason: &str) -> u64 {
+    let stats: serde_json::Value =
+        serde_json::from_str(&a.ok(&["stats", "--output", "json"])).unwrap();
+    stats["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["address"] == vip_tcp())
+        .and_then(|v| v["drops"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn vip_policy_and_gue_through_the_agent() {
+    let scratch = Scratch::new("pol");
+    let (t, a) = setup("pol", &scratch, &[1, 1, 1]);
+    let short = Duration::from_millis(300);
+    let try_tcp = |n: usize| {
+        t.client
+            .run(move || {
+                (0..n)
+                    .filter(|_| topology::tcp_request(vip_addr(TCP_PORT), short).is_ok())
+                    .count()
+            })
+            .unwrap()
+    };
+    assert_eq!(try_tcp(20), 20);
+
+    // The client's /24 is denied: its new connections get nowhere, counted per VIP.
+    let out = a.ok(&["vip", "policy", &vip_tcp(), "--deny", "10.10.1.0/24"]);
+    assert!(out.contains("10.10.1.0/24"), "{out}");
+    assert_eq!(try_tcp(5), 0, "a denied client connected");
+    assert!(vip_drops(&a, "drop_denied") >= 5);
+    // An allow list that does not hold the client refuses it too; a bad prefix changes
+    // nothing.
+    a.ok(&["vip", "policy", &vip_tcp(), "--allow", "192.0.2.0/24"]);
+    assert_eq!(try_tcp(3), 0);
+    assert!(vip_drops(&a, "drop_not_allowed") >= 3);
+    let bad = a.cli(&["vip", "policy", &vip_tcp(), "--allow", "10.10.1.0/33"]);
+    assert!(!bad.status.success());
+    // A per-client rate: a burst of 5, then one per minute.
+    a.ok(&[
+        "vip",
+        "policy",
+        &vip_tcp(),
+        "--rate-limit",
+        "1",
+        "--rate-burst",
+        "5",
+    ]);
+    let list = a.ok(&["config", "export"]);
+    assert!(
+        list.contains("burst = 5") && !list.contains("allow"),
+        "{list}"
+    );
+    // (The rate is per second: 5 at once, then about one a second.)
+    let ok = try_tcp(12);
+    assert!((5..=8).contains(&ok), "{ok} of 12 admitted");
+    assert!(vip_drops(&a, "drop_src_rate") >= 5);
+    // No limits: everything again.
+    a.ok(&["vip", "policy", &vip_tcp()]);
+    assert_eq!(try_tcp(20), 20);
+
+    // GUE through `apply`: the backends' decap takes it on port 6080 (the default). With GUE
+    // off on the backends the traffic stops (so it was GUE), and comes back with the port.
+    let mut exported = a.ok(&["config", "export"]);
+    exported = exported.replacen("[balancer]\n", "[balancer]\nencap = \"gue\"\n", 1);
+    let file = scratch.0.dir.join("gue.toml");
+    std::fs::write(&file, &exported).unwrap();
+    let out = a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.contains("balancer settings"), "{out}");
+    assert_eq!(try_tcp(20), 20, "TCP over GUE");
+    decap_gue_port(&t, &scratch, 0);
+    assert_eq!(try_tcp(3), 0, "the backends decapsulated without GUE");
+    decap_gue_port(&t, &scratch, lb_common::DEFAULT_GUE_PORT);
+    assert_eq!(try_tcp(20), 20);
+    let (useen, ufailed) = spread(&t, 100, true);
+    assert_eq!(ufailed, 0, "UDP over GUE: {useen:?}");
+}

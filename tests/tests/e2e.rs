@@ -239,3 +239,76 @@ fn real_ipv6_tcp_and_udp_6in6() {
     );
     assert_shares(&seen, &weights, "IPv6 UDP");
 }
+
+#[test]
+fn gue_encapsulation_end_to_end() {
+    use lb_userspace::balancer::Encap;
+    require_root();
+    let t = Topology::build("e2g", 3).expect("topology");
+    let mut bal = t.attach_balancer().expect("attach balancer");
+    let weights = [1, 1, 1];
+    for (addr, port, proto) in [
+        (std::net::IpAddr::from(VIP), TCP_PORT, "tcp"),
+        (VIP.into(), UDP_PORT, "udp"),
+        (VIP6.into(), TCP_PORT, "tcp"),
+    ] {
+        let mut spec = VipSpec::new(vip(addr, port, proto));
+        spec.backends = if addr.is_ipv4() {
+            specs(&weights)
+        } else {
+            (0..3)
+                .map(|i| BackendSpec::new(backend_addr6(i).into(), 1))
+                .collect()
+        };
+        bal.set_vip(spec).expect("set VIP");
+    }
+    // Connections opened over IP-in-IP keep working when the balancer switches to GUE: the
+    // backends' decap program takes both.
+    let mut before = t
+        .client
+        .run(|| Conns::open(30, vip_addr(TCP_PORT), TIMEOUT))
+        .unwrap()
+        .unwrap();
+    bal.set_encap(Encap::Gue, lb_common::DEFAULT_GUE_PORT)
+        .unwrap();
+    let s = bal.settings().unwrap();
+    assert_eq!(
+        (s.encap, s.gue_port),
+        (lb_common::ENCAP_GUE, lb_common::DEFAULT_GUE_PORT)
+    );
+    let broken = t.client.run(move || before.broken()).unwrap();
+    assert!(
+        broken.is_empty(),
+        "connections broke on the switch: {broken:?}"
+    );
+
+    // New TCP connections, UDP exchanges and IPv6 connections, all through GUE.
+    let (seen, failed) = spread(&t, 600, 3, || {
+        topology::tcp_request(vip_addr(TCP_PORT), TIMEOUT)
+    });
+    assert!(
+        failed.is_empty(),
+        "TCP over GUE failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert_shares(&seen, &weights, "TCP over GUE");
+    let (_, failed) = spread(&t, 300, 2, || {
+        topology::udp_request(vip_addr(UDP_PORT), TIMEOUT)
+    });
+    assert!(
+        failed.is_empty(),
+        "UDP over GUE failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    let (seen6, failed) = spread(&t, 200, 2, || {
+        topology::tcp_request(vip6_addr(TCP_PORT), TIMEOUT)
+    });
+    assert!(
+        failed.is_empty(),
+        "IPv6 over GUE failed: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(seen6.len(), 3, "IPv6 flows reach every backend: {seen6:?}");
+    // All of it encapsulated by the balancer (no kernel tunnel exists on the backends).
+    assert!(bal.global_stat(stat::TX_ENCAP).packets >= 600 * 4);
+}

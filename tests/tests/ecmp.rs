@@ -24,8 +24,11 @@ use maglb_tests::{
 const BIN: &str = env!("CARGO_BIN_EXE_maglb-cli");
 /// The graceful-leave wait the balancers use.
 const WITHDRAW_WAIT_MS: u32 = 1500;
-/// BFD 100 ms × 3: the router must have moved off a lost balancer within this.
-const CONVERGE: Duration = Duration::from_millis(300);
+/// BFD 100 ms × 3 declares a lost balancer down 300 ms after its last packet; BIRD then
+/// updates the kernel route. The router must have moved off a lost balancer within this:
+/// detection plus 200 ms for the route update on a shared, loaded test machine (the measured
+/// time is printed; it is 240-300 ms on a quiet one). A BGP hold time (seconds) would fail.
+const CONVERGE: Duration = Duration::from_millis(500);
 
 fn config() -> String {
     let mut c = format!(

@@ -32,6 +32,15 @@ fn syn4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     )
 }
 
+/// A TCP ACK: a packet of an established flow (a SYN would be chosen from the ring again).
+fn ack4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4(
+        V4::new(src, dst, TCP),
+        &[],
+        &tcp4(src, dst, sport, dport, ACK, &[]),
+    )
+}
+
 fn raw_port(p: u16) -> u32 {
     u16::from_ne_bytes(p.to_be_bytes()) as u32
 }
@@ -483,8 +492,9 @@ fn source_ip_affinity_keeps_a_client_on_one_backend() {
 fn established_flows_keep_their_backend_until_reset() {
     let mut lab = lab();
     let id = vip(VIP, 80, "tcp");
-    let old = to_lb(&syn4(CLIENT, VIP, 41000, 80), ETH_IP);
-    assert_eq!(lab.run(&old).1[30..34], B1.octets());
+    let syn = to_lb(&syn4(CLIENT, VIP, 41000, 80), ETH_IP);
+    assert_eq!(lab.run(&syn).1[30..34], B1.octets());
+    let old = to_lb(&ack4(CLIENT, VIP, 41000, 80), ETH_IP);
     lab.bal.set_backends(&id, drain_b1_add_b2()).unwrap();
     assert_eq!(
         lab.run(&old).1[30..34],
@@ -748,8 +758,9 @@ fn a_down_or_removed_backend_loses_its_flows() {
     use lb_userspace::state::BackendSpec;
     let mut lab = lab();
     let id = vip(VIP, 80, "tcp");
-    let f = to_lb(&syn4(CLIENT, VIP, 42000, 80), ETH_IP);
-    assert_eq!(lab.run(&f).1[30..34], B1.octets());
+    let syn = to_lb(&syn4(CLIENT, VIP, 42000, 80), ETH_IP);
+    assert_eq!(lab.run(&syn).1[30..34], B1.octets());
+    let f = to_lb(&ack4(CLIENT, VIP, 42000, 80), ETH_IP);
     // B1 goes down (health): out of the ring, and its established flow moves to B2.
     let mut b1 = BackendSpec::new(B1.into(), 1);
     b1.live = false;
@@ -765,8 +776,8 @@ fn a_down_or_removed_backend_loses_its_flows() {
     lab.bal.set_backends(&id, vec![b1, b2]).unwrap();
     assert_eq!(lab.run(&f).1[30..34], B2.octets(), "flow moved back");
     // A flow on a backend that leaves the VIP moves too.
-    let g = to_lb(&syn4(CLIENT, VIP, 42001, 80), ETH_IP);
-    let on = lab.run(&g).1[30..34].to_vec();
+    let on = lab.run(&to_lb(&syn4(CLIENT, VIP, 42001, 80), ETH_IP)).1[30..34].to_vec();
+    let g = to_lb(&ack4(CLIENT, VIP, 42001, 80), ETH_IP);
     let (stay, gone) = if on == B1.octets() {
         (b2, B1)
     } else {
@@ -1017,4 +1028,240 @@ fn icmp_errors_are_forwarded_only_when_sent_to_a_vip_with_the_quote_inside() {
     let f = to_lb(&ptb, ETH_IPV6);
     assert_frame(&lab.run(&f), PASS, &f, "error not to a VIP");
     assert_eq!(lab.bal.global_stat(stat::ICMP_ERROR_FWD).packets, 0);
+}
+
+/// The GUE source port the balancer derives from the inner flow (RSS entropy).
+fn gue_sport(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> u16 {
+    let (s, _) = lb_userspace::addr::to_words(src);
+    let (d, _) = lb_userspace::addr::to_words(dst);
+    let x = s[0] ^ s[3] ^ d[0] ^ (raw_port(sport) << 16 | raw_port(dport));
+    (x.wrapping_mul(0x9e37_79b1) >> 18) as u16 | 0xc000
+}
+
+/// A UDP header to `port` (checksum 0) followed by `inner`.
+fn gue(sport: u16, port: u16, inner: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + inner.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&port.to_be_bytes());
+    u.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(inner);
+    u
+}
+
+fn gue_lab(port: u16) -> Lab {
+    let mut lab = lab();
+    lab.bal
+        .set_encap(lb_userspace::balancer::Encap::Gue, port)
+        .unwrap();
+    lab
+}
+
+#[test]
+fn gue_encapsulation_exact_bytes() {
+    let mut lab = gue_lab(6080);
+    // IPv4 in GUE over IPv4.
+    let mut inner = syn4(CLIENT, VIP, 40000, 80);
+    inner[1] = 0x28;
+    let sport = gue_sport(CLIENT.into(), VIP.into(), 40000, 80);
+    assert!(sport >= 0xc000);
+    let outer = V4 {
+        src: SRC_V4,
+        dst: B1,
+        proto: UDP,
+        ttl: 64,
+        tos: 0x28,
+        id: 0,
+        frag: DF,
+    };
+    let expected = eth(
+        NH_MAC,
+        IF_MAC,
+        ETH_IP,
+        &ipv4(outer, &[], &gue(sport, 6080, &inner)),
+    );
+    let got = lab.run(&to_lb(&inner, ETH_IP));
+    assert_frame(&got, TX, &expected, "4 in GUE/IPv4");
+    assert!(packet::ipv4_header_ok(&got.1[14..]));
+
+    // IPv6 in GUE over IPv6, and IPv4 in GUE over IPv6 (with the flow label as before).
+    let inner6 = ipv6(
+        CLIENT6,
+        VIP6,
+        TCP,
+        0x10,
+        0,
+        &tcp6(CLIENT6, VIP6, 40000, 80, SYN, &[]),
+    );
+    let sport6 = gue_sport(CLIENT6.into(), VIP6.into(), 40000, 80);
+    let expected6 = eth(
+        NH_MAC,
+        IF_MAC,
+        ETH_IPV6,
+        &ipv6(
+            SRC_V6,
+            B6_1,
+            UDP,
+            0x10,
+            label(CLIENT6.into(), 40000, 80),
+            &gue(sport6, 6080, &inner6),
+        ),
+    );
+    assert_frame(
+        &lab.run(&to_lb(&inner6, ETH_IPV6)),
+        TX,
+        &expected6,
+        "6 in GUE/IPv6",
+    );
+    let inner4 = syn4(CLIENT, VIP_ANY, 40000, 22);
+    let expected46 = eth(
+        NH_MAC,
+        IF_MAC,
+        ETH_IPV6,
+        &ipv6(
+            SRC_V6,
+            B6_2,
+            UDP,
+            0,
+            label(CLIENT.into(), 40000, 22),
+            &gue(
+                gue_sport(CLIENT.into(), VIP_ANY.into(), 40000, 22),
+                6080,
+                &inner4,
+            ),
+        ),
+    );
+    assert_frame(
+        &lab.run(&to_lb(&inner4, ETH_IP)),
+        TX,
+        &expected46,
+        "4 in GUE/IPv6",
+    );
+
+    // Source ports differ between flows (that is their point) and stay per flow.
+    let ports: std::collections::BTreeSet<u16> = (0..64)
+        .map(|p| {
+            let out = lab.run(&to_lb(&syn4(CLIENT, VIP, 41000 + p, 80), ETH_IP)).1;
+            u16::from_be_bytes([out[34], out[35]])
+        })
+        .collect();
+    assert!(
+        ports.len() > 48,
+        "{} distinct GUE source ports",
+        ports.len()
+    );
+
+    // Back to IP-in-IP: the default bytes again.
+    lab.bal
+        .set_encap(lb_userspace::balancer::Encap::Ipip, 6080)
+        .unwrap();
+    assert_frame(
+        &lab.run(&to_lb(&inner, ETH_IP)),
+        TX,
+        &expect_4in4(&inner, B1),
+        "IP-in-IP again",
+    );
+}
+
+#[test]
+fn gue_too_big_accounts_for_the_udp_header() {
+    let mut lab = gue_lab(6080);
+    // 1473 + 20 + 8 = 1501 > MTU 1500: fragmentation needed, advertising 1472.
+    let payload = vec![0xab; 1473 - 40];
+    let inner = ipv4(
+        V4::new(CLIENT, VIP, TCP),
+        &[],
+        &tcp4(CLIENT, VIP, 40000, 80, ACK, &payload),
+    );
+    let got = lab.run(&to_lb(&inner, ETH_IP));
+    assert_eq!(got.0, TX);
+    assert_eq!(got.1[14 + 9], ICMP, "an ICMP answer");
+    assert_eq!(&got.1[14 + 20..14 + 22], &[3, 4]);
+    assert_eq!(u16::from_be_bytes([got.1[40], got.1[41]]), 1472);
+    // 1472 fits.
+    let fits = ipv4(
+        V4::new(CLIENT, VIP, TCP),
+        &[],
+        &tcp4(CLIENT, VIP, 40000, 80, ACK, &payload[1..]),
+    );
+    let got = lab.run(&to_lb(&fits, ETH_IP));
+    assert_eq!((got.0, got.1.len()), (TX, 14 + 28 + 1472));
+}
+
+#[test]
+fn gue_output_decapsulates_to_the_original_packet() {
+    for port in [6080, 7777] {
+        let mut lab = gue_lab(port);
+        let mut d = decap_lab();
+        d.add_addr(B6_2.into()).unwrap();
+        if port != lb_common::DEFAULT_GUE_PORT {
+            d.set_gue_port(Some(port)).unwrap();
+        }
+        for (inner, ethertype) in [
+            (syn4(CLIENT, VIP, 40000, 80), ETH_IP),
+            (
+                ipv6(
+                    CLIENT6,
+                    VIP6,
+                    TCP,
+                    0,
+                    0,
+                    &tcp6(CLIENT6, VIP6, 1, 80, SYN, &[]),
+                ),
+                ETH_IPV6,
+            ),
+            (syn4(CLIENT, VIP_ANY, 40000, 22), ETH_IP),
+        ] {
+            let (a, out) = lab.run(&to_lb(&inner, ethertype));
+            assert_eq!(a, TX);
+            let (a, back) = fixture::run(d.program(decap::PROGRAM).unwrap(), &out);
+            assert_eq!(a, PASS);
+            assert_eq!(
+                hex(&back),
+                hex(&eth(NH_MAC, IF_MAC, ethertype, &inner)),
+                "port {port}"
+            );
+        }
+    }
+}
+
+#[test]
+fn decap_leaves_other_udp_alone() {
+    let mut d = decap_lab();
+    let inner = syn4(CLIENT, VIP, 40000, 80);
+    let mac = [2, 0, 0, 0, 0, 0xaa];
+    let outer = |dst, port, payload: &[u8]| {
+        eth(
+            mac,
+            mac,
+            ETH_IP,
+            &ipv4(V4::new(SRC_V4, dst, UDP), &[], &gue(50000, port, payload)),
+        )
+    };
+    let untouched = [
+        // Ordinary UDP to this host on another port.
+        outer(B1, 53, &inner),
+        // GUE port, but not to one of our addresses.
+        outer(B2, 6080, &inner),
+        // GUE port, but what follows is no IP packet.
+        outer(B1, 6080, b"\x00hello, not an IP packet"),
+    ];
+    for f in &untouched {
+        assert_frame(
+            &fixture::run(d.program(decap::PROGRAM).unwrap(), f),
+            PASS,
+            f,
+            "untouched",
+        );
+    }
+    // GUE turned off: left alone too.
+    d.set_gue_port(None).unwrap();
+    let f = outer(B1, 6080, &inner);
+    assert_frame(
+        &fixture::run(d.program(decap::PROGRAM).unwrap(), &f),
+        PASS,
+        &f,
+        "off",
+    );
+    assert_eq!(d.decapsulated().packets, 0);
 }

@@ -3,8 +3,10 @@
 //! backends running maglb's decap program. One backend loses its VIPs from its loopback,
 //! another its decap program: probes over the tunnel take both down, with the reason, while
 //! direct probes call them up; client traffic then reaches only the third. TCP, HTTP, HTTPS
-//! (an `openssl s_server` on each backend), UDP and an IPv6 VIP, all over the tunnel.
-//! Everything is driven with `maglb` commands.
+//! (an `openssl s_server` on each backend), UDP and an IPv6 VIP, all over the tunnel. With
+//! `encap = "gue"` the probes travel in GUE like client packets: a backend whose decap takes
+//! IP-in-IP only fails them until the balancer goes back to IP-in-IP. Everything is driven
+//! with `maglb` commands.
 
 use std::{
     collections::BTreeMap,
@@ -444,5 +446,95 @@ fn tunnel_probes_find_a_missing_vip_and_a_missing_decap_that_direct_probes_miss(
         s.via_reason.as_deref(),
         Some("the balancer is not attached")
     );
+    drop(a);
+}
+
+/// Sets `[balancer] encap` with `maglb apply` of the exported state.
+fn set_encap(a: &Agent, scratch: &Scratch, encap: &str) {
+    let exported = a.ok(&["config", "export"]);
+    let mut text = String::new();
+    for line in exported.lines().filter(|l| !l.starts_with("encap =")) {
+        text.push_str(line);
+        text.push('\n');
+        if line == "[balancer]" {
+            text.push_str(&format!("encap = \"{encap}\"\n"));
+        }
+    }
+    let file = scratch.0.dir.join("encap.toml");
+    std::fs::create_dir_all(&scratch.0.dir).unwrap();
+    std::fs::write(&file, text).unwrap();
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let exported = a.ok(&["config", "export"]);
+    assert_eq!(
+        exported.contains("encap = \"gue\""),
+        encap == "gue",
+        "{exported}"
+    );
+}
+
+#[test]
+fn tunnel_probes_are_encapsulated_like_client_traffic_in_gue_too() {
+    let scratch = Scratch::new("tug");
+    let (t, a) = operated_topology(Path::new(BIN), "tug", &scratch, 3);
+    let (v4, v6) = (tcp_vip(), tcp6_vip());
+    a.ok(&["vip", "add", &v4]);
+    a.ok(&["vip", "add", &v6]);
+    for i in 0..3 {
+        a.ok(&["backend", "add", &v4, &backend_addr(i).to_string()]);
+        a.ok(&["backend", "add", &v6, &backend_addr6(i).to_string()]);
+    }
+    a.wait_ready();
+    let limit = Duration::from_secs(10);
+
+    // GUE: the backends' decap programs take it (UDP port 6080), so every probe passes.
+    set_encap(&a, &scratch, "gue");
+    check(&a, &v4, "tcp", &[]);
+    check(&a, &v6, "tcp", &[]);
+    for v in [&v4, &v6] {
+        settle(&a, v, "tunnel", [true; 3], limit);
+    }
+    let encap0 = encapsulated(&t);
+    assert!(encap0 > 0.0, "the probe classifier encapsulated nothing");
+
+    // b1's decap takes IP-in-IP only now: GUE probes fail there, as GUE client packets do.
+    // (Were probes sent in IP-in-IP, b1 would stay up and take flows it cannot decapsulate.)
+    let pins = scratch.0.decap_pins.join("b1");
+    let out = t.backends[1]
+        .command(BIN)
+        .unwrap()
+        .args(["decap", "attach", "--iface", "e0"])
+        .args(["--gue-port", "0", "--pin-dir"])
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for v in [&v4, &v6] {
+        settle(&a, v, "tunnel", [true, false, true], limit);
+    }
+    let p = probes(&a);
+    let s = &p[&(v4.clone(), backend_addr(1).into())];
+    assert!(s.last.contains("over the tunnel"), "{s:?}");
+    for to in [vip_addr(TCP_PORT), vip6_addr(TCP_PORT)] {
+        let seen = spread(&t, to, 30, false);
+        println!("{to} over GUE, b1 without GUE: {seen:?}");
+        assert!(
+            !seen.contains_key("-") && !seen.contains_key("b1"),
+            "{to}: {seen:?}"
+        );
+    }
+    assert!(encapsulated(&t) > encap0, "no probes encapsulated since");
+
+    // Back to IP-in-IP: b1 passes its probes again and takes flows.
+    set_encap(&a, &scratch, "ipip");
+    for v in [&v4, &v6] {
+        settle(&a, v, "tunnel", [true; 3], limit);
+    }
+    let seen = spread(&t, vip_addr(TCP_PORT), 30, false);
+    println!("IP-in-IP again: {seen:?}");
+    assert!(!seen.contains_key("-") && seen.len() == 3, "{seen:?}");
     drop(a);
 }

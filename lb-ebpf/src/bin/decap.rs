@@ -1,9 +1,10 @@
 //! maglb's backend-side programs.
 //!
 //! `maglb_decap` strips the outer header of IPv4-in-IPv4, IPv6-in-IPv6 and IPv4-in-IPv6
-//! packets addressed to this host and passes the inner packet (client -> VIP, the VIP bound on
+//! packets addressed to this host, and the outer IP and UDP headers of GUE (variant 1, direct
+//! IP) packets to the GUE port, and passes the inner packet (client -> VIP, the VIP bound on
 //! loopback) up the stack. Everything else passes untouched. It does what the kernel's ipip /
-//! ip6_tunnel devices would, for hosts that lack them or want it cheaper.
+//! ip6_tunnel / fou devices would, for hosts that lack them or want it cheaper.
 //!
 //! `maglb_pass` passes everything: the empty program benchmarks subtract, and the program a
 //! veth peer needs so that frames sent to it with XDP_TX arrive.
@@ -18,24 +19,30 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    AddrKey, Counter, FAMILY_V4, FAMILY_V6, MAX_DECAP_ADDRS, PROTO_IPIP, PROTO_IPV6, stat,
+    AddrKey, Counter, DECAP_GUE_OFF, DECAP_STATS_ENTRIES, DEFAULT_GUE_PORT, FAMILY_V4, FAMILY_V6,
+    MAX_DECAP_ADDRS, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, stat,
 };
 use lb_ebpf::parse::{
     ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_MF, IP_OFFMASK, IPV6_HLEN, Ipv4Hdr,
-    Ipv6Hdr, VlanHdr, ptr_at,
+    Ipv6Hdr, UdpHdr, VlanHdr, ptr_at,
 };
 
 /// Outer destination addresses this host decapsulates for (`proto` 0). Written by user space.
 #[map]
 static DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
 
+/// Slot 0: the UDP port of GUE packets to decapsulate: 0 for `DEFAULT_GUE_PORT`, a port, or
+/// `DECAP_GUE_OFF`. Written by user space.
+#[map]
+static DECAP_GUE: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Per-CPU counters, indexed by `stat::DECAP_OK` / `stat::DECAP_PASS`. Written here.
 #[map]
-static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DECAP_STATS_ENTRIES, 0);
 
 #[xdp]
 pub fn maglb_decap(ctx: XdpContext) -> u32 {
@@ -65,7 +72,31 @@ fn ours(addr: [u32; 4], family: u8) -> bool {
         proto: 0,
         _pad: [0; 2],
     };
-    unsafe { DECAP_ADDRS.get(&key) }.is_some()
+    unsafe { DECAP_ADDRS.get(key) }.is_some()
+}
+
+/// The UDP header of GUE: 8 bytes, then the inner IP packet (variant 1).
+const GUE_HLEN: usize = 8;
+
+/// For a UDP header at `off` to the GUE port followed by an IP packet: the inner packet's
+/// ethertype (from its version nibble).
+#[inline(always)]
+fn gue(ctx: &XdpContext, off: usize) -> Option<u16> {
+    let port = match DECAP_GUE.get(0).copied().unwrap_or(0) {
+        0 => DEFAULT_GUE_PORT,
+        DECAP_GUE_OFF => return None,
+        p => p as u16,
+    };
+    let udp = unsafe { *ptr_at::<UdpHdr>(ctx, off)? };
+    if u16::from_be(udp.dst) != port {
+        return None;
+    }
+    let version = unsafe { *ptr_at::<u8>(ctx, off + GUE_HLEN)? } >> 4;
+    match version {
+        4 => Some(ETH_P_IP),
+        6 => Some(ETH_P_IPV6),
+        _ => None,
+    }
 }
 
 /// Returns `None` (pass untouched) for anything that is not an encapsulated packet for us.
@@ -104,17 +135,25 @@ fn decap(ctx: &XdpContext) -> Option<u32> {
         }
         _ => return None,
     };
-    let inner_type = match inner {
-        PROTO_IPIP => ETH_P_IP,
-        PROTO_IPV6 => ETH_P_IPV6,
+    let (inner_type, strip) = match inner {
+        PROTO_IPIP => (ETH_P_IP, outer_len),
+        PROTO_IPV6 => (ETH_P_IPV6, outer_len),
+        PROTO_UDP => match gue(ctx, l3 + outer_len) {
+            Some(t) => (t, outer_len + GUE_HLEN),
+            // Ordinary UDP to this host.
+            None => {
+                count(stat::DECAP_PASS, 0);
+                return None;
+            }
+        },
         _ => {
             count(stat::DECAP_PASS, 0);
             return None;
         }
     };
     // The inner header must be there before anything is moved.
-    ptr_at::<[u8; 20]>(ctx, l3 + outer_len)?;
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
+    ptr_at::<[u8; 20]>(ctx, l3 + strip)?;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
         return None;
     }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;

@@ -32,7 +32,7 @@ use crate::{
     api::server::{self, Api},
     bgp::announcer::{BgpHandle, Op as BgpOp},
     bpffs,
-    datapath::Datapath,
+    datapath::{Datapath, LoadOptions},
     health,
     metrics::{self, ProbeMetrics, WriterMetrics},
     state::State,
@@ -80,7 +80,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         None
     };
-    let dp = Datapath::load_pinned(&opts.bpffs)?;
+    let load = LoadOptions {
+        conntrack_entries: saved
+            .state
+            .balancer
+            .conntrack_entries
+            .unwrap_or(lb_common::DEFAULT_CONNTRACK_ENTRIES),
+    };
+    let dp = Datapath::load_pinned(&opts.bpffs, &load)?;
     let counters = dp.counters();
     let writer_metrics = WriterMetrics::default();
     let probe_metrics = ProbeMetrics::default();

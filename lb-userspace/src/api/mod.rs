@@ -10,7 +10,9 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Affinity, AttachMode, BackendState, HealthCheck, ProbeKind, ProbeVia, VipId};
+use crate::state::{
+    Affinity, AttachMode, BackendState, HealthCheck, Prefix, ProbeKind, ProbeVia, RateLimit, VipId,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/maglb/maglb.sock";
 /// The read-only socket next to an API socket (`maglb.sock` -> `maglb-read.sock`): status,
@@ -98,6 +100,21 @@ pub struct SwitchRequest {
     pub percent: Option<u32>,
 }
 
+/// A VIP's limits on new flows, replacing the ones it had (absent fields: none).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRequest {
+    pub address: VipId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_cap: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Prefix>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Prefix>,
+}
+
 /// What the probes of one backend found.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HealthView {
@@ -181,6 +198,10 @@ pub struct VipView {
     pub new_flows: u64,
     #[serde(flatten)]
     pub counters: CounterView,
+    /// Packets of the VIP not forwarded, by reason (`drop_no_backend`, `drop_src_rate`, ...;
+    /// only reasons that counted any).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drops: BTreeMap<String, u64>,
     pub backends: Vec<BackendView>,
 }
 
@@ -189,6 +210,9 @@ pub struct Stats {
     pub vips: Vec<VipView>,
     /// Global counters by reason (`conntrack_hit`, `drop_no_backend`, ...).
     pub global: BTreeMap<String, CounterView>,
+    /// What the flood mode did.
+    #[serde(default)]
+    pub flood: crate::datapath::FloodStats,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -213,6 +237,11 @@ pub struct Status {
     /// Why probes cannot go over the tunnel now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_tunnel_unavailable: Option<String>,
+    /// Connection-table size, and each CPU's share of it.
+    #[serde(default)]
+    pub conntrack_entries: u32,
+    #[serde(default)]
+    pub conntrack_per_cpu: u32,
     pub state_file: String,
     pub bpffs: String,
 }

@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    AttachRequest, BackendRequest, Changes, ConfigText, ErrorBody, HealthRequest,
+    AttachRequest, BackendRequest, Changes, ConfigText, ErrorBody, HealthRequest, PolicyRequest,
     REQUEST_ID_HEADER, RequestStatus, SwitchRequest, Verification, VipRef, VipRequest,
     VipSetRequest,
 };
@@ -150,6 +150,7 @@ pub fn admin(api: Shared) -> Router {
         .route("/v1/vips", post(vip_add).delete(vip_del))
         .route("/v1/vips/switch", post(switch))
         .route("/v1/vips/set", post(vip_set))
+        .route("/v1/vips/policy", post(policy))
         .route("/v1/backends", post(backend_add).delete(backend_del))
         .route("/v1/backends/weight", post(backend_weight))
         .route("/v1/backends/{action}", post(backend_state))
@@ -391,6 +392,18 @@ async fn vip_set(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Chan
 async fn vip_del(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Changes> {
     let r: VipRef = body(&b)?;
     write(&a, &h, Change::DelVip(r.address)).await
+}
+
+async fn policy(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Changes> {
+    let r: PolicyRequest = body(&b)?;
+    let change = Change::SetPolicy {
+        vip: r.address,
+        rate_limit: r.rate_limit,
+        new_flow_cap: r.new_flow_cap,
+        allow: r.allow,
+        deny: r.deny,
+    };
+    write(&a, &h, change).await
 }
 
 async fn switch(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Changes> {

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     api,
     datapath::decap,
-    state::{AttachMode, HealthCheck, ProbeKind, ProbeVia, VipId},
+    state::{AttachMode, HealthCheck, Prefix, ProbeKind, ProbeVia, VipId},
 };
 
 #[derive(Parser)]
@@ -251,6 +251,35 @@ pub enum VipCmd {
         #[command(flatten)]
         check: HealthArgs,
     },
+    /// Limit who starts new flows to the VIP, and how fast (replaces the VIP's limits;
+    /// without options, removes them). Established flows are never limited.
+    #[command(
+        after_help = "Examples:\n  maglb vip policy 10.200.0.1:80/tcp --rate-limit 100 --rate-burst 200\n  \
+        maglb vip policy 10.200.0.1:80/tcp --cap 50000 --allow 10.0.0.0/8 --deny 10.9.0.0/16\n  \
+        maglb vip policy 10.200.0.1:80/tcp        # no limits"
+    )]
+    Policy {
+        vip: VipId,
+        /// New flows per second from one source /32 (IPv4) or /64 (IPv6).
+        #[arg(long)]
+        rate_limit: Option<u32>,
+        /// Flows one source may start at once [default: the rate].
+        #[arg(long, requires = "rate_limit")]
+        rate_burst: Option<u32>,
+        /// New flows per second to the VIP from all sources together.
+        #[arg(long)]
+        cap: Option<u32>,
+        /// Flows the VIP admits at once [default: the cap].
+        #[arg(long, requires = "cap")]
+        cap_burst: Option<u32>,
+        /// Only sources in these prefixes start flows (repeatable).
+        #[arg(long)]
+        allow: Vec<Prefix>,
+        /// Sources in these prefixes never start flows; the longest matching prefix decides
+        /// (repeatable).
+        #[arg(long)]
+        deny: Vec<Prefix>,
+    },
     /// List VIPs.
     List {
         #[arg(long, value_enum, default_value = "table")]
@@ -453,12 +482,18 @@ pub enum ConfigCmd {
 #[derive(Subcommand)]
 pub enum DecapCmd {
     /// Load and attach the decap program; it stays attached after this command exits.
-    #[command(after_help = "Example:\n  maglb decap attach --iface eth0")]
+    #[command(
+        after_help = "Example:\n  maglb decap attach --iface eth0\n  maglb decap attach --iface eth0 --gue-port 7000"
+    )]
     Attach {
         #[arg(long)]
         iface: String,
         #[arg(long, value_enum, default_value = "native")]
         mode: ModeArg,
+        /// UDP port of GUE packets to decapsulate: the balancer's `gue_port` when it runs
+        /// with `encap = "gue"`. 0: IP-in-IP only.
+        #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+        gue_port: u16,
         #[arg(long, default_value = decap::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },

@@ -24,7 +24,7 @@ use crate::{
         client::{self, ClientError},
     },
     datapath::decap,
-    state::{Affinity, AttachMode, ProbeKind, State},
+    state::{Affinity, AttachMode, ProbeKind, RateLimit, State},
 };
 
 /// The socket for reads: the API socket, or the read-only one when the API socket is not
@@ -249,6 +249,30 @@ fn vip(sock: &Path, read: &Path, cmd: VipCmd, out: &mut impl Write) -> Result<()
             };
             output::changes(out, &send(sock, "POST", "/v1/health", &req)?)?;
         }
+        VipCmd::Policy {
+            vip,
+            rate_limit,
+            rate_burst,
+            cap,
+            cap_burst,
+            allow,
+            deny,
+        } => {
+            let rate = |r: Option<u32>, b: Option<u32>| {
+                r.map(|r| RateLimit {
+                    new_flows_per_s: r,
+                    burst: b.unwrap_or(r),
+                })
+            };
+            let req = api::PolicyRequest {
+                address: vip,
+                rate_limit: rate(rate_limit, rate_burst),
+                new_flow_cap: rate(cap, cap_burst),
+                allow,
+                deny,
+            };
+            output::changes(out, &send(sock, "POST", "/v1/vips/policy", &req)?)?;
+        }
         VipCmd::Del { vip } => output::changes(
             out,
             &send(sock, "DELETE", "/v1/vips", &api::VipRef { address: vip })?,
@@ -385,12 +409,18 @@ fn decap_cmd(cmd: DecapCmd, out: &mut impl Write) -> Result<(), Error> {
         DecapCmd::Attach {
             iface,
             mode,
+            gue_port,
             pin_dir,
         } => {
-            let addrs = decap::attach_pinned(&pin_dir, &iface, AttachMode::from(mode).to_mode())?;
+            let mode = AttachMode::from(mode).to_mode();
+            let addrs = decap::attach_pinned(&pin_dir, &iface, mode, gue_port)?;
+            let gue = match gue_port {
+                0 => String::new(),
+                p => format!(" and GUE on UDP port {p}"),
+            };
             writeln!(
                 out,
-                "decap attached to {iface}; decapsulating packets to {} local addresses",
+                "decap attached to {iface}; decapsulating IP-in-IP{gue} to {} local addresses",
                 addrs.len()
             )?;
         }

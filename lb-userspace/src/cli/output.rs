@@ -123,6 +123,9 @@ pub fn stats(out: &mut impl Write, s: &Stats) -> io::Result<()> {
             v.counters.packets,
             v.counters.bytes
         )?;
+        for (reason, n) in &v.drops {
+            writeln!(out, "{:<28} {:<40} {:>12}", "", reason, n)?;
+        }
         for b in &v.backends {
             let name = format!("{} ({}, w{})", b.address, b.state, b.weight);
             writeln!(
@@ -136,6 +139,12 @@ pub fn stats(out: &mut impl Write, s: &Stats) -> io::Result<()> {
     for (name, c) in &s.global {
         writeln!(out, "{name:<28} {:>12} {:>14}", c.packets, c.bytes)?;
     }
+    writeln!(
+        out,
+        "{:<28} {:>12}",
+        "flood_not_inserted", s.flood.not_inserted
+    )?;
+    writeln!(out, "{:<28} {:>12}", "flood_windows", s.flood.flood_windows)?;
     Ok(())
 }
 
@@ -185,6 +194,11 @@ pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
     }
     writeln!(out, "vips         {}", s.vips)?;
     writeln!(out, "backends     {}", s.backends)?;
+    writeln!(
+        out,
+        "conntrack    {} flows ({} per CPU)",
+        s.conntrack_entries, s.conntrack_per_cpu
+    )?;
     writeln!(out, "state file   {}", s.state_file)?;
     writeln!(out, "bpffs        {}", s.bpffs)
 }

@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{Xdp, links::PinnedLink},
 };
 use lb_common::{AddrKey, Counter, stat};
@@ -54,6 +54,7 @@ impl Decap {
                 vec![
                     ("DECAP_ADDRS", d.join("addrs")),
                     ("DECAP_STATS", d.join("stats")),
+                    ("DECAP_GUE", d.join("gue")),
                 ]
             })
             .unwrap_or_default();
@@ -113,6 +114,27 @@ impl Decap {
             self.add_addr(*a)?;
         }
         Ok(())
+    }
+
+    /// The UDP port on which GUE packets are decapsulated: `Some(port)`, or `None` (or port
+    /// 0) to leave GUE alone. Never set: [`lb_common::DEFAULT_GUE_PORT`], the balancer's
+    /// default.
+    pub fn set_gue_port(&mut self, port: Option<u16>) -> Result<(), DatapathError> {
+        let err = |source| DatapathError::Map {
+            map: "DECAP_GUE",
+            source,
+        };
+        let mut map: Array<&mut MapData, u32> = self
+            .ebpf
+            .map_mut("DECAP_GUE")
+            .ok_or(DatapathError::Missing("map DECAP_GUE"))?
+            .try_into()
+            .map_err(err)?;
+        let value = match port {
+            Some(0) | None => lb_common::DECAP_GUE_OFF,
+            Some(p) => u32::from(p),
+        };
+        map.set(0, value, 0).map_err(err)
     }
 
     fn addrs(&mut self) -> Result<HashMap<&mut MapData, AddrKey, u32>, DatapathError> {
@@ -195,9 +217,15 @@ fn local_addresses(iface: &str) -> Result<Vec<IpAddr>, DecapError> {
 }
 
 /// `maglb decap attach`: attaches the decap program to `iface` and pins it, so it stays
-/// after the command exits; it decapsulates packets to any address of this host. Run again
-/// to refresh the addresses.
-pub fn attach_pinned(pin_dir: &Path, iface: &str, mode: Mode) -> Result<Vec<IpAddr>, DecapError> {
+/// after the command exits; it decapsulates IP-in-IP packets to any address of this host,
+/// and GUE packets to UDP port `gue_port` (0: none). Run again to refresh the addresses or
+/// change the port.
+pub fn attach_pinned(
+    pin_dir: &Path,
+    iface: &str,
+    mode: Mode,
+    gue_port: u16,
+) -> Result<Vec<IpAddr>, DecapError> {
     check_ifname(iface).map_err(DecapError::BadInterface)?;
     let addrs = local_addresses(iface)?;
     crate::bpffs::ensure(pin_dir)?;
@@ -211,6 +239,7 @@ pub fn attach_pinned(pin_dir: &Path, iface: &str, mode: Mode) -> Result<Vec<IpAd
         pin_link(prog, id, &link_path)?;
     }
     d.set_addrs(&addrs)?;
+    d.set_gue_port(Some(gue_port))?;
     Ok(addrs)
 }
 
@@ -227,7 +256,7 @@ pub fn detach_pinned(pin_dir: &Path, iface: &str) -> Result<(), DecapError> {
     }
     let pinned = PinnedLink::from_pin(&link).map_err(|e| pin_err(&dir)(&e))?;
     pinned.unpin().map_err(|e| pin_err(&dir)(&e))?;
-    for f in ["addrs", "stats"] {
+    for f in ["addrs", "stats", "gue"] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     let _ = std::fs::remove_dir(&dir);

@@ -9,6 +9,7 @@ mod counters;
 pub mod decap;
 mod link;
 mod observe;
+mod policy;
 pub mod probe_encap;
 mod rings;
 
@@ -19,15 +20,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, xdp::XdpLinkId},
 };
-use lb_common::{AddrKey, Backend, Config, ConnEntry, Counter, FlowKey, VipKey, VipMeta};
+use lb_common::{
+    AddrKey, Backend, BackendCounter, Config, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
+    FlowKey, SETTINGS_VERSION, Settings, VipKey, VipMeta, vip_stat,
+};
 use tracing::{info, warn};
 
 use self::rings::Rings;
 pub use self::{
-    counters::Counters,
+    counters::{Counters, FloodStats, Owners, Reading},
     link::{Mode, attach_xdp, pin_link},
     observe::observe_pinned,
 };
@@ -93,17 +97,24 @@ fn pin_error(dir: &Path, e: impl std::fmt::Display) -> DatapathError {
 pub const PROGRAM: &str = "maglb_balancer";
 
 /// The maps, by the names the object gives them.
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 18] = [
     "VIPS",
     "VIP_ADDRS",
     "RINGS",
     "BACKENDS",
     "CONNTRACK",
     "CONFIG",
-    "VIP_STATS",
+    "SETTINGS",
+    "VIP_POLICY",
+    "PREFIXES_V4",
+    "PREFIXES_V6",
+    "SRC_LIMIT",
+    "VIP_CAP",
+    "FLOOD",
+    "CLOCK",
     "BACKEND_STATS",
+    "VIP_DROPS",
     "GLOBAL_STATS",
-    "VIP_NEW_FLOWS",
     "VIP_FILTER",
 ];
 
@@ -111,8 +122,39 @@ pub const MAPS: [&str; 11] = [
 /// directory, so a maglb with other maps never reads them as its own. Bump it whenever a
 /// map's key, value or size changes. A newer agent that finds an older layout pinned migrates
 /// it (see [`Datapath::load_pinned`]).
-pub const LAYOUT: &str = "maps-v3";
+pub const LAYOUT: &str = "maps-v4";
 const LINK_FILE: &str = "link";
+
+/// Load-time options: fixed for the life of the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Size of the connection table in flows (`conntrack_entries`). The kernel rounds it up
+    /// to a multiple of the CPUs; each CPU inserts into its own share. About
+    /// [`lb_common::CONNTRACK_BYTES_PER_ENTRY`] bytes of kernel memory each.
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+        }
+    }
+}
+
+/// The size of the connection table pinned under `dir` when it differs from what `opts` asks
+/// for (the kernel rounds per-CPU LRU sizes to a multiple of the CPUs).
+fn pinned_conntrack_size(dir: &Path, opts: &LoadOptions) -> Result<Option<u32>, DatapathError> {
+    let path = dir.join("CONNTRACK");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let map = MapData::from_pin(&path).map_err(map_err("CONNTRACK"))?;
+    let pinned = map.info().map_err(map_err("CONNTRACK"))?.max_entries();
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+    let wanted = opts.conntrack_entries.div_ceil(cpus) * cpus;
+    Ok((pinned != wanted).then_some(pinned))
+}
 
 /// The maps user space writes and reads.
 struct Maps {
@@ -121,9 +163,10 @@ struct Maps {
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     config: Array<MapData, Config>,
-    vip_stats: PerCpuArray<MapData, Counter>,
-    backend_stats: PerCpuArray<MapData, Counter>,
-    vip_new_flows: PerCpuArray<MapData, u64>,
+    settings: Array<MapData, Settings>,
+    policy: policy::PolicyMaps,
+    backend_stats: PerCpuArray<MapData, BackendCounter>,
+    vip_drops: PerCpuArray<MapData, Counter>,
     vip_filter: Array<MapData, u64>,
     /// What `vip_filter` holds (read back when the maps are adopted).
     filter: Vec<u64>,
@@ -145,8 +188,14 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the balancer program with fresh, unpinned maps (nothing is attached yet).
-    pub fn load() -> Result<Self, DatapathError> {
-        Self::open(None)
+    pub fn load(opts: &LoadOptions) -> Result<Self, DatapathError> {
+        Self::open(None, opts)
+    }
+
+    /// Whether an attached datapath is pinned under `bpffs` (it forwards before any agent
+    /// loads it).
+    pub fn pinned_and_attached(bpffs: &Path) -> bool {
+        bpffs.join(LAYOUT).join(LINK_FILE).exists()
     }
 
     /// Loads the balancer program with its maps pinned under `bpffs/LAYOUT`: maps already
@@ -158,19 +207,24 @@ impl Datapath {
     /// caller writes the state into them and then calls [`Datapath::finish_migration`], which
     /// moves the old link to this program in one atomic replace. Connection-table entries and
     /// counters do not carry over; established flows keep their backend through the Maglev
-    /// table as long as the backend set is unchanged.
-    /// Whether an attached datapath is pinned under `bpffs` (it forwards before any agent
-    /// loads it).
-    pub fn pinned_and_attached(bpffs: &Path) -> bool {
-        bpffs.join(LAYOUT).join(LINK_FILE).exists()
-    }
-
-    pub fn load_pinned(bpffs: &Path) -> Result<Self, DatapathError> {
+    /// table as long as the backend set is unchanged. A connection table pinned with another
+    /// size than `opts` asks for is moved the same way: its maps become an older layout.
+    /// Older layouts without a link are removed.
+    pub fn load_pinned(bpffs: &Path, opts: &LoadOptions) -> Result<Self, DatapathError> {
         std::fs::create_dir_all(bpffs).map_err(|e| pin_error(bpffs, e))?;
-        let older = link::older_layouts(bpffs, LAYOUT).map_err(|e| pin_error(bpffs, e))?;
         let dir = bpffs.join(LAYOUT);
+        if let Some(pinned) = pinned_conntrack_size(&dir, opts)? {
+            let aside = bpffs.join(format!("{LAYOUT}-conntrack-{pinned}"));
+            info!(
+                pinned,
+                wanted = opts.conntrack_entries,
+                "the connection table changes size; moving to new maps"
+            );
+            std::fs::rename(&dir, &aside).map_err(|e| pin_error(&dir, e))?;
+        }
+        let older = link::older_layouts(bpffs, LAYOUT).map_err(|e| pin_error(bpffs, e))?;
         std::fs::create_dir_all(&dir).map_err(|e| pin_error(&dir, e))?;
-        let mut dp = Self::open(Some(&dir))?;
+        let mut dp = Self::open(Some(&dir), opts)?;
         let link = dir.join(LINK_FILE);
         if link.exists() {
             match link::adopt(dp.program(), &link) {
@@ -181,15 +235,26 @@ impl Datapath {
                     link::unpin(&link).map_err(|e| pin_error(&dir, e))?;
                 }
             }
-        } else if let Some(old) = older.into_iter().find(|d| d.join(LINK_FILE).exists()) {
+        } else if let Some(old) = older.iter().find(|d| d.join(LINK_FILE).exists()) {
             info!(from = %old.display(), to = %dir.display(), "an older map layout is pinned; migrating");
-            dp.migrating_from = Some(old);
+            dp.migrating_from = Some(old.clone());
+        }
+        // Older layouts that no link uses forward nothing: their maps only hold memory.
+        for old in older
+            .iter()
+            .filter(|d| Some(*d) != dp.migrating_from.as_ref())
+        {
+            if !old.join(LINK_FILE).exists() {
+                info!(dir = %old.display(), "removing an older map layout that nothing uses");
+                std::fs::remove_dir_all(old).map_err(|e| pin_error(old, e))?;
+            }
         }
         Ok(dp)
     }
 
-    fn open(pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+    fn open(pin_dir: Option<&Path>, opts: &LoadOptions) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries("CONNTRACK", opts.conntrack_entries);
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -236,19 +301,32 @@ impl Datapath {
             backends: take!("BACKENDS"),
             conntrack: take!("CONNTRACK"),
             config: take!("CONFIG"),
-            vip_stats: take!("VIP_STATS"),
+            settings: take!("SETTINGS"),
+            policy: policy::PolicyMaps {
+                vip_policy: take!("VIP_POLICY"),
+                prefixes_v4: take!("PREFIXES_V4"),
+                prefixes_v6: take!("PREFIXES_V6"),
+            },
             backend_stats: take!("BACKEND_STATS"),
-            vip_new_flows: take!("VIP_NEW_FLOWS"),
+            vip_drops: take!("VIP_DROPS"),
             vip_filter: take!("VIP_FILTER"),
             filter: Vec::new(),
         };
+        let flood = ebpf
+            .map("FLOOD")
+            .ok_or(DatapathError::Missing("map FLOOD"))?;
+        let flood = match flood {
+            aya::maps::Map::PerCpuArray(m) => m,
+            _ => return Err(DatapathError::Missing("map FLOOD (a per-CPU array)")),
+        };
         let counters = Counters::new(
-            &maps.vip_stats,
             &maps.backend_stats,
+            &maps.vip_drops,
             &global_stats,
-            &maps.vip_new_flows,
+            flood,
+            &maps.settings,
         )?;
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             link: None,
             pin_dir: pin_dir.map(Path::to_owned),
@@ -256,7 +334,41 @@ impl Datapath {
             rings: Rings::new(outer, outer_id),
             migrating_from: None,
             counters,
-        })
+        };
+        if dp.settings()?.version == 0 {
+            dp.set_settings(&Settings::default())?;
+        }
+        Ok(dp)
+    }
+
+    /// The runtime settings as the map holds them.
+    pub fn settings(&self) -> Result<Settings, DatapathError> {
+        self.maps.settings.get(&0, 0).map_err(map_err("SETTINGS"))
+    }
+
+    /// Writes the runtime settings (they take effect with the next packet).
+    pub fn set_settings(&mut self, s: &Settings) -> Result<(), DatapathError> {
+        let s = Settings {
+            version: SETTINGS_VERSION,
+            ..*s
+        };
+        self.maps.settings.set(0, s, 0).map_err(map_err("SETTINGS"))
+    }
+
+    /// The connection table's size as the kernel made it, and how many flows one CPU can add
+    /// before its inserts evict (each CPU has its own share: `BPF_F_NO_COMMON_LRU`).
+    pub fn conntrack_capacity(&self) -> (u32, u32) {
+        const NO_COMMON_LRU: u32 = 1 << 1;
+        let Ok(info) = self.maps.conntrack.map().info() else {
+            return (0, 0);
+        };
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        let per_cpu = if info.map_flags() & NO_COMMON_LRU != 0 {
+            info.max_entries() / cpus
+        } else {
+            info.max_entries()
+        };
+        (info.max_entries(), per_cpu)
     }
 
     /// A handle on the counters for readers (its own file descriptors).
@@ -377,10 +489,13 @@ impl Datapath {
         let m = &mut self.maps;
         match op {
             Op::ZeroVipCounters(i) => {
-                counters::zero(&mut m.vip_stats, i, "VIP_STATS")?;
-                counters::zero(&mut m.vip_new_flows, i, "VIP_NEW_FLOWS")
+                for r in 0..vip_stat::STRIDE {
+                    counters::zero(&mut m.vip_drops, i * vip_stat::STRIDE + r, "VIP_DROPS")?;
+                }
+                Ok(())
             }
             Op::ZeroSlotCounters(i) => counters::zero(&mut m.backend_stats, i, "BACKEND_STATS"),
+            Op::SetPolicy { index, policy } => m.policy.set(index, &policy),
             Op::SetBackend { slot, backend } => m
                 .backends
                 .set(slot, backend, 0)
@@ -416,6 +531,25 @@ impl Datapath {
     /// A connection-table entry, if any.
     pub fn conntrack(&self, flow: &FlowKey) -> Option<ConnEntry> {
         self.maps.conntrack.get(flow, 0).ok()
+    }
+
+    /// Kernel memory of the connection table in bytes (its `memlock` in fdinfo), if known.
+    pub fn conntrack_memory(&self) -> Option<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.maps.conntrack.map().fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// VIP index `index`'s policy entry as the map holds it.
+    pub fn vip_policy(&self, index: u32) -> Result<lb_common::VipPolicy, DatapathError> {
+        self.maps
+            .policy
+            .vip_policy
+            .get(&index, 0)
+            .map_err(map_err("VIP_POLICY"))
     }
 
     /// Number of connection-table entries (walks the table).

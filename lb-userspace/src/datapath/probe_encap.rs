@@ -2,8 +2,9 @@
 //! probes that travel the data path. It runs on the egress of the balancer's interface and
 //! encapsulates packets marked `PROBE_MARK_TAG | slot` toward the backend in that slot.
 //!
-//! It shares the balancer's pinned `BACKENDS` and `CONFIG` maps (loaded with their pin
-//! paths), so a probe goes where the datapath itself would send a client's packet. It is
+//! It shares the balancer's pinned `BACKENDS`, `CONFIG` and `SETTINGS` maps (loaded with
+//! their pin paths), so a probe goes where, and in the encapsulation (IP-in-IP or GUE) in
+//! which, the datapath itself would send a client's packet. It is
 //! attached with a tcx link (Linux 6.6 and later; a clsact filter before) owned by the agent:
 //! when the agent exits, even killed, the link goes with it. Only probes need it, and only
 //! the agent probes.
@@ -29,7 +30,7 @@ use crate::programs;
 
 pub const PROGRAM: &str = "maglb_probe_encap";
 /// The balancer's maps this program reads, by the names both objects give them.
-const SHARED_MAPS: [&str; 2] = ["BACKENDS", "CONFIG"];
+const SHARED_MAPS: [&str; 3] = ["BACKENDS", "CONFIG", "SETTINGS"];
 
 /// Why the probe classifier is not there.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use crate::views::Views;
+use crate::{views::Views, writer::Snapshot};
 
 pub struct Scrape(pub Views);
 
@@ -122,24 +122,40 @@ impl Collector for Scrape {
             .iter()
             .map(|(id, p)| (id.to_string(), p.index))
             .collect();
+        let reading = c.read(&s.owners);
         let vip = |v: &str| vec![("vip", v.to_owned())];
         counters(
             &mut enc,
             "maglb_vip_packets",
             "Packets to a VIP sent to a backend",
-            vips.iter().map(|(v, i)| (vip(v), c.vip(*i).packets)),
+            vips.iter().map(|(v, i)| (vip(v), reading.vip(*i).packets)),
         )?;
         counters(
             &mut enc,
             "maglb_vip_bytes",
             "Bytes (IP packets, before encapsulation) to a VIP sent to a backend",
-            vips.iter().map(|(v, i)| (vip(v), c.vip(*i).bytes)),
+            vips.iter().map(|(v, i)| (vip(v), reading.vip(*i).bytes)),
         )?;
         counters(
             &mut enc,
             "maglb_vip_new_flows",
             "Flows that got a backend from the Maglev table",
-            vips.iter().map(|(v, i)| (vip(v), c.vip_new_flows(*i))),
+            vips.iter()
+                .map(|(v, i)| (vip(v), reading.vip(*i).new_flows)),
+        )?;
+        counters(
+            &mut enc,
+            "maglb_vip_dropped_packets",
+            "Packets to a VIP that were not forwarded, by reason (no_backend, src_rate, vip_cap, denied, not_allowed, ...)",
+            vips.iter().flat_map(|(v, i)| {
+                c.vip_drops(*i).into_iter().map(move |(name, n)| {
+                    let reason = name.split_once('_').map_or(name, |(_, r)| r);
+                    (
+                        vec![("vip", v.clone()), ("reason", reason.to_owned())],
+                        n.packets,
+                    )
+                })
+            }),
         )?;
         let backends: Vec<(Labels, u32, bool)> = s
             .placement
@@ -158,7 +174,7 @@ impl Collector for Scrape {
             "Packets sent to a backend of a VIP",
             backends
                 .iter()
-                .map(|(l, slot, _)| (l.clone(), c.backend(*slot).packets)),
+                .map(|(l, slot, _)| (l.clone(), reading.slot(*slot).packets)),
         )?;
         counters(
             &mut enc,
@@ -166,7 +182,7 @@ impl Collector for Scrape {
             "Bytes sent to a backend of a VIP",
             backends
                 .iter()
-                .map(|(l, slot, _)| (l.clone(), c.backend(*slot).bytes)),
+                .map(|(l, slot, _)| (l.clone(), reading.slot(*slot).bytes)),
         )?;
         gauges(
             &mut enc,
@@ -176,37 +192,8 @@ impl Collector for Scrape {
                 .iter()
                 .map(|(l, _, up)| (l.clone(), i64::from(*up))),
         )?;
-        let weights: Vec<(Labels, u32, u32)> = s
-            .state
-            .vips
-            .iter()
-            .flat_map(|v| {
-                let s = &s;
-                v.backends.iter().map(move |b| {
-                    let labels = vec![
-                        ("vip", v.address.to_string()),
-                        ("backend", b.address.to_string()),
-                    ];
-                    (labels, b.weight, s.weight_percent(&v.address, &b.address))
-                })
-            })
-            .collect();
-        gauges(
-            &mut enc,
-            "maglb_backend_weight",
-            "The backend's configured weight",
-            weights.iter().map(|(l, w, _)| (l.clone(), i64::from(*w))),
-        )?;
-        float_gauges(
-            &mut enc,
-            "maglb_backend_effective_weight",
-            "The backend's weight now: the configured one, lowered by adaptive weights while \
-             its probes are much slower than its peers'",
-            weights
-                .iter()
-                .map(|(l, w, p)| (l.clone(), *w as f64 * *p as f64 / 100.0)),
-        )?;
-        let globals = c.globals();
+        self.weights(&mut enc, &s)?;
+        let globals = c.globals(&reading, &s.owners);
         let get = |n: &str| {
             globals
                 .iter()
@@ -249,24 +236,86 @@ impl Collector for Scrape {
                 }),
             )?;
         }
-        counters(
-            &mut enc,
-            "maglb_probe_tunnel_packets",
-            "Probe packets the probe classifier handled: encapsulated, or dropped by reason",
-            views.tunnel.borrow().stats.iter().flat_map(|st| {
-                st.read()
-                    .into_iter()
-                    .zip(lb_common::probe_stat::NAMES)
-                    .map(|(c, n)| (vec![("result", n.to_owned())], c.packets))
-                    .collect::<Vec<_>>()
-            }),
-        )?;
+        self.datapath(&mut enc, &s)?;
+        self.probe_tunnel(&mut enc)?;
         self.vrrp(&mut enc)?;
         self.bgp(&mut enc)
     }
 }
 
 impl Scrape {
+    /// Each backend's configured weight and its weight now (adaptive weights).
+    fn weights(&self, enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+        let weights: Vec<(Labels, u32, u32)> = s
+            .state
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.backends.iter().map(move |b| {
+                    let labels = vec![
+                        ("vip", v.address.to_string()),
+                        ("backend", b.address.to_string()),
+                    ];
+                    (labels, b.weight, s.weight_percent(&v.address, &b.address))
+                })
+            })
+            .collect();
+        gauges(
+            enc,
+            "maglb_backend_weight",
+            "The backend's configured weight",
+            weights.iter().map(|(l, w, _)| (l.clone(), i64::from(*w))),
+        )?;
+        float_gauges(
+            enc,
+            "maglb_backend_effective_weight",
+            "The backend's weight now: the configured one, lowered by adaptive weights while \
+             its probes are much slower than its peers'",
+            weights
+                .iter()
+                .map(|(l, w, p)| (l.clone(), *w as f64 * *p as f64 / 100.0)),
+        )
+    }
+
+    /// The probe classifier's counters, while it is loaded.
+    fn probe_tunnel(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        counters(
+            enc,
+            "maglb_probe_tunnel_packets",
+            "Probe packets the probe classifier handled: encapsulated, or dropped by reason",
+            self.0.tunnel.borrow().stats.iter().flat_map(|st| {
+                st.read()
+                    .into_iter()
+                    .zip(lb_common::probe_stat::NAMES)
+                    .map(|(c, n)| (vec![("result", n.to_owned())], c.packets))
+                    .collect::<Vec<_>>()
+            }),
+        )
+    }
+
+    /// The flood mode and the connection table's size.
+    fn datapath(&self, enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+        let f = self.0.counters.flood();
+        counters(
+            enc,
+            "maglb_flood_not_inserted_flows",
+            "New flows forwarded without a connection-table entry because their CPU was over the flood threshold",
+            [(no_labels(), f.not_inserted)],
+        )?;
+        counters(
+            enc,
+            "maglb_flood_windows",
+            "Flood-meter windows (about 134 ms, per CPU) in which a CPU reached the flood threshold",
+            [(no_labels(), f.flood_windows)],
+        )?;
+        gauges(
+            enc,
+            "maglb_conntrack_entries",
+            "Size of the connection table in flows (conntrack_entries, as the kernel rounded it)",
+            [(no_labels(), i64::from(s.conntrack.0))],
+        )
+    }
+
     /// One sample per VIP while `[bgp]` is configured: 1 while its address is announced.
     fn bgp(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
         let b = self.0.bgp();

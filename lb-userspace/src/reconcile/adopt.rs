@@ -92,9 +92,12 @@ impl Reconciler {
                 None => repairs.push(Op::DelVip { key: *key }),
             }
         }
+        let mut owners = BTreeMap::new();
         for (i, b) in &obs.slots {
             r.generations.set(*i, b.generation);
+            owners.insert(*i, (b.vip as u32, b.family));
         }
+        r.owners = std::sync::Arc::new(owners);
         let by_index: BTreeMap<u32, VipId> =
             r.vips.iter().map(|(id, p)| (p.meta.index, *id)).collect();
         let mut kept = BTreeSet::new();
@@ -118,6 +121,7 @@ impl Reconciler {
             }
             if b.vip as u32 != vip_index {
                 // A VIP moved to a new index was cut short before its slots recorded it.
+                r.own(keep, vip_index, a);
                 repairs.push(Op::SetBackend {
                     slot: keep,
                     backend: backend_entry(a, vip_index, b.generation, true),
@@ -151,6 +155,7 @@ impl Reconciler {
     /// Retires an in-use slot that no adopted VIP keeps (the pools are built after).
     fn retire_adopted(&mut self, slot: u32, a: IpAddr, vip_index: u32, out: &mut Vec<Op>) {
         let generation = self.generations.bump(slot);
+        self.own(slot, vip_index, a);
         out.push(Op::SetBackend {
             slot,
             backend: backend_entry(a, vip_index, generation, false),

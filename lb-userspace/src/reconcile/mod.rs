@@ -15,11 +15,12 @@ mod verify;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
-    AddrKey, BACKEND_F_IN_USE, Backend, MAX_BACKENDS, MAX_VIPS, VIP_F_AFFINITY_SRC_IP,
-    VIP_FILTER_WORDS, VipKey, VipMeta,
+    AddrKey, BACKEND_F_IN_USE, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
+    VIP_F_AFFINITY_SRC_IP, VIP_FILTER_WORDS, VipKey, VipMeta,
 };
 
 pub use self::{
@@ -29,7 +30,7 @@ pub use self::{
 };
 use crate::{
     addr, maglev,
-    state::{Proto, VipId, VipSpec},
+    state::{Policy, Proto, VipId, VipSpec},
 };
 
 /// One write to the datapath. A plan lists them in the order they must happen.
@@ -61,6 +62,11 @@ pub enum Op {
         index: u32,
         offset: u32,
         job: maglev::Job,
+    },
+    /// VIP index `index`'s limits on new flows (rate limits, source prefixes).
+    SetPolicy {
+        index: u32,
+        policy: Policy,
     },
     SetVip {
         key: VipKey,
@@ -127,6 +133,9 @@ pub struct Reconciler {
     /// After adoption: the next plan checks every address entry, not only those of the VIPs
     /// it changes.
     resync: bool,
+    /// The VIP index and family each used slot counts for (in use, or retired and not yet
+    /// reused): a VIP's totals are the sum of its slots' counters.
+    owners: Arc<BTreeMap<u32, (u32, u8)>>,
 }
 
 impl Default for Reconciler {
@@ -219,6 +228,19 @@ impl Reconciler {
             addrs: BTreeMap::new(),
             filter: vec![0; VIP_FILTER_WORDS as usize],
             resync: false,
+            owners: Arc::default(),
+        }
+    }
+
+    /// The VIP index and family each used slot counts for.
+    pub fn owners(&self) -> Arc<BTreeMap<u32, (u32, u8)>> {
+        self.owners.clone()
+    }
+
+    fn own(&mut self, slot: u32, vip_index: u32, addr: IpAddr) {
+        let family = if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+        if self.owners.get(&slot) != Some(&(vip_index, family)) {
+            Arc::make_mut(&mut self.owners).insert(slot, (vip_index, family));
         }
     }
 
@@ -274,7 +296,10 @@ impl Reconciler {
                     .is_none_or(|p| p.spec.as_ref() != Some(*d))
             })
             .collect();
-        for spec in &changed {
+        for spec in changed {
+            if self.repolicy(spec, &mut ph) {
+                continue;
+            }
             let job = self.place(spec, &mut ph);
             self.switch_table(spec, job, &mut ph);
             touched.insert(spec.id.addr);
@@ -314,6 +339,23 @@ impl Reconciler {
         Ok(())
     }
 
+    /// A VIP whose table stays the same and whose policy changed: only the policy is
+    /// written. True if that was all.
+    fn repolicy(&mut self, spec: &VipSpec, ph: &mut Phases) -> bool {
+        let Some(p) = self.vips.get_mut(&spec.id) else {
+            return false;
+        };
+        if !p.spec.as_ref().is_some_and(|old| old.same_table(spec)) {
+            return false;
+        }
+        ph.prepare.push(Op::SetPolicy {
+            index: p.meta.index,
+            policy: spec.policy.clone(),
+        });
+        p.spec = Some(spec.clone());
+        true
+    }
+
     /// Removes a VIP: its entry goes, then its slots are retired and its index freed.
     fn remove(&mut self, id: &VipId, ph: &mut Phases) {
         let p = self.vips.remove(id).expect("caller listed it");
@@ -328,6 +370,7 @@ impl Reconciler {
     /// generation), and the slot goes back to the pool.
     fn retire(&mut self, addr: IpAddr, vip_index: u32, slot: Slot, out: &mut Vec<Op>) {
         let generation = self.generations.bump(slot.index);
+        self.own(slot.index, vip_index, addr);
         out.push(Op::SetBackend {
             slot: slot.index,
             backend: backend_entry(addr, vip_index, generation, false),
@@ -335,24 +378,38 @@ impl Reconciler {
         self.slot_pool.give_back(slot.index);
     }
 
+    /// A free VIP index, handed out: its counters restart, and the retired slots of the VIP
+    /// that had it no longer count for it.
+    fn new_index(&mut self, ph: &mut Phases) -> u32 {
+        let index = self.vip_pool.take().expect("capacity checked");
+        ph.prepare.push(Op::ZeroVipCounters(index));
+        if self.owners.values().any(|o| o.0 == index) {
+            Arc::make_mut(&mut self.owners).retain(|_, o| o.0 != index);
+        }
+        index
+    }
+
     /// Gives a VIP its index and its backends their slots (writing new and changed slots),
     /// retires the slots of backends it no longer lists, and returns its table's Maglev
     /// input.
     fn place(&mut self, spec: &VipSpec, ph: &mut Phases) -> maglev::Job {
-        let index = match self.vips.get_mut(&spec.id) {
-            Some(p) if p.meta.ring_size == spec.ring_size || p.meta.ring_size == 0 => p.meta.index,
+        let placed = self
+            .vips
+            .get(&spec.id)
+            .map(|p| (p.meta.index, p.meta.ring_size));
+        let index = match placed {
+            Some((index, size)) if size == spec.ring_size || size == 0 => index,
             // A new ring size: a new index (its counters restart), a new ring map there, and
             // the old index is freed once the entry has switched.
-            Some(p) => {
-                let index = self.vip_pool.take().expect("capacity checked");
-                ph.prepare.push(Op::ZeroVipCounters(index));
-                p.moved_from = Some(p.meta.index);
+            Some((old, _)) => {
+                let index = self.new_index(ph);
+                let p = self.vips.get_mut(&spec.id).expect("placed");
+                p.moved_from = Some(old);
                 p.meta = fresh_meta(index);
                 index
             }
             None => {
-                let index = self.vip_pool.take().expect("capacity checked");
-                ph.prepare.push(Op::ZeroVipCounters(index));
+                let index = self.new_index(ph);
                 self.vips.insert(
                     spec.id,
                     Placed {
@@ -365,6 +422,11 @@ impl Reconciler {
                 index
             }
         };
+        // Written with every table change: a new or moved index, and adopted VIPs, get theirs.
+        ph.prepare.push(Op::SetPolicy {
+            index,
+            policy: spec.policy.clone(),
+        });
         let mut slots = std::mem::take(&mut self.vips.get_mut(&spec.id).expect("placed").slots);
         let listed: BTreeSet<IpAddr> = spec.backends.iter().map(|b| b.addr).collect();
         let dropped: Vec<IpAddr> = slots
@@ -423,6 +485,7 @@ impl Reconciler {
             }
         };
         if old.is_none_or(|o| o.generation != slot.generation) {
+            self.own(slot.index, vip_index, addr);
             ph.prepare.push(Op::SetBackend {
                 slot: slot.index,
                 backend: backend_entry(addr, vip_index, slot.generation, true),
@@ -473,6 +536,7 @@ impl Reconciler {
         });
         if let Some(old) = p.moved_from.take() {
             // The slots record their VIP's index (for adoption); the datapath does not read it.
+            let moved: Vec<(IpAddr, u32)> = p.slots.iter().map(|(a, s)| (*a, s.index)).collect();
             for (a, slot) in &p.slots {
                 ph.retire.push(Op::SetBackend {
                     slot: slot.index,
@@ -480,6 +544,9 @@ impl Reconciler {
                 });
             }
             self.vip_pool.give_back(old);
+            for (a, slot) in moved {
+                self.own(slot, index, a);
+            }
         }
     }
 

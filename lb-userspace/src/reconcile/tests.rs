@@ -24,6 +24,7 @@ struct Fake {
     filter: Vec<u64>,
     zeroed_vips: Vec<u32>,
     zeroed_slots: Vec<u32>,
+    policies: BTreeMap<u32, crate::state::Policy>,
 }
 
 fn upsert<K: PartialEq + Copy, V: Copy>(v: &mut Vec<(K, V)>, k: K, val: V) {
@@ -63,6 +64,9 @@ impl Fake {
             Op::SetAddr { key, meta } => upsert(&mut self.addrs, *key, *meta),
             Op::DelAddr { key } => self.addrs.retain(|(k, _)| k != key),
             Op::SetFilter(words) => self.filter = words.clone(),
+            Op::SetPolicy { index, policy } => {
+                self.policies.insert(*index, policy.clone());
+            }
         }
     }
 
@@ -163,6 +167,11 @@ fn converge(r: &mut Reconciler, f: &mut Fake, desired: &[VipSpec], when: &str) {
     assert!(diff.is_empty(), "{when}: {diff:#?}");
     let pairs: usize = desired.iter().map(|d| d.backends.len()).sum();
     assert_eq!(r.slots_in_use(), pairs, "{when}");
+    for d in desired {
+        let index = r.vip_index(&d.id).unwrap();
+        let policy = f.policies.get(&index).cloned().unwrap_or_default();
+        assert_eq!(policy, d.policy, "{when}: policy of {}", d.id);
+    }
 }
 
 /// A small deterministic generator (no dependency on a random crate in non-test code).
@@ -176,6 +185,33 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
+}
+
+#[test]
+fn a_policy_follows_its_vip_and_changes_alone() {
+    let mut r = Reconciler::new();
+    let mut f = Fake::default();
+    let mut a = spec("10.0.0.1:80/tcp", 97, &[("10.1.0.1", 1, true)]);
+    a.policy.rate_limit = Some(crate::state::RateLimit {
+        new_flows_per_s: 10,
+        burst: 20,
+    });
+    converge(&mut r, &mut f, std::slice::from_ref(&a), "with a limit");
+    // Only the policy changes: one op, no table.
+    a.policy.deny = vec!["10.9.0.0/16".parse().unwrap()];
+    let ops = r.plan(std::slice::from_ref(&a)).unwrap();
+    assert!(matches!(ops[..], [Op::SetPolicy { .. }]), "{ops:?}");
+    f.run(&ops, "deny");
+    converge(&mut r, &mut f, std::slice::from_ref(&a), "deny");
+    // A new ring size moves the VIP to a new index: the policy goes with it.
+    a.ring_size = 251;
+    converge(&mut r, &mut f, std::slice::from_ref(&a), "moved");
+    // Gone, and its index handed out again: the next VIP there has its own (none).
+    converge(&mut r, &mut f, &[], "none");
+    let many: Vec<VipSpec> = (0..lb_common::MAX_VIPS)
+        .map(|i| spec(&format!("10.2.{}.{}:80/tcp", i >> 8, i & 255), 3, &[]))
+        .collect();
+    converge(&mut r, &mut f, &many, "every index");
 }
 
 /// Random desired states over a few VIPs that share backend addresses.

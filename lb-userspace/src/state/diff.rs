@@ -1,8 +1,11 @@
 //! What a change does, in words: one line per effective change.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use super::{HealthCheck, State};
+use super::{BackendEntry, HealthCheck, State, Vip, VipId};
 
 /// A check's kind (and its `via`, when set), for change lines.
 fn kind(h: &Option<Box<HealthCheck>>) -> String {
@@ -23,6 +26,31 @@ fn pools(p: &BTreeMap<String, u32>) -> String {
         .join(", ")
 }
 
+/// A VIP's limits on new flows, for change lines.
+fn limits(v: &Vip) -> String {
+    let rate = |r: Option<crate::state::RateLimit>| {
+        r.map_or("none".to_owned(), |r| {
+            format!("{}/s burst {}", r.new_flows_per_s, r.burst)
+        })
+    };
+    let prefixes = |p: &[crate::state::Prefix]| match p.len() {
+        0 => "none".to_owned(),
+        1..=4 => p
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        n => format!("{n} prefixes"),
+    };
+    format!(
+        "(per client {}, whole VIP {}, allow {}, deny {})",
+        rate(v.rate_limit),
+        rate(v.new_flow_cap),
+        prefixes(&v.allow),
+        prefixes(&v.deny)
+    )
+}
+
 impl State {
     /// What changes from `self` to `new`, in words, one line per change.
     pub fn diff(&self, new: &State) -> Vec<String> {
@@ -39,7 +67,19 @@ impl State {
         let (mut a2, mut b2) = (a.clone(), b.clone());
         (a2.interface, a2.mode, b2.interface, b2.mode) = (None, b.mode, None, b.mode);
         if a2 != b2 {
-            out.push("change balancer settings (mtu, sources, next hop)".to_owned());
+            out.push(
+                "change balancer settings (mtu, sources, next hop, connection table, encapsulation)"
+                    .to_owned(),
+            );
+        }
+        if a.conntrack_entries != b.conntrack_entries {
+            let size = |n: Option<u32>| n.unwrap_or(lb_common::DEFAULT_CONNTRACK_ENTRIES);
+            out.push(format!(
+                "connection table size {} -> {}: takes effect when the agent next starts (a new \
+                 table; established flows then keep their backend through the Maglev table)",
+                size(a.conntrack_entries),
+                size(b.conntrack_entries)
+            ));
         }
         if self.vrrp != new.vrrp {
             out.push(match &new.vrrp {
@@ -56,8 +96,9 @@ impl State {
                 None => "BGP announcements off".to_owned(),
             });
         }
+        let old_vips: BTreeMap<VipId, &Vip> = self.vips.iter().map(|v| (v.address, v)).collect();
         for v in &new.vips {
-            let Some(old) = self.vip(&v.address) else {
+            let Some(old) = old_vips.get(&v.address) else {
                 out.push(format!(
                     "add VIP {} with {} backends",
                     v.address,
@@ -85,8 +126,13 @@ impl State {
             if old.pools != v.pools {
                 out.push(format!("VIP {id}: new flows to {}", pools(&v.pools)));
             }
+            if old.policy() != v.policy() {
+                out.push(format!("VIP {id}: limits on new flows {}", limits(v)));
+            }
+            let old_backends: BTreeMap<IpAddr, &BackendEntry> =
+                old.backends.iter().map(|b| (b.address, b)).collect();
             for nb in &v.backends {
-                let Some(ob) = old.backends.iter().find(|o| o.address == nb.address) else {
+                let Some(ob) = old_backends.get(&nb.address) else {
                     continue;
                 };
                 if ob.backup != nb.backup || ob.pool != nb.pool {
@@ -107,7 +153,7 @@ impl State {
                 }
             }
             for nb in &v.backends {
-                match old.backends.iter().find(|o| o.address == nb.address) {
+                match old_backends.get(&nb.address) {
                     None => out.push(format!(
                         "VIP {id}: add backend {} (weight {})",
                         nb.address, nb.weight
@@ -123,14 +169,16 @@ impl State {
                     _ => {}
                 }
             }
+            let new_backends: BTreeSet<IpAddr> = v.backends.iter().map(|b| b.address).collect();
             for ob in &old.backends {
-                if !v.backends.iter().any(|b| b.address == ob.address) {
+                if !new_backends.contains(&ob.address) {
                     out.push(format!("VIP {id}: delete backend {}", ob.address));
                 }
             }
         }
+        let new_ids: BTreeSet<VipId> = new.vips.iter().map(|v| v.address).collect();
         for v in &self.vips {
-            if new.vip(&v.address).is_none() {
+            if !new_ids.contains(&v.address) {
                 out.push(format!("delete VIP {}", v.address));
             }
         }

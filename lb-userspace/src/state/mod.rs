@@ -9,6 +9,7 @@
 
 mod diff;
 mod ops;
+mod policy;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -26,8 +27,9 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     ops::Change,
+    policy::{Encap, Policy, Prefix, RateLimit},
     spec::{BackendSpec, MAX_WEIGHT, VipSpec},
-    validate::{check_ifname, check_pool, parse_statuses},
+    validate::{check_ifname, check_pool, parse_statuses, validate_policy},
     vip_id::{Proto, VipId},
 };
 
@@ -115,6 +117,31 @@ pub struct BalancerSettings {
     /// A fixed next-hop MAC instead of resolving one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nexthop_mac: Option<String>,
+    /// Size of the connection table in flows; fixed when the maps are made (default
+    /// 2,097,152, about 120 bytes each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack_entries: Option<u32>,
+    /// A TCP flow idle this long loses its connection-table entry (default 3600000, 1 h;
+    /// 0: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_idle_timeout_ms: Option<u32>,
+    /// The same for UDP (default 30000; 0: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_idle_timeout_ms: Option<u32>,
+    /// New flows per second per CPU above which a CPU stops inserting connection-table
+    /// entries for a while (flood mode; default 100000; 0: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flood_new_flows_per_s: Option<u32>,
+    /// How packets reach the backends: `ipip` (default) or `gue`.
+    #[serde(default, skip_serializing_if = "is_ipip")]
+    pub encap: Encap,
+    /// GUE's UDP destination port (default 6080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gue_port: Option<u16>,
+}
+
+fn is_ipip(e: &Encap) -> bool {
+    *e == Encap::Ipip
 }
 
 fn default_ring() -> u32 {
@@ -343,6 +370,18 @@ pub struct Vip {
     /// peers' (in steps, down to a floor; back up with hysteresis).
     #[serde(default, skip_serializing_if = "is_false")]
     pub adaptive_weights: bool,
+    /// New flows per client (/32 or /64), e.g. `{ new_flows_per_s = 100, burst = 20 }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// New flows of the VIP, all clients together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_cap: Option<RateLimit>,
+    /// Only these source prefixes start flows (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<Prefix>,
+    /// These source prefixes never start flows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Prefix>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendEntry>,
 }
@@ -356,7 +395,21 @@ impl Vip {
             health: None,
             pools: BTreeMap::new(),
             adaptive_weights: false,
+            rate_limit: None,
+            new_flow_cap: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
             backends: Vec::new(),
+        }
+    }
+
+    /// What the datapath applies to its new flows.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            rate_limit: self.rate_limit,
+            new_flow_cap: self.new_flow_cap,
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
         }
     }
 

@@ -4,8 +4,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{
-    AttachMode, BackendEntry, BackendState, HealthCheck, Refusal, State, Vip, VipId, check_ifname,
-    check_pool,
+    AttachMode, BackendEntry, BackendState, HealthCheck, Prefix, RateLimit, Refusal, State, Vip,
+    VipId, check_ifname, check_pool,
 };
 
 impl State {
@@ -235,6 +235,14 @@ pub enum Change {
         vip: VipId,
         on: bool,
     },
+    /// A VIP's limits on new flows (replacing the ones it had).
+    SetPolicy {
+        vip: VipId,
+        rate_limit: Option<RateLimit>,
+        new_flow_cap: Option<RateLimit>,
+        allow: Vec<Prefix>,
+        deny: Vec<Prefix>,
+    },
     /// The whole state of a file. A file without `[balancer] interface` keeps the current
     /// attachment.
     Apply(State),
@@ -272,6 +280,21 @@ impl Change {
             } => s.with_vip_health(vip, health.clone()),
             Change::Switch { vip, to, percent } => s.with_switch(vip, to, *percent),
             Change::SetAdaptiveWeights { vip, on } => s.with_adaptive_weights(vip, *on),
+            Change::SetPolicy {
+                vip,
+                rate_limit,
+                new_flow_cap,
+                allow,
+                deny,
+            } => {
+                let mut s = s.clone();
+                let v = s.vip_mut(vip)?;
+                v.rate_limit = *rate_limit;
+                v.new_flow_cap = *new_flow_cap;
+                v.allow = allow.clone();
+                v.deny = deny.clone();
+                s.checked()
+            }
             Change::Apply(file) => {
                 let mut new = file.clone();
                 if new.balancer.interface.is_none() {
@@ -305,6 +328,7 @@ impl Change {
             Change::SetHealth { .. } => "health",
             Change::Switch { .. } => "vip switch",
             Change::SetAdaptiveWeights { .. } => "vip set",
+            Change::SetPolicy { .. } => "vip policy",
             Change::Apply(_) => "apply",
         }
     }

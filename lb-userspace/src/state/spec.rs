@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use lb_common::DEFAULT_RING_SIZE;
 
-use super::{Affinity, BackendEntry, BackendState, Vip, VipId};
+use super::{Affinity, BackendEntry, BackendState, Policy, Vip, VipId};
 
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65_535;
@@ -39,6 +39,8 @@ pub struct VipSpec {
     /// Maglev ring size (prime).
     pub ring_size: u32,
     pub backends: Vec<BackendSpec>,
+    /// Limits on who starts new flows, and how fast.
+    pub policy: Policy,
 }
 
 impl VipSpec {
@@ -48,7 +50,16 @@ impl VipSpec {
             affinity_src_ip: false,
             ring_size: DEFAULT_RING_SIZE,
             backends: Vec::new(),
+            policy: Policy::default(),
         }
+    }
+
+    /// Whether `other` builds the same table (a policy change needs no new table).
+    pub fn same_table(&self, other: &VipSpec) -> bool {
+        self.id == other.id
+            && self.affinity_src_ip == other.affinity_src_ip
+            && self.ring_size == other.ring_size
+            && self.backends == other.backends
     }
 
     /// Whether some backend would take new flows.
@@ -127,6 +138,7 @@ impl Vip {
                     live: live(b),
                 })
                 .collect(),
+            policy: self.policy(),
         }
     }
 }

@@ -4,10 +4,14 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+use lb_common::{
+    CONNTRACK_BYTES_PER_ENTRY, MAX_BACKENDS, MAX_CONNTRACK_ENTRIES, MAX_RING_SIZE, MAX_VIPS,
+    MIN_CONNTRACK_ENTRIES, PREFIX_ENTRIES,
+};
 
 use super::{
-    BgpConfig, HealthCheck, MAX_WEIGHT, ProbeKind, Refusal, STATE_VERSION, State, Vip, VrrpConfig,
+    BgpConfig, HealthCheck, MAX_WEIGHT, Policy, ProbeKind, Refusal, STATE_VERSION, State, Vip,
+    VrrpConfig,
     vip_id::{backend_addr_problem, vip_addr_problem},
 };
 use crate::{addr, maglev};
@@ -44,6 +48,7 @@ impl State {
                 format!("{mac:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"),
             ));
         }
+        validate_datapath_settings(b)?;
         if self.vips.len() > MAX_VIPS as usize {
             return Err(Refusal::invalid(
                 "vip",
@@ -75,36 +80,38 @@ impl State {
             }
             let mut mine = BTreeSet::new();
             for b in &v.backends {
-                let bf = format!("{field}: backend {}", b.address);
+                // Named only when something is wrong: a VIP may have thousands of backends.
+                let bf = || format!("{field}: backend {}", b.address);
                 if !mine.insert(b.address) {
-                    return Err(Refusal::invalid(bf, "listed twice for this VIP"));
+                    return Err(Refusal::invalid(bf(), "listed twice for this VIP"));
                 }
                 if b.weight > MAX_WEIGHT {
                     return Err(Refusal::invalid(
-                        bf,
+                        bf(),
                         format!("weight {} is out of range 0-{MAX_WEIGHT}", b.weight),
                     ));
                 }
                 if let Some(why) = backend_addr_problem(b.address) {
-                    return Err(Refusal::invalid(bf, why));
+                    return Err(Refusal::invalid(bf(), why));
                 }
                 if a.is_ipv6() && b.address.is_ipv4() {
                     return Err(Refusal::invalid(
-                        bf,
+                        bf(),
                         "an IPv4 backend cannot carry an IPv6 VIP's traffic; use an IPv6 address",
                     ));
                 }
                 if let Some(p) = &b.pool {
-                    check_pool(p).map_err(|m| Refusal::invalid(format!("{bf}: pool"), m))?;
+                    check_pool(p).map_err(|m| Refusal::invalid(format!("{}: pool", bf()), m))?;
                 }
                 if let Some(h) = &b.health {
-                    h.validate(&format!("{bf}: health"), v.address.port)?;
+                    h.validate(&format!("{}: health", bf()), v.address.port)?;
                 }
                 pairs += 1;
             }
             if let Some(h) = &v.health {
                 h.validate(&format!("{field}: health"), v.address.port)?;
             }
+            validate_policy(&v.policy(), v.address.addr.is_ipv4(), &field)?;
             for (pool, share) in &v.pools {
                 check_pool(pool).map_err(|m| Refusal::invalid(format!("{field}: pools"), m))?;
                 if *share > 1000 {
@@ -126,6 +133,22 @@ impl State {
                 return Err(Refusal::invalid(
                     format!("{field}: pools"),
                     "every share is 0; give one pool a share",
+                ));
+            }
+        }
+        for (family, max) in [(4, PREFIX_ENTRIES), (6, PREFIX_ENTRIES)] {
+            let n: usize = self
+                .vips
+                .iter()
+                .flat_map(|v| v.allow.iter().chain(&v.deny))
+                .filter(|p| (p.addr.is_ipv4()) == (family == 4))
+                .count();
+            if n > max as usize {
+                return Err(Refusal::invalid(
+                    "vip",
+                    format!(
+                        "{n} IPv{family} source prefixes (allow and deny), at most {max} over all VIPs"
+                    ),
                 ));
             }
         }
@@ -368,6 +391,63 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
         return Err(format!(
             "{name:?} is not an interface name (1-15 characters, no '/', ':' or spaces)"
         ));
+    }
+    Ok(())
+}
+
+/// The datapath's settings in `[balancer]`.
+fn validate_datapath_settings(b: &super::BalancerSettings) -> Result<(), Refusal> {
+    if let Some(n) = b.conntrack_entries
+        && !(MIN_CONNTRACK_ENTRIES..=MAX_CONNTRACK_ENTRIES).contains(&n)
+    {
+        return Err(Refusal::invalid(
+            "balancer.conntrack_entries",
+            format!(
+                "{n} is out of range {MIN_CONNTRACK_ENTRIES}-{MAX_CONNTRACK_ENTRIES} (each entry \
+                 takes about {CONNTRACK_BYTES_PER_ENTRY} bytes of kernel memory)"
+            ),
+        ));
+    }
+    if b.gue_port == Some(0) {
+        return Err(Refusal::invalid("balancer.gue_port", "0 is not a port"));
+    }
+    Ok(())
+}
+
+/// A VIP's rate limits and source prefixes (`v4`: the VIP's family).
+pub fn validate_policy(p: &Policy, v4: bool, field: &str) -> Result<(), Refusal> {
+    for (name, r) in [
+        ("rate_limit", p.rate_limit),
+        ("new_flow_cap", p.new_flow_cap),
+    ] {
+        if let Some(r) = r
+            && (r.new_flows_per_s == 0 || r.burst == 0)
+        {
+            return Err(Refusal::invalid(
+                format!("{field}: {name}"),
+                format!(
+                    "{} new flows/s with burst {}: both must be at least 1 (remove {name} for no limit)",
+                    r.new_flows_per_s, r.burst
+                ),
+            ));
+        }
+    }
+    for (name, list) in [("allow", &p.allow), ("deny", &p.deny)] {
+        let mut seen = BTreeSet::new();
+        for p in list {
+            if p.addr.is_ipv4() != v4 {
+                return Err(Refusal::invalid(
+                    format!("{field}: {name}"),
+                    format!("{p} is not of the VIP's address family, so no client can match it"),
+                ));
+            }
+            if !seen.insert(*p) {
+                return Err(Refusal::invalid(
+                    format!("{field}: {name}"),
+                    format!("{p} is listed twice"),
+                ));
+            }
+        }
     }
     Ok(())
 }

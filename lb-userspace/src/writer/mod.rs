@@ -11,7 +11,10 @@ use std::{
     time::Instant,
 };
 
-use lb_common::Config;
+use lb_common::{
+    Config, DEFAULT_FLOOD_NEW_FLOWS_PER_S, DEFAULT_GUE_PORT, DEFAULT_TCP_IDLE_MS,
+    DEFAULT_UDP_IDLE_MS, ENCAP_GUE, ENCAP_IPIP, Settings, ms_to_ticks,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
@@ -22,9 +25,30 @@ use crate::{
     datapath::{Datapath, DatapathError},
     metrics::WriterMetrics,
     reconcile::{Exhausted, Reconciler},
-    state::{AttachMode, Change, Refusal, State, VipId, VipSpec},
+    state::{AttachMode, Change, Encap, Refusal, State, VipId, VipSpec},
     store::{Entry, Persisted, Store, StoreError},
 };
+
+/// The datapath's runtime settings for `[balancer]` (defaults where it says nothing).
+fn settings_for(b: &crate::state::BalancerSettings) -> Settings {
+    let ticks = |ms: Option<u32>, default: u32| match ms.unwrap_or(default) {
+        0 => 0,
+        ms => ms_to_ticks(ms).max(1),
+    };
+    Settings {
+        tcp_idle_ticks: ticks(b.tcp_idle_timeout_ms, DEFAULT_TCP_IDLE_MS),
+        udp_idle_ticks: ticks(b.udp_idle_timeout_ms, DEFAULT_UDP_IDLE_MS),
+        flood_new_flows_per_s: b
+            .flood_new_flows_per_s
+            .unwrap_or(DEFAULT_FLOOD_NEW_FLOWS_PER_S),
+        gue_port: b.gue_port.unwrap_or(DEFAULT_GUE_PORT),
+        encap: match b.encap {
+            Encap::Ipip => ENCAP_IPIP,
+            Encap::Gue => ENCAP_GUE,
+        },
+        ..Settings::default()
+    }
+}
 
 /// A plan that rebuilt more tables than this hands freed memory back to the system after
 /// (an apply of many VIPs passes through tens of megabytes of tables).
@@ -330,6 +354,17 @@ impl Writer {
             .count();
         self.dp.apply(ops)?;
         self.specs = Arc::new(specs);
+        let settings = settings_for(&state.balancer);
+        if self.dp.settings().ok().as_ref() != Some(&settings) {
+            self.dp.set_settings(&settings)?;
+            info!(
+                encap = %state.balancer.encap,
+                tcp_idle_ms = ?state.balancer.tcp_idle_timeout_ms,
+                udp_idle_ms = ?state.balancer.udp_idle_timeout_ms,
+                flood_new_flows_per_s = ?state.balancer.flood_new_flows_per_s,
+                "datapath settings written"
+            );
+        }
         if tables > 0 {
             self.metrics
                 .rebuilt(tables as u64, started.elapsed().as_secs_f64());
@@ -472,6 +507,8 @@ impl Writer {
             config: self.dp.config().unwrap_or_default(),
             nexthop: self.nexthop,
             slots_in_use: self.rec.slots_in_use(),
+            owners: self.rec.owners(),
+            conntrack: self.dp.conntrack_capacity(),
         };
         self.publish.send_replace(Arc::new(snap));
     }

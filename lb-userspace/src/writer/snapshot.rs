@@ -10,7 +10,10 @@ use std::{
 
 use lb_common::Config;
 
-use crate::state::{State, VipId, VipSpec};
+use crate::{
+    datapath::Owners,
+    state::{State, VipId, VipSpec},
+};
 
 /// Where a VIP sits in the maps: its index and its backends' slots (for the counters).
 #[derive(Clone, Debug, Default)]
@@ -37,6 +40,10 @@ pub struct Snapshot {
     /// The resolved next hop (address, MAC), when it was resolved rather than configured.
     pub nexthop: Option<(IpAddr, [u8; 6])>,
     pub slots_in_use: usize,
+    /// Which VIP index each used backend slot counts for (VIP totals are their sums).
+    pub owners: Arc<Owners>,
+    /// The connection table's size, and each CPU's share of it.
+    pub conntrack: (u32, u32),
 }
 
 impl Snapshot {

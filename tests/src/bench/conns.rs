@@ -1,6 +1,8 @@
 //! Real connections: wrk from the client opens a new TCP connection per HTTP request
-//! (`Connection: close`) to three nginx backends, through maglb (XDP, direct server return)
-//! and through HAProxy in TCP mode in the balancer's namespace, in the same topology and run.
+//! (`Connection: close`) to three nginx backends, through maglb (XDP, direct server return),
+//! through HAProxy in TCP mode in the balancer's namespace, and with no balancer at all (the
+//! router spreads the VIP over the backends itself, ECMP on the 5-tuple), in the same
+//! topology and run.
 
 use std::{
     path::Path,
@@ -16,6 +18,24 @@ use crate::{
     netns::Netns,
     topology::{LB_ADDR, Topology, VIP, backend_addr},
 };
+
+/// Where the router sends the VIP: to the balancer (`via LB_ADDR`, the topology's route), or
+/// straight to the three backends with a multipath route hashed on the 5-tuple.
+fn route_vip(t: &Topology, direct: bool) -> anyhow::Result<()> {
+    let dst = format!("{VIP}/32");
+    if direct {
+        let mut args = vec!["route".to_string(), "replace".into(), dst];
+        for i in 0..3 {
+            args.extend(["nexthop".into(), "via".into(), backend_addr(i).to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        t.router.ip(&args)?;
+    } else {
+        t.router
+            .ip(&["route", "replace", &dst, "via", &LB_ADDR.to_string()])?;
+    }
+    Ok(())
+}
 
 const PORT: u16 = 8000;
 const HAPROXY_PORT: u16 = 8001;
@@ -151,6 +171,8 @@ pub fn run(report: &mut Report, _bin: &Path) -> anyhow::Result<()> {
     t.lb.sysctl("net.ipv4.tcp_tw_reuse=1")?;
     t.lb.sysctl("net.ipv4.ip_local_port_range=1024 65535")?;
     let _haproxy = haproxy(&t.lb, &scratch.0.dir)?;
+    // The no-balancer baseline: ECMP over the backends, hashed on the 5-tuple.
+    t.router.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
     std::thread::sleep(std::time::Duration::from_millis(500));
 
     let targets = [
@@ -159,11 +181,23 @@ pub fn run(report: &mut Report, _bin: &Path) -> anyhow::Result<()> {
             "HAProxy 2.6 (TCP mode)",
             format!("http://{LB_ADDR}:{HAPROXY_PORT}/"),
         ),
+        (
+            "no balancer (router ECMP to the backends)",
+            format!("http://{VIP}:{PORT}/"),
+        ),
     ];
-    let mut runs: Vec<Vec<(f64, f64, f64, u64)>> = vec![Vec::new(), Vec::new()];
+    let mut runs: Vec<Vec<(f64, f64, f64, u64)>> = vec![Vec::new(); targets.len()];
     for _ in 0..ROUNDS {
         for (i, (_, url)) in targets.iter().enumerate() {
-            let r = wrk(&t.client, url)?;
+            let direct = i == 2;
+            if direct {
+                route_vip(&t, true)?;
+            }
+            let r = wrk(&t.client, url);
+            if direct {
+                route_vip(&t, false)?;
+            }
+            let r = r?;
             println!("  round: {} {r:?}", targets[i].0);
             runs[i].push(r);
         }
@@ -177,23 +211,21 @@ pub fn run(report: &mut Report, _bin: &Path) -> anyhow::Result<()> {
             r.iter().map(|x| x.3).sum::<u64>(),
         )
     };
-    let (m, h) = (med(0), med(1));
-    let rows = vec![
-        vec![
-            targets[0].0.into(),
-            format!("{:.0}", m.0),
-            format!("{:.2}", m.1),
-            format!("{:.2}", m.2),
-            m.3.to_string(),
-        ],
-        vec![
-            targets[1].0.into(),
-            format!("{:.0}", h.0),
-            format!("{:.2}", h.1),
-            format!("{:.2}", h.2),
-            h.3.to_string(),
-        ],
-    ];
+    let (m, h, d) = (med(0), med(1), med(2));
+    let rows: Vec<Vec<String>> = [m, h, d]
+        .iter()
+        .zip(&targets)
+        .map(|(x, (name, _))| {
+            vec![
+                (*name).into(),
+                format!("{:.0}", x.0),
+                format!("{:.2}", x.0 / d.0),
+                format!("{:.2}", x.1),
+                format!("{:.2}", x.2),
+                x.3.to_string(),
+            ]
+        })
+        .collect();
     let ratio = m.0 / h.0;
     let best = |i: usize| runs[i].iter().map(|x| x.0).fold(0.0, f64::max);
     let best_ratio = best(0) / best(1);
@@ -206,7 +238,14 @@ pub fn run(report: &mut Report, _bin: &Path) -> anyhow::Result<()> {
     };
     report.section(
         "3. Real connections (wrk, new TCP connection per request)",
-        &["through", "connections/s", "p50 ms", "p99 ms", "errors"],
+        &[
+            "through",
+            "connections/s",
+            "/ no balancer",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+        ],
         &rows,
         &[
             format!(
@@ -218,15 +257,23 @@ pub fn run(report: &mut Report, _bin: &Path) -> anyhow::Result<()> {
                 verdict(m.2 < h.2)
             ),
             format!(
-                "Rounds, connections/s: maglb {}; HAProxy {}. HAProxy slows from round to round in \
-                 this set-up (its first, fresh round is its best), most likely from the TIME_WAIT \
-                 sockets its closes leave on the balancer, which outlive the rounds; maglb, which \
-                 terminates nothing, does not.",
-                rounds(0),
-                rounds(1)
+                "maglb / no balancer: {:.2} on medians. The baseline is the same wrk to the same \
+                 VIP, with the router sending the VIP straight to the three backends (a multipath \
+                 route, hashed on the 5-tuple) instead of to the balancer: what the client, \
+                 router and backends cost by themselves.",
+                m.0 / d.0
             ),
             format!(
-                "wrk -t2 -c64 -d{SECONDS}s, `Connection: close`, {ROUNDS} alternating rounds; the \
+                "Rounds, connections/s: maglb {}; HAProxy {}; no balancer {}. HAProxy slows from \
+                 round to round in this set-up (its first, fresh round is its best), most likely \
+                 from the TIME_WAIT sockets its closes leave on the balancer, which outlive the \
+                 rounds; maglb, which terminates nothing, does not.",
+                rounds(0),
+                rounds(1),
+                rounds(2)
+            ),
+            format!(
+                "wrk -t2 -c64 -d{SECONDS}s, `Connection: close`, {ROUNDS} rounds alternating the three; the \
                  balancer's namespace has tcp_tw_reuse=1 and ports 1024-65535 for HAProxy's \
                  connections to the backends. Client, router, balancer, three nginx and wrk share the \
                  2 cores, so absolute numbers are this machine's; the ratios are the comparison."

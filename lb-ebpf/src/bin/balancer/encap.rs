@@ -1,26 +1,32 @@
-//! Encapsulation toward the backend: IPv4-in-IPv4, IPv6-in-IPv6, IPv4-in-IPv6.
+//! Encapsulation toward the backend: IPv4-in-IPv4, IPv6-in-IPv6, IPv4-in-IPv6; or, with
+//! `ENCAP_GUE`, the same outer headers followed by a UDP header (GUE variant 1: the inner IP
+//! packet follows the UDP header directly), whose source port carries per-flow entropy so
+//! that a backend's NIC spreads flows over its receive queues (RSS).
 
 use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Backend, Config, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6};
+use lb_common::{Backend, Config, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use lb_ebpf::{
-    csum,
+    csum, hash,
     parse::{
         ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_DF, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
-        Ipv6Hdr, Packet, VlanHdr, ptr_at,
+        Ipv6Hdr, Packet, UdpHdr, VlanHdr, ptr_at,
     },
 };
 
-/// Bytes the outer header adds for this backend.
+const UDP_HLEN: usize = 8;
+
+/// Bytes the outer headers add for this backend (`gue_port`: `Settings::gue_dport`).
 #[inline(always)]
-pub fn overhead(b: &Backend) -> usize {
-    if b.family == FAMILY_V4 {
+pub fn overhead(b: &Backend, gue_port: u16) -> usize {
+    let ip = if b.family == FAMILY_V4 {
         IPV4_HLEN
     } else {
         IPV6_HLEN
-    }
+    };
+    if gue_port != 0 { ip + UDP_HLEN } else { ip }
 }
 
 /// The L2 header of the frame as received: what a rewrite keeps.
@@ -90,55 +96,102 @@ pub fn grow_head(ctx: &XdpContext, bytes: usize) -> Result<(), ()> {
     Ok(())
 }
 
-/// Puts an outer IP header toward `b` in front of the packet's IP header and sets the MACs
-/// for the next hop. The caller checked that the families fit and the size is within the MTU.
+/// Puts the outer headers toward `b` in front of the packet's IP header (with a UDP header
+/// to `gue_port` unless it is 0) and sets the MACs for the next hop. The caller checked that
+/// the families fit and the size is within the MTU.
+///
+/// A subprogram on both the TCP/UDP and the ICMP paths: its stack counts toward the ICMP
+/// path's 512 bytes, so few values live across its helper calls (64 bytes at most).
 #[inline(never)]
-pub fn encap(ctx: &XdpContext, pkt: &Packet, b: &Backend, cfg: &Config) -> Result<(), ()> {
-    let mut l2 = read_l2(ctx, pkt)?;
-    l2.dst = cfg.nh_mac;
-    l2.src = cfg.if_mac;
+pub fn encap(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    b: &Backend,
+    cfg: &Config,
+    gue_port: u16,
+) -> Result<(), ()> {
+    // Only the VLAN tag is kept from the received L2 header; the MACs come from the config.
+    let tci = if pkt.l3_off != ETH_HLEN {
+        let vlan = ptr_at::<VlanHdr>(ctx, ETH_HLEN).ok_or(())?;
+        unsafe { (*vlan).tci }
+    } else {
+        0
+    };
     trim_to(ctx, pkt.l3_off + pkt.l3_len)?;
-    let inner_proto = if pkt.flow.family == FAMILY_V4 {
+    let gue = gue_port != 0;
+    let udp_len = if gue { UDP_HLEN } else { 0 };
+    let inner_proto = if gue {
+        PROTO_UDP
+    } else if pkt.flow.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
         PROTO_IPV6
     };
+    // Headers are written in place, field by field: built on the stack first, they would
+    // cost stack space this subprogram shares with the ICMP path.
+    let ip_len;
     if b.family == FAMILY_V4 {
-        grow_head(ctx, IPV4_HLEN)?;
-        write_l2(ctx, pkt.l3_off, &l2, ETH_P_IP)?;
-        let mut ip = Ipv4Hdr {
-            vihl: 0x45,
-            tos: pkt.tos,
-            tot_len: ((pkt.l3_len + IPV4_HLEN) as u16).to_be(),
-            id: 0,
-            frag_off: if pkt.df { IP_DF.to_be() } else { 0 },
-            ttl: 64,
-            proto: inner_proto,
-            check: 0,
-            src: cfg.src_v4,
-            dst: b.addr[0],
+        ip_len = IPV4_HLEN;
+        grow_head(ctx, IPV4_HLEN + udp_len)?;
+        let l2 = L2 {
+            dst: cfg.nh_mac,
+            src: cfg.if_mac,
+            tci,
         };
-        ip.check = csum::fold(csum::sum_struct(&ip));
-        let out = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off).ok_or(())?;
-        unsafe { *out = ip };
+        write_l2(ctx, pkt.l3_off, &l2, ETH_P_IP)?;
+        let ip = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off).ok_or(())?;
+        let tot_len = ((pkt.l3_len + IPV4_HLEN + udp_len) as u16).to_be();
+        let frag_off = if pkt.df { IP_DF.to_be() } else { 0 };
+        let vihl_tos = u16::from_ne_bytes([0x45, pkt.tos]);
+        let ttl_proto = u16::from_ne_bytes([64, inner_proto]);
+        let mut sum = vihl_tos as u64 + tot_len as u64 + frag_off as u64 + ttl_proto as u64;
+        sum = csum::add32(sum, cfg.src_v4);
+        sum = csum::add32(sum, b.addr[0]);
+        unsafe {
+            (*ip).vihl = 0x45;
+            (*ip).tos = pkt.tos;
+            (*ip).tot_len = tot_len;
+            (*ip).id = 0;
+            (*ip).frag_off = frag_off;
+            (*ip).ttl = 64;
+            (*ip).proto = inner_proto;
+            (*ip).check = csum::fold(sum);
+            (*ip).src = cfg.src_v4;
+            (*ip).dst = b.addr[0];
+        }
     } else if b.family == FAMILY_V6 {
-        grow_head(ctx, IPV6_HLEN)?;
+        ip_len = IPV6_HLEN;
+        grow_head(ctx, IPV6_HLEN + udp_len)?;
+        let l2 = L2 {
+            dst: cfg.nh_mac,
+            src: cfg.if_mac,
+            tci,
+        };
         write_l2(ctx, pkt.l3_off, &l2, ETH_P_IPV6)?;
         // The flow label carries flow entropy for ECMP between here and the backends.
-        let f = &pkt.flow;
-        let label = (f.src[3] ^ f.src[0] ^ (f.sport as u32) << 4 ^ f.dport as u32) & 0xf_ffff;
-        let ip = Ipv6Hdr {
-            vtcfl: (6u32 << 28 | (pkt.tos as u32) << 20 | label).to_be(),
-            payload_len: (pkt.l3_len as u16).to_be(),
-            nexthdr: inner_proto,
-            hop_limit: 64,
-            src: cfg.src_v6,
-            dst: b.addr,
-        };
-        let out = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off).ok_or(())?;
-        unsafe { *out = ip };
+        let label = hash::flow_label(&pkt.flow);
+        let ip = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off).ok_or(())?;
+        unsafe {
+            (*ip).vtcfl = (6u32 << 28 | (pkt.tos as u32) << 20 | label).to_be();
+            (*ip).payload_len = ((pkt.l3_len + udp_len) as u16).to_be();
+            (*ip).nexthdr = inner_proto;
+            (*ip).hop_limit = 64;
+            (*ip).src = cfg.src_v6;
+            (*ip).dst = b.addr;
+        }
     } else {
         return Err(());
+    }
+    if gue {
+        // No UDP checksum (0): allowed for IPv4, and for IPv6 tunnels by RFC 6935 / 6936; the
+        // inner packet keeps its own checksums.
+        let udp = ptr_at::<UdpHdr>(ctx, pkt.l3_off + ip_len).ok_or(())?;
+        unsafe {
+            (*udp).src = hash::gue_sport(&pkt.flow).to_be();
+            (*udp).dst = gue_port.to_be();
+            (*udp).len = ((pkt.l3_len + UDP_HLEN) as u16).to_be();
+            (*udp).check = 0;
+        }
     }
     Ok(())
 }

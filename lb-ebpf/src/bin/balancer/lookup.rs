@@ -1,12 +1,15 @@
-//! Classify (is this for a VIP?) and choose (which backend?).
+//! Classify (is this for a VIP?) and choose (which backend, from the VIP's Maglev ring?).
 
 use lb_common::{
-    AddrKey, BACKEND_F_IN_USE, Backend, ConnEntry, FlowKey, NO_BACKEND, VIP_F_AFFINITY_SRC_IP,
-    VipKey, VipMeta, stat, vip_filter_bit,
+    AddrKey, BACKEND_F_IN_USE, Backend, FlowKey, NO_BACKEND, VIP_F_AFFINITY_SRC_IP, VipKey,
+    VipMeta, vip_filter_bit, vip_stat,
 };
 use lb_ebpf::hash;
 
-use crate::maps::{BACKENDS, CONNTRACK, RINGS, VIP_ADDRS, VIP_FILTER, VIPS};
+use crate::{
+    conntrack,
+    maps::{BACKENDS, RINGS, VIP_ADDRS, VIP_FILTER, VIPS},
+};
 
 /// Whether the flow's destination address carries any VIP.
 #[inline(always)]
@@ -17,7 +20,7 @@ pub fn is_vip_addr(flow: &FlowKey) -> bool {
         proto: 0,
         _pad: [0; 2],
     };
-    unsafe { VIP_ADDRS.get(&key) }.is_some()
+    unsafe { VIP_ADDRS.get(key) }.is_some()
 }
 
 /// The VIP of a TCP/UDP flow: (address, port, protocol), then the port-wildcard entry.
@@ -29,11 +32,11 @@ pub fn vip(flow: &FlowKey) -> Option<VipMeta> {
         proto: flow.proto,
         family: flow.family,
     };
-    if let Some(m) = unsafe { VIPS.get(&key) } {
+    if let Some(m) = unsafe { VIPS.get(key) } {
         return Some(*m);
     }
     key.port = 0;
-    unsafe { VIPS.get(&key) }.copied()
+    unsafe { VIPS.get(key) }.copied()
 }
 
 /// The VIP that takes IPv4 fragments for the flow's address and protocol.
@@ -45,7 +48,7 @@ pub fn fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
         proto: flow.proto,
         _pad: [0; 2],
     };
-    unsafe { VIP_ADDRS.get(&key) }.copied()
+    unsafe { VIP_ADDRS.get(key) }.copied()
 }
 
 /// Whether the destination may be a VIP address (no false negatives).
@@ -57,64 +60,43 @@ pub fn maybe_vip(flow: &FlowKey) -> bool {
         .is_some_and(|w| w & (1u64 << (bit & 63)) != 0)
 }
 
-/// The flow's backend from the connection table, while that entry is still valid:
-/// (backend index, backend, VIP index).
+/// The flow's backend for an ICMP error about it: its connection-table entry while that is
+/// still valid, else the VIP's ring (nothing is inserted: an error starts no flow). `Err`
+/// carries the drop reason (`vip_stat`). Also returns whether the ring chose.
 #[inline(always)]
-pub fn established(flow: &FlowKey) -> Option<(u32, Backend, u32)> {
-    let entry = *unsafe { CONNTRACK.get(flow) }?;
-    let b = BACKENDS.get(entry.backend)?;
-    if b.flags & BACKEND_F_IN_USE == 0 || b.generation != entry.generation {
-        return None;
+pub fn backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, bool), u32> {
+    if let Some(s) = conntrack::settings()
+        && let Some((index, b, _)) = conntrack::established(flow, s)
+    {
+        return Ok((index, b, false));
     }
-    crate::stats::global(stat::CT_HIT, 0);
-    Some((entry.backend, *b, entry.vip))
+    choose(flow, vip).map(|(i, b)| (i, b, true))
 }
 
-/// Picks the flow's backend: its connection-table entry while that is still valid, else the
-/// VIP's Maglev ring (and the choice is remembered). `Err` carries the drop reason.
-#[inline(always)]
-pub fn backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), u32> {
-    if let Some((index, b, _)) = established(flow) {
-        return Ok((index, b));
-    }
-    choose(flow, vip)
-}
-
-/// A new flow: the VIP's Maglev ring decides, and the connection table remembers.
+/// A new flow: the VIP's Maglev ring decides. `Err` carries the drop reason (`vip_stat`).
 #[inline(always)]
 pub fn choose(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), u32> {
-    crate::stats::global(stat::CT_MISS, 0);
     let h = if vip.flags & VIP_F_AFFINITY_SRC_IP != 0 {
         hash::src_hash(flow)
     } else {
         hash::flow_hash(flow)
     };
     if vip.ring_size == 0 {
-        return Err(stat::DROP_NO_BACKEND);
+        return Err(vip_stat::NO_BACKEND);
     }
     let slot = vip.ring_off + h % vip.ring_size;
     let Some(ring) = RINGS.get(vip.index) else {
-        return Err(stat::DROP_NO_BACKEND);
+        return Err(vip_stat::NO_BACKEND);
     };
     let index = match ring.get(slot) {
         Some(&i) if i != NO_BACKEND => i,
-        _ => return Err(stat::DROP_NO_BACKEND),
+        _ => return Err(vip_stat::NO_BACKEND),
     };
     let Some(b) = BACKENDS.get(index) else {
-        return Err(stat::ERR_BAD_BACKEND);
+        return Err(vip_stat::BAD_BACKEND);
     };
     if b.flags & BACKEND_F_IN_USE == 0 {
-        return Err(stat::ERR_BAD_BACKEND);
+        return Err(vip_stat::BAD_BACKEND);
     }
-    let entry = ConnEntry {
-        backend: index,
-        generation: b.generation,
-        vip: vip.index,
-        _pad: 0,
-    };
-    // A full table evicts the least recently used entry; a failed insert only costs the
-    // flow its stickiness, so the result is not checked.
-    let _ = CONNTRACK.insert(flow, &entry, 0);
-    crate::stats::new_flow(vip.index);
     Ok((index, *b))
 }

@@ -1,14 +1,17 @@
 //! The balancer's maps. User space (the loader, later the agent) writes all of them but the
-//! connection table and the counters, which this program writes.
+//! connection table, the rate-limit state and the counters, which this program writes.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, CONNTRACK_SIZE, Config, ConnEntry, Counter, DEFAULT_RING_SIZE, FlowKey,
-    MAX_BACKENDS, MAX_VIPS, RING_MAP_FLAGS, VIP_FILTER_WORDS, VipKey, VipMeta, stat,
+    AddrKey, Backend, BackendCounter, Config, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
+    DEFAULT_RING_SIZE, FloodMeter, FlowKey, MAX_BACKENDS, MAX_VIPS, PREFIX_ENTRIES, PrefixData4,
+    PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, Settings, SrcKey, VIP_FILTER_WORDS, VipKey,
+    VipMeta, VipPolicy, stat, vip_stat,
 };
 
 /// VIPs by (address, port, protocol); port 0 is the port-wildcard entry.
@@ -40,23 +43,64 @@ pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0)
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Connection table: flow -> backend. Written here on a miss, read on every packet.
+/// Connection table: flow -> backend, VIP, last use. Written here for new flows, read on
+/// every packet that is not a SYN. One hash table that every CPU reads, with per-CPU LRU
+/// lists (`BPF_F_NO_COMMON_LRU`): a CPU inserts into and evicts from its own share, with no
+/// lock shared between CPUs. User space sets the size at load time (`conntrack_entries`).
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
-    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 /// Slot 0: the balancer's configuration. Written by user space.
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-/// Per-CPU counters per VIP index, per backend index, and global by reason (`stat::*`).
-/// Written here, summed over CPUs by user space.
+/// Slot 0: runtime settings (idle timeouts, flood threshold, encapsulation). Written by user
+/// space.
 #[map]
-pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Per-VIP admission policy for new flows, by VIP index. Written by user space.
 #[map]
-pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static VIP_POLICY: Array<VipPolicy> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// Source prefixes per VIP (allow or deny), longest match wins. Written by user space.
+#[map]
+pub static PREFIXES_V4: LpmTrie<PrefixData4, u32> = LpmTrie::with_max_entries(PREFIX_ENTRIES, 0);
+#[map]
+pub static PREFIXES_V6: LpmTrie<PrefixData6, u32> = LpmTrie::with_max_entries(PREFIX_ENTRIES, 0);
+
+/// Per-source new-flow limiter: (VIP, source /32 or /64) -> the bucket's theoretical arrival
+/// time (coarse ns). Written here.
+#[map]
+pub static SRC_LIMIT: LruHashMap<SrcKey, u64> =
+    LruHashMap::with_max_entries(SRC_LIMIT_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Per-VIP cap on new flows, per CPU: the VIP's theoretical arrival time on this CPU
+/// (coarse ns). Written here.
+#[map]
+pub static VIP_CAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Slot 0, per CPU: this CPU's copy of the coarse clock (ns), written on new flows and
+/// every `CLOCK_REFRESH`-th packet to a backend; the established path reads it instead of
+/// calling the clock helper. Written here.
+#[map]
+pub static CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0, per CPU: the flood meter (new flows inserted in the current window, and what the
+/// flood mode did). Written here.
+#[map]
+pub static FLOOD: PerCpuArray<FloodMeter> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counters, per CPU. Each packet bumps exactly one of them: a forwarded packet its backend
+/// slot's (`BACKEND_STATS`), a packet of a VIP that is not forwarded its VIP's reason
+/// (`VIP_DROPS[vip * vip_stat::STRIDE + reason]`), anything else a global reason
+/// (`GLOBAL_STATS`, `stat::*`). Written here, summed over CPUs by user space.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendCounter> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+pub static VIP_DROPS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(MAX_VIPS * vip_stat::STRIDE, 0);
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
-/// Per-CPU count of new flows (connection-table misses given a backend) per VIP index.
-#[map]
-pub static VIP_NEW_FLOWS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_VIPS, 0);

@@ -1,8 +1,8 @@
-//! Counter bumps (per-CPU, so plain adds).
+//! Counter bumps (per-CPU, so plain adds). A packet bumps exactly one counter.
 
-use lb_common::Counter;
+use lb_common::{Counter, vip_stat};
 
-use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_NEW_FLOWS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_DROPS};
 
 #[inline(always)]
 fn bump(c: Option<*mut Counter>, bytes: usize) {
@@ -14,26 +14,36 @@ fn bump(c: Option<*mut Counter>, bytes: usize) {
     }
 }
 
-/// A global counter by reason (`lb_common::stat`).
+/// A global counter by reason (`lb_common::stat`), for packets that belong to no VIP (or
+/// whose VIP is not known).
 #[inline(always)]
 pub fn global(reason: u32, bytes: usize) {
     bump(GLOBAL_STATS.get_ptr_mut(reason), bytes);
 }
 
+/// A packet of VIP `vip` that is not forwarded, by reason (`lb_common::vip_stat`).
 #[inline(always)]
-pub fn vip(index: u32, bytes: usize) {
-    bump(VIP_STATS.get_ptr_mut(index), bytes);
+pub fn vip_drop(vip: u32, reason: u32, bytes: usize) {
+    bump(
+        VIP_DROPS.get_ptr_mut(vip.wrapping_mul(vip_stat::STRIDE) + reason),
+        bytes,
+    );
 }
 
+/// A packet forwarded to backend slot `index`; `new_flow` when the ring chose the backend.
+/// Every `CLOCK_REFRESH`-th packet of a slot on a CPU also refreshes that CPU's clock copy
+/// (the count is at hand: no extra per-CPU state).
 #[inline(always)]
-pub fn backend(index: u32, bytes: usize) {
-    bump(BACKEND_STATS.get_ptr_mut(index), bytes);
-}
-
-/// A new flow of a VIP.
-#[inline(always)]
-pub fn new_flow(index: u32) {
-    if let Some(c) = VIP_NEW_FLOWS.get_ptr_mut(index) {
-        unsafe { *c += 1 };
+pub fn backend(index: u32, bytes: usize, new_flow: bool) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(index) {
+        let packets = unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes as u64;
+            (*c).new_flows += new_flow as u64;
+            (*c).packets
+        };
+        if packets & (crate::conntrack::CLOCK_REFRESH - 1) == 0 {
+            crate::conntrack::now_ns();
+        }
     }
 }
