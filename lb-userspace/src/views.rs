@@ -73,6 +73,7 @@ impl Views {
             interface: s.state.balancer.interface.clone(),
             mode: s.state.balancer.mode,
             attached: s.attached,
+            detached_reason: s.detached_why.as_deref().map(str::to_owned),
             ready: s.forwarding(),
             mtu: cfg.mtu,
             source_v4: (cfg.src_v4 != 0)
@@ -189,6 +190,7 @@ impl Views {
                     Route::Tunnel { .. } => None,
                 },
                 health: self.health_of(&key),
+                out_of_table: s.down.contains(&key),
             })
             .collect()
     }

@@ -7,5 +7,6 @@ pub mod fixture;
 pub mod fuzz;
 pub mod netns;
 pub mod packet;
+pub mod soak;
 pub mod topology;
 pub mod traffic;

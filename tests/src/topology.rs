@@ -287,8 +287,9 @@ impl Topology {
         }
         let name = format!("b{i}");
         let ctl = Arc::new(BackendCtl::default());
-        // The service on the VIPs and on the backend's own address (where direct health
-        // probes go), and a health endpoint on all its addresses.
+        // The service on the VIPs (where probes over the tunnel go, the default check of a
+        // TCP VIP too) and on the backend's own addresses (where direct probes go), and a
+        // health endpoint on all its addresses.
         for at in [
             IpAddr::V4(VIP),
             IpAddr::V6(VIP6),

@@ -64,3 +64,96 @@ impl Traffic {
         (failed, broken, gap)
     }
 }
+
+/// One request of [`Requests`]: when it started and ended, and the backend that answered or
+/// why it failed.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub target: std::net::SocketAddr,
+    pub start: Instant,
+    pub end: Instant,
+    pub result: Result<String, String>,
+}
+
+impl Request {
+    pub fn ok(&self) -> bool {
+        self.result.is_ok()
+    }
+}
+
+/// Requests on new TCP connections, round robin over `targets`, one at a time with a pause
+/// between them, each recorded, until stopped (or a bound of a million requests).
+pub struct Requests {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Request>>>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Requests {
+    /// Starts sending from `ns` (the client's namespace).
+    pub fn start(
+        ns: &crate::netns::Netns,
+        targets: Vec<std::net::SocketAddr>,
+        timeout: Duration,
+        pause: Duration,
+    ) -> Self {
+        assert!(!targets.is_empty());
+        Self::start_shared(ns, Arc::new(Mutex::new(targets)), timeout, pause)
+    }
+
+    /// As `start`, to targets the caller may change meanwhile (none: it waits).
+    pub fn start_shared(
+        ns: &crate::netns::Netns,
+        targets: Arc<Mutex<Vec<std::net::SocketAddr>>>,
+        timeout: Duration,
+        pause: Duration,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (s, l) = (stop.clone(), log.clone());
+        let handle = ns
+            .spawn(move || {
+                for i in 0..1_000_000usize {
+                    if s.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Some(target) = ({
+                        let t = targets.lock().unwrap();
+                        (!t.is_empty()).then(|| t[i % t.len()])
+                    }) else {
+                        std::thread::sleep(pause);
+                        continue;
+                    };
+                    let start = Instant::now();
+                    let result =
+                        topology::tcp_request(target, timeout).map_err(|e| format!("{e:#}"));
+                    l.lock().unwrap().push(Request {
+                        target,
+                        start,
+                        end: Instant::now(),
+                        result,
+                    });
+                    std::thread::sleep(pause);
+                }
+            })
+            .expect("client thread");
+        Self { stop, log, handle }
+    }
+
+    /// The requests so far.
+    pub fn log(&self) -> Vec<Request> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// How many requests so far.
+    pub fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Stops, and returns every request.
+    pub fn stop(self) -> Vec<Request> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.join();
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}

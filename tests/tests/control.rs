@@ -53,12 +53,13 @@ fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// `n` VIPs of `per` backends each; VIP `i` at 10.201.x.y, backends from `base` on.
+/// `n` VIPs of `per` backends each; VIP `i` at 10.201.x.y, backends from `base` on. The
+/// backends are addresses no one answers at, so probing is off.
 fn many(n: u32, per: u32, base: u32, ring: u32) -> String {
     let mut c = String::new();
     for v in 0..n {
         c += &format!(
-            "[[vip]]\naddress = \"10.201.{}.{}:80/tcp\"\nring_size = {ring}\n",
+            "[[vip]]\naddress = \"10.201.{}.{}:80/tcp\"\nring_size = {ring}\nhealth = {{ kind = \"none\" }}\n",
             v >> 8,
             v & 255
         );
@@ -189,6 +190,8 @@ fn fifty_concurrent_writers_are_all_applied() {
     let ns = Netns::new(&format!("{}-cp", unique_prefix("ctw"))).unwrap();
     let a = Agent::start(bin(), &ns, &scratch.0).unwrap();
     a.ok(&["vip", "add", "10.201.0.1:80/tcp"]);
+    // No one answers at the backends' addresses: no probes.
+    a.ok(&["vip", "health", "10.201.0.1:80/tcp", "--kind", "none"]);
     // Idle connections held open meanwhile lock nobody out.
     let idle: Vec<_> = (0..20)
         .map(|_| std::os::unix::net::UnixStream::connect(&scratch.0.socket).unwrap())

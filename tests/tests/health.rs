@@ -84,7 +84,7 @@ fn setup(tag: &str, scratch: &Scratch, flags: &[&[&str]], kind: &str) -> (Topolo
     assert!(
         wait_for(Duration::from_secs(5), || health(&a)
             .values()
-            .all(|(up, _)| *up)
+            .all(|(up, _, out)| *up && !*out)
             && health(&a).len() == flags.len()),
         "backends not probed up: {}",
         a.ok(&["health"])
@@ -92,8 +92,9 @@ fn setup(tag: &str, scratch: &Scratch, flags: &[&[&str]], kind: &str) -> (Topolo
     (t, a)
 }
 
-/// Per backend address: (up, last result), from `maglb health --output json`.
-fn health(a: &Agent) -> BTreeMap<IpAddr, (bool, String)> {
+/// Per backend address: (up, last result, out of the datapath's table), from
+/// `maglb health --output json`.
+fn health(a: &Agent) -> BTreeMap<IpAddr, (bool, String, bool)> {
     let v: serde_json::Value =
         serde_json::from_str(&a.ok(&["health", "--output", "json"])).unwrap();
     v.as_array()
@@ -106,14 +107,18 @@ fn health(a: &Agent) -> BTreeMap<IpAddr, (bool, String)> {
                 (
                     h["up"].as_bool()?,
                     h["last"].as_str().unwrap_or("").to_owned(),
+                    p["out_of_table"].as_bool()?,
                 ),
             ))
         })
         .collect()
 }
 
+/// Backend `i`'s verdict once the datapath carries it (None before the first probe, and
+/// while the writer has not applied the verdict yet).
 fn is_up(a: &Agent, i: usize) -> Option<bool> {
-    health(a).get(&IpAddr::V4(backend_addr(i))).map(|h| h.0)
+    let (up, _, out) = health(a).get(&IpAddr::V4(backend_addr(i))).cloned()?;
+    (up != out).then_some(up)
 }
 
 /// Waits until backend `i` is `up`; returns how long that took.

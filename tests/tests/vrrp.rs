@@ -236,7 +236,9 @@ fn a_large_apply_on_the_master_causes_no_failover() {
         .unwrap();
     let mut big = config(150, true);
     for v in 0..30u32 {
-        big += &format!("[[vip]]\naddress = \"10.201.0.{v}:80/tcp\"\n");
+        big += &format!(
+            "[[vip]]\naddress = \"10.201.0.{v}:80/tcp\"\nhealth = {{ kind = \"none\" }}\n"
+        );
         for b in 0..20u32 {
             big += &format!("[[vip.backend]]\naddress = \"10.64.{v}.{b}\"\n");
         }

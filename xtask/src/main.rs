@@ -1,4 +1,5 @@
-//! maglb's tasks: `cargo xtask setup | build | test | lint | install | demo | bench | fuzz`.
+//! maglb's tasks: `cargo xtask setup | build | test | lint | install | demo | bench | soak |
+//! fuzz`.
 
 mod install;
 mod lint;
@@ -53,6 +54,16 @@ enum Task {
         /// Run only these sections (packet, forward, conns, control) and print them; a run
         /// of only some sections leaves BENCHMARKS.md alone.
         only: Vec<String>,
+    },
+    /// A VRRP pair under real traffic for N minutes with faults and churn (health flaps,
+    /// backends removed and added, applies, VIP adds and deletes, agent restarts, handovers):
+    /// fails if a request failed outside the fault windows, or RSS, fds or map entries grow,
+    /// or the maps and the state disagree. Writes the Soak section of BENCHMARKS.md. Needs
+    /// root.
+    Soak {
+        /// How long the churn goes on (set-up and checks come on top).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
     },
     /// Fuzz the balancer XDP program through BPF_PROG_TEST_RUN: random and mutated frames,
     /// each result checked by an oracle. Prints counts per action, frames/s and violations
@@ -257,6 +268,11 @@ fn main() -> anyhow::Result<()> {
             ensure_setup()?;
             require_root("bench")?;
             run_with_maglb("maglb-bench", &only)
+        }
+        Task::Soak { minutes } => {
+            ensure_setup()?;
+            require_root("soak")?;
+            run_with_maglb("maglb-soak", &["--minutes".into(), minutes.to_string()])
         }
         Task::Fuzz { frames, seed } => {
             ensure_setup()?;

@@ -35,7 +35,7 @@ use crate::{
     datapath::{Datapath, LoadOptions},
     health,
     metrics::{self, ProbeMetrics, WriterMetrics},
-    state::State,
+    state::{State, down_after},
     store::{Persisted, Store, StoreError},
     views::Views,
     vrrp::speaker::Speaker,
@@ -73,8 +73,11 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // balancer takes over without waiting for that. Otherwise it starts once the writer
     // has made the datapath carry the state.
     let pinned = Datapath::pinned_and_attached(&opts.bpffs);
-    let (vrrp_tx, vrrp_snap) =
-        watch::channel(Arc::new(Snapshot::preliminary(saved.state.clone(), pinned)));
+    let (vrrp_tx, vrrp_snap) = watch::channel(Arc::new(Snapshot::preliminary(
+        saved.state.clone(),
+        saved.down.clone(),
+        pinned,
+    )));
     let early_speaker = if pinned {
         Some(Speaker::spawn(vrrp_snap.clone())?)
     } else {
@@ -178,19 +181,28 @@ fn load_state(store: &mut Store, opts: &Options) -> anyhow::Result<Persisted> {
                 .with_context(|| format!("reading {}", path.display()))?;
             let state =
                 State::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let p = Persisted {
-                state,
-                ..Persisted::default()
-            };
+            // Backends whose check says `initial = "down"` start down, as when added later.
+            let down = down_after(&State::default(), &state, &Default::default());
+            let p = Persisted { state, down };
             store.reset(&p)?;
             info!(file = %path.display(), "first start: state taken from the initial config");
             Ok(p)
         }
         Err(StoreError::Corrupt { file, why }) if opts.start_empty => {
-            let aside = file.with_extension("unreadable");
-            std::fs::rename(&file, &aside)
-                .with_context(|| format!("moving {} aside", file.display()))?;
-            warn!(file = %file.display(), moved_to = %aside.display(), %why,
+            // Both the snapshot and the journal go aside: the journal's records only mean
+            // something on top of the snapshot they follow.
+            for f in store.files() {
+                if !f.exists() {
+                    continue;
+                }
+                let mut aside = f.clone().into_os_string();
+                aside.push(".unreadable");
+                std::fs::rename(&f, &aside)
+                    .with_context(|| format!("moving {} aside", f.display()))?;
+                warn!(file = %f.display(), moved_to = %Path::new(&aside).display(),
+                    "moved aside (--start-empty)");
+            }
+            warn!(file = %file.display(), %why,
                 "the state is unreadable; starting empty as asked (--start-empty)");
             let p = Persisted::default();
             store.reset(&p)?;

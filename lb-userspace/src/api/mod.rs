@@ -142,6 +142,10 @@ pub struct ProbeView {
     pub via_reason: Option<String>,
     /// None until the first probe finishes.
     pub health: Option<HealthView>,
+    /// The datapath has taken the backend out of its VIP's table: the writer applied a
+    /// down verdict. It follows `health.up` once the writer has caught up.
+    #[serde(default)]
+    pub out_of_table: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -222,6 +226,9 @@ pub struct Status {
     pub interface: Option<String>,
     pub mode: AttachMode,
     pub attached: bool,
+    /// Why it is detached although no one detached it (a defunct pinned link at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detached_reason: Option<String>,
     /// The datapath has its configuration and forwards (false: it passes everything).
     pub ready: bool,
     pub mtu: u16,

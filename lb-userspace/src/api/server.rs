@@ -79,7 +79,7 @@ impl From<WriteError> for ApiError {
         let status = match &e {
             WriteError::Refused(r) => return r.clone().into(),
             WriteError::Exhausted(_) => StatusCode::CONFLICT,
-            WriteError::Storage(s) if s.is_storage_full() => StatusCode::INSUFFICIENT_STORAGE,
+            WriteError::Storage(s) if s.is_unwritable() => StatusCode::INSUFFICIENT_STORAGE,
             WriteError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             WriteError::Attach(_) => StatusCode::BAD_REQUEST,
             WriteError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     api,
     datapath::decap,
-    state::{AttachMode, HealthCheck, Prefix, ProbeKind, ProbeVia, VipId},
+    state::{AttachMode, HealthCheck, Initial, Prefix, ProbeKind, ProbeVia, VipId},
 };
 
 #[derive(Parser)]
@@ -241,13 +241,20 @@ pub enum VipCmd {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
         percent: Option<u32>,
     },
-    /// Set the VIP's default health check for its backends (`--kind none` removes it).
+    /// Set the health check of the VIP's backends (`--kind none` turns probing off,
+    /// `--default` goes back to the default: a TCP connect to the VIP's port).
     #[command(
         after_help = "Examples:\n  maglb vip health 10.200.0.1:80/tcp --kind tcp --interval-ms 1000 --fall 3\n  \
-        maglb vip health 10.200.0.1:80/tcp --kind http --port 8080 --path /healthz --expect 200-299"
+        maglb vip health 10.200.0.1:80/tcp --kind http --port 8080 --path /healthz --expect 200-299\n  \
+        maglb vip health 10.200.0.1:80/tcp --kind none\n  \
+        maglb vip health 10.200.0.1:80/tcp --default"
     )]
     Health {
         vip: VipId,
+        /// Remove the configured check: the default applies (a TCP connect to the VIP's
+        /// port every 2000 ms, timeout 1000 ms, rise 2, fall 3; none for port-0 and UDP VIPs).
+        #[arg(long = "default", conflicts_with = "kind")]
+        default: bool,
         #[command(flatten)]
         check: HealthArgs,
     },
@@ -353,6 +360,12 @@ pub enum ViaArg {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum InitialArg {
+    Up,
+    Down,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum KindArg {
     None,
     Tcp,
@@ -411,6 +424,10 @@ pub struct HealthArgs {
     /// carry it, else direct].
     #[arg(long, value_enum)]
     pub via: Option<ViaArg>,
+    /// How a backend added later starts: up at once, or down until `rise` probes pass
+    /// [default: up].
+    #[arg(long, value_enum)]
+    pub initial: Option<InitialArg>,
 }
 
 impl HealthArgs {
@@ -441,6 +458,10 @@ impl HealthArgs {
                 ViaArg::Tunnel => ProbeVia::Tunnel,
                 ViaArg::Direct => ProbeVia::Direct,
             }),
+            initial: match self.initial {
+                Some(InitialArg::Down) => Initial::Down,
+                _ => Initial::Up,
+            },
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::{
         client::{self, ClientError},
     },
     datapath::decap,
-    state::{Affinity, AttachMode, ProbeKind, RateLimit, State},
+    state::{Affinity, AttachMode, RateLimit, State},
 };
 
 /// The socket for reads: the API socket, or the read-only one when the API socket is not
@@ -237,15 +237,21 @@ fn vip(sock: &Path, read: &Path, cmd: VipCmd, out: &mut impl Write) -> Result<()
             };
             output::changes(out, &send(sock, "POST", "/v1/vips/switch", &req)?)?;
         }
-        VipCmd::Health { vip, check } => {
-            if check.kind.is_none() {
-                return Err("--kind is required (none removes the check)".into());
+        VipCmd::Health {
+            vip,
+            default,
+            check,
+        } => {
+            if !default && check.kind.is_none() {
+                return Err(
+                    "give --kind (none turns probing off) or --default (a TCP connect to the VIP's port)"
+                        .into(),
+                );
             }
-            let check = check.check();
             let req = api::HealthRequest {
                 vip,
                 backend: None,
-                health: (check.kind != ProbeKind::None).then_some(check),
+                health: (!default).then(|| check.check()),
             };
             output::changes(out, &send(sock, "POST", "/v1/health", &req)?)?;
         }

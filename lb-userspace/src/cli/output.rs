@@ -156,12 +156,11 @@ pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
         "interface    {} ({}, {})",
         or(&s.interface),
         s.mode,
-        if s.attached {
-            "attached"
-        } else {
-            "not attached"
-        }
+        if s.attached { "attached" } else { "detached" }
     )?;
+    if let Some(why) = &s.detached_reason {
+        writeln!(out, "detached     {why}")?;
+    }
     writeln!(
         out,
         "forwarding   {}",

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::programs::{
-    Xdp, XdpMode,
+    ProgramError, Xdp, XdpMode,
     links::{FdLink, PinnedLink},
     xdp::{XdpLink, XdpLinkId},
 };
@@ -59,12 +59,31 @@ pub fn pin_link(prog: &mut Xdp, id: XdpLinkId, path: &Path) -> Result<XdpLinkId,
     prog.attach_to_link(link).map_err(|e| pin_error(dir, e))
 }
 
-/// Puts `prog` on the link pinned at `path` (one atomic replace of the attached program).
-pub fn adopt(prog: &mut Xdp, path: &Path) -> Result<XdpLinkId, DatapathError> {
+/// What became of a pinned link.
+pub enum Adopted {
+    /// `prog` runs on it now (one atomic replace of the attached program).
+    Linked(XdpLinkId),
+    /// The link is defunct: its interface is gone (a deleted namespace, an unplugged NIC),
+    /// so the kernel refuses to update it (ENOLINK). The reason, for the log.
+    Defunct(String),
+}
+
+/// Puts `prog` on the link pinned at `path`. Any other failure than a defunct link is an
+/// error: the pin stays (unpinning a live link would stop forwarding once we exit).
+pub fn adopt(prog: &mut Xdp, path: &Path) -> Result<Adopted, DatapathError> {
     let dir = path.parent().unwrap_or(path);
     let pinned = PinnedLink::from_pin(path).map_err(|e| pin_error(dir, e))?;
     let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_error(dir, e))?;
-    prog.attach_to_link(link).map_err(|e| pin_error(dir, e))
+    match prog.attach_to_link(link) {
+        Ok(id) => Ok(Adopted::Linked(id)),
+        Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOLINK) => {
+            Ok(Adopted::Defunct(format!(
+                "{}: {} (its interface is gone)",
+                e.call, e.io_error
+            )))
+        }
+        Err(e) => Err(pin_error(dir, crate::error_chain(&e))),
+    }
 }
 
 /// Pins an adopted link at a new path as well (the old path goes with its directory).

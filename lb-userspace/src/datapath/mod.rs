@@ -183,6 +183,8 @@ pub struct Datapath {
     /// A directory of an older layout whose link the program takes over once the maps carry
     /// the state ([`Datapath::finish_migration`]).
     migrating_from: Option<PathBuf>,
+    /// Why a pinned link found at load was unpinned (it was defunct).
+    defunct: Option<String>,
     counters: Counters,
 }
 
@@ -227,12 +229,13 @@ impl Datapath {
         let mut dp = Self::open(Some(&dir), opts)?;
         let link = dir.join(LINK_FILE);
         if link.exists() {
-            match link::adopt(dp.program(), &link) {
-                Ok(id) => dp.link = Some(id),
-                Err(e) => {
-                    warn!(link = %link.display(), error = %crate::error_chain(&e),
-                        "the pinned XDP link is defunct (its interface is gone?); unpinned it, starting detached");
+            match link::adopt(dp.program(), &link)? {
+                link::Adopted::Linked(id) => dp.link = Some(id),
+                link::Adopted::Defunct(why) => {
+                    warn!(link = %link.display(), reason = %why,
+                        "the pinned XDP link is defunct: its interface is gone; unpinned it, starting detached");
                     link::unpin(&link).map_err(|e| pin_error(&dir, e))?;
+                    dp.defunct = Some(why);
                 }
             }
         } else if let Some(old) = older.iter().find(|d| d.join(LINK_FILE).exists()) {
@@ -333,6 +336,7 @@ impl Datapath {
             maps,
             rings: Rings::new(outer, outer_id),
             migrating_from: None,
+            defunct: None,
             counters,
         };
         if dp.settings()?.version == 0 {
@@ -379,6 +383,11 @@ impl Datapath {
     /// Whether the program is attached (by this process or through a pinned link).
     pub fn is_attached(&self) -> bool {
         self.link.is_some()
+    }
+
+    /// Why a pinned link found at load was defunct and unpinned, if one was.
+    pub fn defunct_link(&self) -> Option<&str> {
+        self.defunct.as_deref()
     }
 
     /// Whether an older layout waits for [`Datapath::finish_migration`].
@@ -428,13 +437,17 @@ impl Datapath {
         let dir = self.pin_dir.clone().expect("migration only with pins");
         let new_link = dir.join(LINK_FILE);
         match link::adopt(self.program(), &old.join(LINK_FILE)) {
-            Ok(id) => {
+            Ok(link::Adopted::Linked(id)) => {
                 let id = link::repin(self.program(), id, &new_link)?;
                 self.link = Some(id);
                 info!(from = %old.display(), "took over the XDP link of the older layout");
             }
+            Ok(link::Adopted::Defunct(why)) => {
+                warn!(reason = %why, "the older layout's link is defunct; starting detached");
+                self.defunct = Some(why);
+            }
             Err(e) => {
-                warn!(error = %crate::error_chain(&e), "the older layout's link is defunct; starting detached")
+                warn!(error = %crate::error_chain(&e), "taking over the older layout's link; starting detached")
             }
         }
         std::fs::remove_dir_all(&old).map_err(|e| pin_error(&old, e))?;

@@ -39,8 +39,14 @@ impl Default for Tracker {
 impl Tracker {
     /// A new backend counts as up until `fall` probes fail, so adding one takes effect at once.
     pub fn new() -> Self {
+        Self::starting(true)
+    }
+
+    /// A tracker that starts `up` or down (a backend the writer holds down: known down
+    /// before a restart, or added with `initial = "down"`); down, it needs `rise` successes.
+    pub fn starting(up: bool) -> Self {
         Self {
-            up: true,
+            up,
             ok_run: 0,
             fail_run: 0,
             last: None,
@@ -48,6 +54,14 @@ impl Tracker {
             since: Instant::now(),
             checks: 0,
         }
+    }
+
+    /// Records a probe that says nothing about the backend (the balancer could not probe at
+    /// all): counted and shown, and the verdict and its runs stay as they were.
+    pub fn record_unjudged(&mut self, why: String, latency: Duration) {
+        self.checks += 1;
+        self.latency = Some(latency);
+        self.last = Some(why);
     }
 
     /// Records a probe result; returns the new state when it changed.
@@ -116,5 +130,31 @@ mod tests {
         assert_eq!(t.record(&ok(), d, 2, 3), None);
         assert_eq!(t.record(&ok(), d, 2, 3), Some(true));
         assert_eq!(t.checks, 10);
+    }
+
+    #[test]
+    fn unjudged_probes_leave_the_verdict_and_its_runs() {
+        let d = Duration::from_millis(1);
+        let mut t = Tracker::new();
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        for _ in 0..10 {
+            t.record_unjudged("interface down".into(), d);
+        }
+        assert!(t.up);
+        assert_eq!(t.last.as_deref(), Some("interface down"));
+        // The run of two failures goes on where it was.
+        assert_eq!(t.record(&bad(), d, 2, 3), Some(false));
+        assert_eq!(t.checks, 13);
+    }
+
+    #[test]
+    fn a_tracker_that_starts_down_needs_rise_successes() {
+        let d = Duration::from_millis(1);
+        let mut t = Tracker::starting(false);
+        assert!(!t.up);
+        assert_eq!(t.record(&bad(), d, 2, 3), None);
+        assert_eq!(t.record(&ok(), d, 2, 3), None);
+        assert_eq!(t.record(&ok(), d, 2, 3), Some(true));
     }
 }

@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -23,12 +22,12 @@ use super::{
 };
 use crate::{
     metrics::ProbeMetrics,
-    state::{State, VipId},
+    state::State,
     writer::{Command, Snapshot, WriteError, WriterHandle},
 };
 
 /// A backend of a VIP.
-pub type BackendKey = (VipId, IpAddr);
+pub use crate::state::BackendKey;
 
 /// What readers see of the probes: the tracker of every probed backend.
 pub type HealthViews = BTreeMap<BackendKey, Tracker>;
@@ -37,6 +36,8 @@ pub type HealthViews = BTreeMap<BackendKey, Tracker>;
 const MAX_PROBES_IN_FLIGHT: usize = 256;
 /// Readers see new results within this long (transitions at once).
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+/// How long what was read of the balancer's own interface is taken as current.
+const LINK_FRESH: Duration = Duration::from_millis(200);
 
 /// The probes a state asks for.
 pub fn probes(state: &State) -> BTreeMap<BackendKey, Probe> {
@@ -67,6 +68,13 @@ struct Supervisor {
     dirty: bool,
     /// Probe latencies of the VIPs with adaptive weights.
     adaptive: Adaptive,
+    /// Transitions sent to the writer that its snapshots do not show yet.
+    pending: BTreeMap<BackendKey, bool>,
+    /// The balancer's interface (from the state), and whether it was up with a carrier when
+    /// last read.
+    iface: Option<String>,
+    link: Option<(Instant, bool)>,
+    nl: Option<rtnetlink::Handle>,
 }
 
 /// Runs until the writer goes. `tunnel` says what probes over the tunnel can count on.
@@ -88,6 +96,10 @@ pub async fn run(
         permits: Arc::new(Semaphore::new(MAX_PROBES_IN_FLIGHT)),
         dirty: false,
         adaptive: Adaptive::default(),
+        pending: BTreeMap::new(),
+        iface: None,
+        link: None,
+        nl: None,
     };
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     loop {
@@ -112,8 +124,13 @@ pub async fn run(
 
 impl Supervisor {
     /// Starts, restarts and stops probe tasks to match the snapshot's state (a probe whose
-    /// route changes is restarted).
+    /// route changes is restarted), and keeps the trackers in step with the writer's
+    /// verdicts.
     fn follow(&mut self, snap: &Snapshot, t: &TunnelState) {
+        if self.iface != snap.state.balancer.interface {
+            self.iface = snap.state.balancer.interface.clone();
+            self.link = None;
+        }
         let want = tunnel::probes(snap, t);
         self.adaptive.follow(&snap.state);
         self.running.retain(|k, (p, task)| {
@@ -123,9 +140,7 @@ impl Supervisor {
             }
             keep
         });
-        let before = self.trackers.len();
-        self.trackers.retain(|k, _| want.contains_key(k));
-        self.dirty |= before != self.trackers.len();
+        self.follow_verdicts(snap, &want);
         for (k, p) in want {
             if self.running.contains_key(&k) {
                 continue;
@@ -137,6 +152,36 @@ impl Supervisor {
                 self.permits.clone(),
             ));
             self.running.insert(k, (p, task));
+        }
+    }
+
+    /// Keeps a tracker for each probe in `want`, in step with the writer's verdicts: a
+    /// backend the writer holds down gets a tracker that starts down (it was known down
+    /// before a restart, or was added with `initial = "down"`), and a tracker the writer
+    /// disagrees with, with no transition of its own on the way, takes the writer's word (a
+    /// backend removed and added again between two snapshots).
+    fn follow_verdicts(&mut self, snap: &Snapshot, want: &BTreeMap<BackendKey, Probe>) {
+        let before = self.trackers.len();
+        self.trackers.retain(|k, _| want.contains_key(k));
+        self.dirty |= before != self.trackers.len();
+        self.pending
+            .retain(|k, up| want.contains_key(k) && snap.is_up(&k.0, &k.1) != *up);
+        for k in want.keys() {
+            let up = snap.is_up(&k.0, &k.1);
+            match self.trackers.get_mut(k) {
+                // Up is what a backend without a result counts as; a tracker shows it once
+                // probed. One the writer holds down shows it at once.
+                None if up => {}
+                None => {
+                    self.trackers.insert(*k, Tracker::starting(false));
+                    self.dirty = true;
+                }
+                Some(t) if t.up != up && !self.pending.contains_key(k) => {
+                    *t = Tracker::starting(up);
+                    self.dirty = true;
+                }
+                Some(_) => {}
+            }
         }
     }
 
@@ -152,6 +197,18 @@ impl Supervisor {
         };
         let (rise, fall) = (probe.check.rise, probe.check.fall);
         self.metrics.observe(&key, took);
+        // While the balancer's own interface is down nothing can be reached, and that says
+        // nothing about the backends: their verdicts stay, so that a balancer coming back
+        // (a VRRP failback) carries the same backends as its peer.
+        if let Err(why) = r
+            && !self.link_running().await
+        {
+            let iface = self.iface.clone().unwrap_or_default();
+            let t = self.trackers.entry(key).or_default();
+            t.record_unjudged(format!("not judged: {iface} is down ({why})"), took);
+            self.dirty = true;
+            return Ok(());
+        }
         if r.is_ok() {
             self.adapt(key, took).await?;
         }
@@ -168,6 +225,7 @@ impl Supervisor {
             warn!(%vip, %backend, %reason, fall, "backend down");
         }
         self.publish();
+        self.pending.insert(key, up);
         self.writer.send(Command::Health { vip, backend, up }).await
     }
 
@@ -198,6 +256,39 @@ impl Supervisor {
                 percent: step.to,
             })
             .await
+    }
+
+    /// Whether the balancer's interface is up with a carrier (true when it has none, or it
+    /// cannot be read: then probes judge as usual).
+    async fn link_running(&mut self) -> bool {
+        let Some(iface) = self.iface.clone() else {
+            return true;
+        };
+        if let Some((at, running)) = self.link
+            && at.elapsed() < LINK_FRESH
+        {
+            return running;
+        }
+        if self.nl.is_none() {
+            self.nl = crate::netlink::connect().ok();
+        }
+        let Some(nl) = self.nl.as_ref() else {
+            return true;
+        };
+        let running = match crate::netlink::link(nl, &iface).await {
+            Ok(l) => l.running,
+            Err(crate::netlink::NetlinkError::NoLink(_)) => false,
+            Err(_) => true,
+        };
+        if self.link.is_none_or(|(_, was)| was) != running {
+            if running {
+                info!(%iface, "the balancer's interface is up: probes judge the backends again");
+            } else {
+                warn!(%iface, "the balancer's interface is down: failed probes do not take backends down meanwhile");
+            }
+        }
+        self.link = Some((Instant::now(), running));
+        running
     }
 
     fn publish(&mut self) {

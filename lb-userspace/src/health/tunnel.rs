@@ -297,7 +297,7 @@ mod tests {
         state.vips.push(v);
         let mut slots = BTreeMap::new();
         slots.insert("10.0.0.11".parse().unwrap(), 7);
-        let mut s = Snapshot::preliminary(state, true);
+        let mut s = Snapshot::preliminary(state, Default::default(), true);
         s.placement = Arc::new(BTreeMap::from([(id, Placement { index: 0, slots })]));
         s.config.ready = 1;
         s.config.src_v4 = 0x0200_000a;

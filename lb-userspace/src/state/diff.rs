@@ -7,9 +7,10 @@ use std::{
 
 use super::{BackendEntry, HealthCheck, State, Vip, VipId};
 
-/// A check's kind (and its `via`, when set), for change lines.
+/// A check's kind (and its `via`, when set), for change lines ("default" when none is
+/// configured).
 fn kind(h: &Option<Box<HealthCheck>>) -> String {
-    h.as_ref().map_or("none".to_owned(), |h| match h.via {
+    h.as_ref().map_or("default".to_owned(), |h| match h.via {
         Some(via) => format!("{} via {via}", h.kind),
         None => h.kind.to_string(),
     })
@@ -104,6 +105,9 @@ impl State {
                     v.address,
                     v.backends.len()
                 ));
+                if let Some(why) = v.unprobed() {
+                    out.push(format!("note: VIP {}: {why}", v.address));
+                }
                 continue;
             };
             let id = v.address;
@@ -116,6 +120,9 @@ impl State {
                     kind(&old.health),
                     kind(&v.health)
                 ));
+                if let Some(why) = v.unprobed() {
+                    out.push(format!("note: VIP {id}: {why}"));
+                }
             }
             if old.adaptive_weights != v.adaptive_weights {
                 out.push(format!(

@@ -8,6 +8,7 @@
 //! given its backends' health; [`diff`] says what a change does, in words.
 
 mod diff;
+mod down;
 mod ops;
 mod policy;
 mod spec;
@@ -26,6 +27,7 @@ use lb_common::DEFAULT_RING_SIZE;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
+    down::{BackendKey, down_after},
     ops::Change,
     policy::{Encap, Policy, Prefix, RateLimit},
     spec::{BackendSpec, MAX_WEIGHT, VipSpec},
@@ -165,9 +167,9 @@ fn is_default_ring(r: &u32) -> bool {
 #[serde(rename_all = "lowercase")]
 pub enum ProbeKind {
     /// No check: the backend counts as up.
-    #[default]
     None,
-    /// A TCP connect.
+    /// A TCP connect (the default kind, and the default check of a TCP VIP).
+    #[default]
     Tcp,
     /// An HTTP GET, judged by status (and optionally body).
     Http,
@@ -213,6 +215,30 @@ impl fmt::Display for ProbeVia {
     }
 }
 
+/// How a backend new to a VIP starts, until its probes say otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Initial {
+    /// Up at once (as HAProxy): it takes new flows until `fall` probes fail.
+    #[default]
+    Up,
+    /// Down until `rise` probes pass: no new flows before it has proved itself.
+    Down,
+}
+
+impl fmt::Display for Initial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Initial::Up => "up",
+            Initial::Down => "down",
+        })
+    }
+}
+
+fn is_initial_up(i: &Initial) -> bool {
+    *i == Initial::Up
+}
+
 fn d_interval() -> u32 {
     2000
 }
@@ -236,6 +262,7 @@ fn d_expect() -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
+    /// Default `tcp`; `none` turns probing off.
     #[serde(default)]
     pub kind: ProbeKind,
     /// Time between checks.
@@ -281,12 +308,16 @@ pub struct HealthCheck {
     /// them (attached and forwarding), else direct.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<ProbeVia>,
+    /// How a backend added to the VIP starts: `up` (default) or `down` until `rise` probes
+    /// pass.
+    #[serde(default, skip_serializing_if = "is_initial_up")]
+    pub initial: Initial,
 }
 
 impl Default for HealthCheck {
     fn default() -> Self {
         Self {
-            kind: ProbeKind::None,
+            kind: ProbeKind::Tcp,
             interval_ms: d_interval(),
             timeout_ms: d_timeout(),
             rise: d_rise(),
@@ -301,9 +332,15 @@ impl Default for HealthCheck {
             tls_ca: None,
             tls_insecure: false,
             via: None,
+            initial: Initial::Up,
         }
     }
 }
+
+/// The check of a VIP whose backends have none configured: a TCP connect to the VIP's port
+/// with the defaults above (every 2000 ms, timeout 1000 ms, rise 2, fall 3).
+static DEFAULT_CHECK: std::sync::LazyLock<HealthCheck> =
+    std::sync::LazyLock::new(HealthCheck::default);
 
 /// The pool of backends that name none.
 pub const DEFAULT_POOL: &str = "default";
@@ -413,12 +450,40 @@ impl Vip {
         }
     }
 
-    /// The health check that applies to a backend, if any.
+    /// The health check that applies to a backend, if any: its own, else the VIP's, else
+    /// the default check. `kind = "none"` turns probing off.
     pub fn check_for<'a>(&'a self, b: &'a BackendEntry) -> Option<&'a HealthCheck> {
         b.health
             .as_deref()
             .or(self.health.as_deref())
+            .or_else(|| self.default_check())
             .filter(|h| h.kind != ProbeKind::None)
+    }
+
+    /// The check a VIP without one gets: a TCP connect to its port. A port-0 VIP has no
+    /// port to probe, and a UDP VIP no check that holds for every UDP service (a TCP
+    /// connect to a UDP port proves nothing), so neither gets one ([`Vip::unprobed`]).
+    pub fn default_check(&self) -> Option<&'static HealthCheck> {
+        (self.address.port != 0 && self.address.proto == Proto::Tcp).then(|| &*DEFAULT_CHECK)
+    }
+
+    /// Why no backend of this VIP is probed although no one turned probing off: no check
+    /// is configured and there is no default for it.
+    pub fn unprobed(&self) -> Option<&'static str> {
+        if self.health.is_some() || self.default_check().is_some() {
+            return None;
+        }
+        if self.backends.iter().any(|b| b.health.is_some()) {
+            return None;
+        }
+        Some(if self.address.port == 0 {
+            "not health-checked: a port-0 VIP has no default check (set one with a port, \
+             e.g. `maglb vip health VIP --kind tcp --port 80`, or kind = \"none\")"
+        } else {
+            "not health-checked: a UDP VIP has no default check (set one, e.g. \
+             `maglb vip health VIP --kind udp --payload PING` or `--kind tcp --port N`, or \
+             kind = \"none\")"
+        })
     }
 }
 

@@ -170,6 +170,9 @@ fn diff_says_what_changes() {
             "VIP 10.200.0.1:80/tcp: backend 10.10.3.11 weight 2 -> 9",
             "VIP 10.200.0.1:80/tcp: backend 10.10.3.12 drain -> active",
             "add VIP 10.9.0.1:53/udp with 0 backends",
+            "note: VIP 10.9.0.1:53/udp: not health-checked: a UDP VIP has no default check \
+             (set one, e.g. `maglb vip health VIP --kind udp --payload PING` or `--kind tcp \
+             --port N`, or kind = \"none\")",
             "delete VIP [fd20::1]:0/udp",
         ]
     );

@@ -94,16 +94,34 @@ impl Journal {
         Ok((Self { file, pos }, payloads))
     }
 
+    /// The payloads of the records of the journal at `path`, numbered from `first` on,
+    /// read without writing anything (none when there is no journal).
+    pub fn read(path: &Path, first: u64) -> io::Result<Vec<Vec<u8>>> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(records(&bytes, first).0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether a record of `len` payload bytes fits after the current one.
     pub fn fits(&self, len: usize) -> bool {
         self.pos + (HEADER + len + 8) as u64 <= SIZE
     }
 
-    /// Writes a record and makes it durable.
+    /// Writes a record and makes it durable. On failure the record is not there: a write
+    /// that reached the page cache before the flush failed is taken back (its magic
+    /// cleared), so that no reader takes a refused change for a committed one.
     pub fn append(&mut self, seq: u64, payload: &[u8]) -> io::Result<()> {
         let f = frame(seq, payload);
-        self.file.write_all_at(&f, self.pos)?;
-        self.file.sync_data()?;
+        let r = self
+            .file
+            .write_all_at(&f, self.pos)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = r {
+            let _ = self.file.write_all_at(&[0; 4], self.pos);
+            return Err(e);
+        }
         self.pos += f.len() as u64;
         Ok(())
     }

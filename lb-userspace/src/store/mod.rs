@@ -12,6 +12,7 @@
 //! (a client whose connection broke mid-request can learn whether its change was committed).
 
 mod journal;
+mod locate;
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -25,7 +26,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use self::journal::Journal;
-use crate::state::{Change, State, VipId};
+use crate::state::{Change, State, VipId, down_after};
 
 const STATE_FILE: &str = "state.json";
 const JOURNAL_FILE: &str = "journal";
@@ -41,21 +42,16 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "cannot write {file}: {source}; nothing was changed{hint}",
-        hint = hint(source)
-    )]
-    Write {
-        file: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// The change was not made: the message says why and what to do. (The io error is in
+    /// the message, not a source, so that it is said once.)
+    #[error("cannot write {file}: {io}{hint}; nothing was changed", hint = hint(io))]
+    Write { file: PathBuf, io: io::Error },
     #[error(
         "another maglb agent owns {0}: stop it first (only one agent may own a state directory)"
     )]
     Locked(PathBuf),
     #[error(
-        "state file {file} is unreadable: {why}. It was not replaced with defaults. Restore it from a backup (or a `maglb config export`), or move it away and start the agent with `--start-empty`"
+        "state file {file} is unreadable: {why}. The agent did not start and changed nothing: the pinned datapath keeps forwarding what it carried. Ways out: fix the file there; or restore it from a backup (the state directory is the truth: copy a saved state.json back, or move the broken files aside and start with `--initial-config FILE` from a `maglb config export`); or start once with `maglb agent --start-empty`, which moves the state aside (to *.unreadable) and starts with no VIPs, so the datapath forwards nothing until `maglb apply -f FILE`"
     )]
     Corrupt { file: PathBuf, why: String },
 }
@@ -63,7 +59,9 @@ pub enum StoreError {
 fn hint(e: &io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => " (the disk is full: free space, then retry)",
-        Some(libc::EROFS) => " (the file system is read-only)",
+        Some(libc::EROFS) => {
+            " (the file system is read-only: see the kernel log, repair it, then retry)"
+        }
         Some(libc::EACCES) | Some(libc::EPERM) => " (no permission)",
         _ => "",
     }
@@ -72,13 +70,20 @@ fn hint(e: &io::Error) -> &'static str {
 impl StoreError {
     /// The disk is full: the change can be retried once that is fixed.
     pub fn is_storage_full(&self) -> bool {
-        matches!(self, StoreError::Write { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+        matches!(self, StoreError::Write { io, .. }
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+
+    /// The state directory cannot take the change (its disk is full or read-only): nothing
+    /// changed, and the change can be retried once that is fixed.
+    pub fn is_unwritable(&self) -> bool {
+        self.is_storage_full()
+            || matches!(self, StoreError::Write { io, .. }
+                if io.raw_os_error() == Some(libc::EROFS))
     }
 }
 
-/// A backend of a VIP.
-pub type BackendKey = (VipId, IpAddr);
+pub use crate::state::BackendKey;
 
 /// What is kept.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -131,13 +136,21 @@ struct Snapshot {
 impl Snapshot {
     fn apply(&mut self, rec: Record) -> Result<(), String> {
         match rec.entry {
-            Entry::Change(c) => self.state = c.apply_to(&self.state).map_err(|e| e.to_string())?,
-            Entry::Replace(s) => self.state = s,
+            Entry::Change(c) => {
+                let new = c.apply_to(&self.state).map_err(|e| e.to_string())?;
+                self.down = down_after(&self.state, &new, &self.down);
+                self.state = new;
+            }
+            Entry::Replace(s) => {
+                self.down = down_after(&self.state, &s, &self.down);
+                self.state = s;
+            }
             Entry::Health { vip, backend, up } => {
                 if up {
                     self.down.remove(&(vip, backend));
                 } else {
                     self.down.insert((vip, backend));
+                    self.down = down_after(&self.state, &self.state, &self.down);
                 }
             }
         }
@@ -180,9 +193,21 @@ fn read_snapshot(file: &Path) -> Result<Option<Snapshot>, StoreError> {
         file: file.to_owned(),
         why,
     };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-    let snap: Snapshot = if value.get("state").is_some() {
+    // Where serde_json stopped: the line, and the field there.
+    let syntax = |e: serde_json::Error| {
+        let msg = e.to_string();
+        let msg = msg.rfind(" at line ").map_or(&msg[..], |at| &msg[..at]);
+        let field = locate::field_at(&text, e.line(), e.column());
+        let field = if field.is_empty() {
+            String::new()
+        } else {
+            format!(", field {field}")
+        };
+        corrupt(format!("line {}{field}: {msg}", e.line()))
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(syntax)?;
+    let wrapped = value.get("state").is_some();
+    let snap: Snapshot = if wrapped {
         serde_json::from_str(&text)
     } else {
         serde_json::from_str(&text).map(|state| Snapshot {
@@ -190,8 +215,15 @@ fn read_snapshot(file: &Path) -> Result<Option<Snapshot>, StoreError> {
             ..Snapshot::default()
         })
     }
-    .map_err(|e| corrupt(e.to_string()))?;
-    snap.state.validate().map_err(|e| corrupt(e.to_string()))?;
+    .map_err(syntax)?;
+    snap.state.validate().map_err(|e| {
+        let e = e.to_string();
+        let root = if wrapped { "state" } else { "" };
+        corrupt(match locate::locate(&text, root, &e) {
+            Some((line, field)) => format!("line {line}, field {field}: {e}"),
+            None => e,
+        })
+    })?;
     Ok(Some(snap))
 }
 
@@ -204,25 +236,55 @@ fn replay(dir: &Path) -> Result<(Option<Snapshot>, Journal), StoreError> {
         dir: dir.to_owned(),
         source,
     })?;
+    Ok((fold(snap, records, &jpath, first)?, journal))
+}
+
+/// `snap` with the journal's `records` (numbered from `first`) applied.
+fn fold(
+    snap: Option<Snapshot>,
+    records: Vec<Vec<u8>>,
+    jpath: &Path,
+    first: u64,
+) -> Result<Option<Snapshot>, StoreError> {
     if records.is_empty() {
-        return Ok((snap, journal));
+        return Ok(snap);
     }
     let mut s = snap.unwrap_or_default();
     for (i, payload) in records.into_iter().enumerate() {
         let corrupt = |why: String| StoreError::Corrupt {
-            file: jpath.clone(),
+            file: jpath.to_owned(),
             why: format!("record {}: {why}", first + i as u64),
         };
-        let rec: Record = serde_json::from_slice(&payload).map_err(|e| corrupt(e.to_string()))?;
+        let rec: Record = serde_json::from_slice(&payload).map_err(|e| {
+            let field = locate::field_at(&String::from_utf8_lossy(&payload), e.line(), e.column());
+            corrupt(format!("field {field}: {e}"))
+        })?;
         s.apply(rec).map_err(corrupt)?;
     }
-    Ok((Some(s), journal))
+    Ok(Some(s))
 }
 
-/// The state a state directory holds (snapshot and journal), read without taking its lock,
-/// for inspection while an agent runs.
+/// The state a state directory holds (snapshot and journal), read without taking its lock
+/// and without writing (the directory may be read-only), for inspection while an agent
+/// runs.
 pub fn read_state(dir: &Path) -> Result<State, StoreError> {
-    Ok(replay(dir)?.0.unwrap_or_default().state)
+    Ok(read_persisted(dir)?.state)
+}
+
+/// What a state directory holds, state and down backends, read as [`read_state`] reads.
+pub fn read_persisted(dir: &Path) -> Result<Persisted, StoreError> {
+    let snap = read_snapshot(&dir.join(STATE_FILE))?;
+    let first = snap.as_ref().map_or(0, |s| s.seq) + 1;
+    let jpath = dir.join(JOURNAL_FILE);
+    let records = Journal::read(&jpath, first).map_err(|source| StoreError::Io {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let s = fold(snap, records, &jpath, first)?.unwrap_or_default();
+    Ok(Persisted {
+        state: s.state,
+        down: s.down,
+    })
 }
 
 impl Store {
@@ -256,6 +318,11 @@ impl Store {
 
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
+    }
+
+    /// The files that hold the state: the snapshot and the journal.
+    pub fn files(&self) -> [PathBuf; 2] {
+        [self.dir.join(STATE_FILE), self.dir.join(JOURNAL_FILE)]
     }
 
     /// What the directory holds; `None` on first start. A file that does not parse or
@@ -303,9 +370,9 @@ impl Store {
         if journal.fits(payload.len()) {
             journal
                 .append(next.seq, &payload)
-                .map_err(|source| StoreError::Write {
+                .map_err(|io| StoreError::Write {
                     file: self.dir.join(JOURNAL_FILE),
-                    source,
+                    io,
                 })?;
             self.now = next;
             return Ok(());
@@ -333,11 +400,11 @@ impl Store {
     /// journal after it. On failure no temp file is left.
     fn snapshot(&mut self) -> Result<(), StoreError> {
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        if let Err(source) = write_durably(&tmp, &self.path(), &self.now) {
+        if let Err(io) = write_durably(&tmp, &self.path(), &self.now) {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::Write {
                 file: self.path(),
-                source,
+                io,
             });
         }
         if let Some(j) = self.journal.as_mut() {
@@ -410,6 +477,16 @@ mod tests {
         );
         store
             .commit(
+                Entry::Change(Change::AddBackend {
+                    vip: key.0,
+                    backend: crate::state::BackendEntry::new(key.1, 1),
+                }),
+                None,
+                None,
+            )
+            .unwrap();
+        store
+            .commit(
                 Entry::Health {
                     vip: key.0,
                     backend: key.1,
@@ -435,6 +512,65 @@ mod tests {
         let mut store = Store::open(&dir).unwrap();
         assert_eq!(store.load().unwrap().unwrap().state, State::default());
         assert!(!store.committed("req-2"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// The journal's replay holds the same backends down as the writer did: those added
+    /// with `initial = "down"`, and none that left.
+    #[test]
+    fn replayed_changes_keep_the_down_set_as_the_writer_has_it() {
+        use crate::state::{BackendEntry, HealthCheck, Initial};
+        let dir = tmpdir("h");
+        let mut store = Store::open(&dir).unwrap();
+        store.load().unwrap();
+        let vip: VipId = "10.0.0.1:80/tcp".parse().unwrap();
+        let (b1, b2): (IpAddr, IpAddr) = ("10.1.0.1".parse().unwrap(), "10.1.0.2".parse().unwrap());
+        let mut v = Vip::new(vip);
+        v.backends.push(BackendEntry::new(b1, 1));
+        store
+            .commit(Entry::Change(Change::AddVip(v)), None, None)
+            .unwrap();
+        let check = HealthCheck {
+            initial: Initial::Down,
+            ..HealthCheck::default()
+        };
+        let changes = [
+            Change::SetHealth {
+                vip,
+                backend: None,
+                health: Some(check),
+            },
+            Change::AddBackend {
+                vip,
+                backend: BackendEntry::new(b2, 1),
+            },
+        ];
+        let mut state = State::default();
+        let mut down = BTreeSet::new();
+        state = Change::AddVip(store.now.state.vips[0].clone())
+            .apply_to(&state)
+            .unwrap();
+        for c in changes {
+            let next = c.apply_to(&state).unwrap();
+            down = down_after(&state, &next, &down);
+            state = next;
+            store.commit(Entry::Change(c), None, None).unwrap();
+        }
+        // b1 was there before the check said `initial = "down"`; b2 was added after.
+        assert_eq!(down, BTreeSet::from([(vip, b2)]));
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        assert_eq!(store.load().unwrap().unwrap().down, down);
+        store
+            .commit(
+                Entry::Change(Change::DelBackend { vip, address: b2 }),
+                None,
+                None,
+            )
+            .unwrap();
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        assert!(store.load().unwrap().unwrap().down.is_empty());
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -482,15 +618,36 @@ mod tests {
         let mut store = Store::open(&dir).unwrap();
         fs::write(store.path(), "{\n  \"state\": {\n    \"vip\": 3\n  }\n}").unwrap();
         let err = store.load().unwrap_err().to_string();
-        assert!(err.contains("line 3"), "{err}");
-        assert!(err.contains("--start-empty"), "{err}");
+        // The file, the line and the field, and the ways out.
+        assert!(err.contains(&store.path().display().to_string()), "{err}");
+        assert!(
+            err.contains("line 3, field state.vip: invalid type"),
+            "{err}"
+        );
+        assert!(
+            err.contains("--start-empty") && err.contains("backup"),
+            "{err}"
+        );
         fs::write(
             store.path(),
-            r#"{"version": 1, "vip": [{"address": "10.0.0.1:80/tcp", "ring_size": 4}]}"#,
+            "{\"version\": 1,\n \"vip\": [{\"address\": \"10.0.0.1:80/tcp\",\n  \"ring_size\": 4}]}",
         )
         .unwrap();
         let err = store.load().unwrap_err().to_string();
-        assert!(err.contains("ring_size"), "{err}");
+        assert!(
+            err.contains("line 3, field vip[0].ring_size: vip[0]"),
+            "{err}"
+        );
+        fs::write(
+            store.path(),
+            "{\"state\": {\"vip\": [{\"address\": \"10.0.0.1:80/tcp\",\n \"rings\": 4}]}}",
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("line 2, field state.vip[0].rings: unknown field `rings`"),
+            "{err}"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

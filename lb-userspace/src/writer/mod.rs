@@ -25,7 +25,7 @@ use crate::{
     datapath::{Datapath, DatapathError},
     metrics::WriterMetrics,
     reconcile::{Exhausted, Reconciler},
-    state::{AttachMode, Change, Encap, Refusal, State, VipId, VipSpec},
+    state::{AttachMode, BackendKey, Change, Encap, Refusal, State, VipId, VipSpec, down_after},
     store::{Entry, Persisted, Store, StoreError},
 };
 
@@ -164,12 +164,14 @@ pub struct Writer {
     store: Store,
     dp: Datapath,
     rec: Reconciler,
-    down: BTreeSet<(VipId, IpAddr)>,
+    down: BTreeSet<BackendKey>,
     /// Adaptive weights below 100% of the configured weight (not kept across restarts: a
     /// new agent measures again).
-    weights: BTreeMap<(VipId, IpAddr), u32>,
+    weights: BTreeMap<BackendKey, u32>,
     /// Interface and mode the program is attached with, as far as this writer knows.
     attached: Option<(String, AttachMode)>,
+    /// Why the datapath is detached although no one detached it (until the next attach).
+    detached_why: Option<Arc<str>>,
     nexthop: Option<(IpAddr, [u8; 6])>,
     serial: u64,
     publish: watch::Sender<Arc<Snapshot>>,
@@ -186,6 +188,7 @@ impl Writer {
         metrics: WriterMetrics,
     ) -> Result<(Self, watch::Receiver<Arc<Snapshot>>), DatapathError> {
         let Persisted { state, down } = saved;
+        let down = down_after(&state, &state, &down);
         let obs = dp.observe()?;
         let (rec, repairs) = Reconciler::adopt(&obs);
         if !repairs.is_empty() {
@@ -215,19 +218,53 @@ impl Writer {
             down,
             weights: BTreeMap::new(),
             attached,
+            detached_why: None,
             nexthop: None,
             serial: 0,
             publish,
             metrics,
         };
-        if let Err(e) = w.realize(w.specs_for(&w.state)) {
+        w.detach_if_defunct();
+        if let Err(e) = w.realize(w.specs_for(&w.state, &w.down)) {
             warn!(error = %e, "could not make the datapath carry the saved state; serving anyway");
         }
         if w.dp.is_migrating() {
             w.dp.finish_migration()?;
+            w.detach_if_defunct();
         }
         w.publish();
         Ok((w, rx))
+    }
+
+    /// When the datapath found its pinned link defunct (the interface is gone) and unpinned
+    /// it, the state says detached from now on (journaled, so a restart agrees), and status
+    /// says why until the next attach. The VIPs and backends stay.
+    fn detach_if_defunct(&mut self) {
+        let (Some(why), Some(iface)) = (
+            self.dp.defunct_link(),
+            self.state.balancer.interface.clone(),
+        ) else {
+            return;
+        };
+        let why: Arc<str> = format!(
+            "the XDP link to {iface} left pinned by a previous agent was defunct ({why}); it \
+             was unpinned and the agent started detached, with the state: attach again with \
+             `maglb attach --iface IFACE`"
+        )
+        .into();
+        warn!(%iface, reason = %why, "starting detached");
+        match Change::Detach.apply_to(&self.state) {
+            Ok(next) => {
+                if let Err(e) = self.store.commit(Entry::Change(Change::Detach), None, None) {
+                    warn!(error = %crate::error_chain(&e), "recording the detach");
+                }
+                self.state = Arc::new(next);
+            }
+            Err(e) => warn!(error = %e, "detaching the state"),
+        }
+        self.attached = None;
+        self.detached_why = Some(why);
+        self.dirty = true;
     }
 
     /// Runs the writer on a thread of its own until every handle is gone.
@@ -276,13 +313,13 @@ impl Writer {
         }
     }
 
-    /// What the datapath should carry for `s`, given the backends' health.
-    fn specs_for(&self, s: &State) -> Vec<VipSpec> {
+    /// What the datapath should carry for `s`, given the backends that are `down`.
+    fn specs_for(&self, s: &State, down: &BTreeSet<BackendKey>) -> Vec<VipSpec> {
         s.vips
             .iter()
             .map(|v| {
                 v.spec_scaled(
-                    |a| !self.down.contains(&(v.address, *a)),
+                    |a| !down.contains(&(v.address, *a)),
                     |a| self.weights.get(&(v.address, *a)).copied().unwrap_or(100),
                 )
             })
@@ -302,11 +339,14 @@ impl Writer {
         if new == *self.state {
             return Ok(lines);
         }
-        let specs = self.specs_for(&new);
+        // The store replays the change with the same rule (`down_after`).
+        let down = down_after(&self.state, &new, &self.down);
+        let specs = self.specs_for(&new, &down);
         self.rec.check_capacity(&specs)?;
         self.store
             .commit(Entry::Change(change.clone()), request, None)?;
         let old = std::mem::replace(&mut self.state, Arc::new(new));
+        self.down = down;
         if let Err(e) = self.realize(specs) {
             warn!(change = change.name(), error = %e, "the datapath refused; restoring the previous state");
             self.rollback(old, request);
@@ -323,9 +363,11 @@ impl Writer {
         {
             warn!(error = %crate::error_chain(&e), "restoring the previous state file");
         }
+        // As the store replays the restore (`Entry::Replace`).
+        self.down = down_after(&self.state, &old, &self.down);
         self.state = old;
         // What the maps hold after a failed write is read back, not assumed.
-        let specs = self.specs_for(&self.state);
+        let specs = self.specs_for(&self.state, &self.down);
         if let Err(e) = self.resync().and_then(|()| self.realize(specs)) {
             warn!(error = %e, "restoring the previous state in the datapath");
         }
@@ -405,12 +447,22 @@ impl Writer {
         })?;
         info!(%iface, %mode, "attached");
         self.attached = Some((iface, mode));
+        self.detached_why = None;
         Ok(())
     }
 
     fn health(&mut self, vip: VipId, backend: IpAddr, up: bool) {
         let key = (vip, backend);
         if up != self.down.contains(&key) {
+            return;
+        }
+        // A verdict on a backend that is gone, or no longer probed, comes too late.
+        let probed = self.state.vip(&vip).is_some_and(|v| {
+            v.backends
+                .iter()
+                .any(|b| b.address == backend && v.check_for(b).is_some())
+        });
+        if !up && !probed {
             return;
         }
         if up {
@@ -425,7 +477,7 @@ impl Writer {
         {
             warn!(error = %crate::error_chain(&e), %vip, %backend, "recording a health change");
         }
-        if let Err(e) = self.realize(self.specs_for(&self.state)) {
+        if let Err(e) = self.realize(self.specs_for(&self.state, &self.down)) {
             warn!(error = %e, %vip, %backend, "applying a health change");
         }
     }
@@ -443,7 +495,7 @@ impl Writer {
         } else {
             self.weights.insert(key, percent);
         }
-        if let Err(e) = self.realize(self.specs_for(&self.state)) {
+        if let Err(e) = self.realize(self.specs_for(&self.state, &self.down)) {
             warn!(error = %e, %vip, %backend, percent, "applying an adaptive weight");
         }
     }
@@ -469,14 +521,8 @@ impl Writer {
     /// Forgets the health of backends that no longer exist, and publishes a snapshot.
     fn publish(&mut self) {
         self.dirty = false;
+        self.down = down_after(&self.state, &self.state, &self.down);
         let state = &self.state;
-        self.down.retain(|(v, a)| {
-            state.vip(v).is_some_and(|v| {
-                v.backends
-                    .iter()
-                    .any(|b| b.address == *a && v.check_for(b).is_some())
-            })
-        });
         self.weights.retain(|(v, a), _| {
             state
                 .vip(v)
@@ -504,6 +550,7 @@ impl Writer {
             down: Arc::new(self.down.clone()),
             weights: Arc::new(self.weights.clone()),
             attached: self.dp.is_attached(),
+            detached_why: self.detached_why.clone(),
             config: self.dp.config().unwrap_or_default(),
             nexthop: self.nexthop,
             slots_in_use: self.rec.slots_in_use(),

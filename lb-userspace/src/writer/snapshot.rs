@@ -35,6 +35,8 @@ pub struct Snapshot {
     /// Adaptive weights below 100%: percent of the configured weight.
     pub weights: Arc<BTreeMap<(VipId, IpAddr), u32>>,
     pub attached: bool,
+    /// Why the datapath is detached although no one detached it (a defunct pinned link).
+    pub detached_why: Option<Arc<str>>,
     /// The datapath configuration in the map.
     pub config: Config,
     /// The resolved next hop (address, MAC), when it was resolved rather than configured.
@@ -47,12 +49,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// What is known before the writer takes over the datapath: the state, every backend
-    /// taken as up.
-    pub fn preliminary(state: State, attached: bool) -> Self {
+    /// What is known before the writer takes over the datapath: the state and the
+    /// backends last known down.
+    pub fn preliminary(state: State, down: BTreeSet<(VipId, IpAddr)>, attached: bool) -> Self {
         Self {
-            specs: Arc::new(state.vips.iter().map(|v| v.spec(|_| true)).collect()),
+            specs: Arc::new(
+                state
+                    .vips
+                    .iter()
+                    .map(|v| v.spec(|a| !down.contains(&(v.address, *a))))
+                    .collect(),
+            ),
             state: Arc::new(state),
+            down: Arc::new(down),
             attached,
             ..Self::default()
         }

@@ -37,6 +37,11 @@ fn main() -> anyhow::Result<()> {
     ));
     r.0.push_str(LIMITS);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
+    // The soak's section (`cargo xtask soak`) is kept as it is.
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    if let Some(soak) = maglb_tests::soak::section_of(&old) {
+        r.0 = maglb_tests::soak::put_section(&r.0, soak);
+    }
     std::fs::write(path, &r.0)?;
     println!("written to BENCHMARKS.md");
     Ok(())

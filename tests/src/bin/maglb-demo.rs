@@ -208,7 +208,11 @@ fn main() -> anyhow::Result<()> {
         "  established connections still answered by their backend: {kept}/30 ({on_b0} on the drained b0)"
     );
 
-    println!("\n6. health checks: b1's health endpoint starts failing");
+    println!(
+        "\n6. health checks: on by default (a TCP connect to the VIP's port); an HTTP check \
+         instead, then b1's health endpoint starts failing"
+    );
+    run(&a, &["health"]);
     let hc = [
         "vip", "health", &vip, "--kind", "http", "--port", "8080", "--path", "/health",
     ];
