@@ -4,6 +4,7 @@ pub mod bench;
 pub mod browser;
 pub mod ecmp;
 pub mod fixture;
+pub mod flood;
 pub mod fuzz;
 pub mod netns;
 pub mod packet;

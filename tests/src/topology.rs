@@ -29,7 +29,7 @@ use anyhow::{Context as _, bail};
 use lb_common::Config;
 use lb_userspace::{
     addr,
-    balancer::Balancer,
+    balancer::{Balancer, LoadOptions},
     datapath::Mode,
     datapath::decap::{self, Decap},
 };
@@ -331,9 +331,15 @@ impl Topology {
 
     /// Loads the balancer, configures it and attaches it to l0 in native mode.
     pub fn attach_balancer(&self) -> anyhow::Result<Balancer> {
+        self.attach_balancer_with(LoadOptions::default())
+    }
+
+    /// As [`Topology::attach_balancer`], with other load options (a smaller connection
+    /// table).
+    pub fn attach_balancer_with(&self, opts: LoadOptions) -> anyhow::Result<Balancer> {
         let cfg = self.balancer_config()?;
         self.lb.run(move || -> anyhow::Result<Balancer> {
-            let mut bal = Balancer::load()?;
+            let mut bal = Balancer::load_with(&opts)?;
             bal.set_config(&cfg)?;
             bal.attach(LB_IF, Mode::Native)?;
             Ok(bal)
@@ -577,8 +583,16 @@ pub struct LongConn {
 
 impl LongConn {
     pub fn open(to: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
-        let s =
-            TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connect {to}"))?;
+        Self::open_from(None, to, timeout)
+    }
+
+    /// As [`LongConn::open`], from source address `from` (one of the namespace's).
+    pub fn open_from(
+        from: Option<IpAddr>,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let s = connect_from(from, to, timeout).with_context(|| format!("connect {to}"))?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         s.set_nodelay(true)?;
@@ -586,6 +600,11 @@ impl LongConn {
             w: s.try_clone()?,
             r: BufReader::new(s),
         })
+    }
+
+    /// The connection's own (source) address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.w.local_addr()
     }
 
     /// Sends a line, returns the backend's name.
@@ -604,6 +623,25 @@ impl LongConn {
         }
         Ok(line.trim().to_owned())
     }
+}
+
+/// A TCP connection to `to`, from address `from` when given.
+fn connect_from(
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect_timeout(&to, timeout);
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.bind(&SocketAddr::new(from, 0).into())?;
+    s.connect_timeout(&to.into(), timeout)?;
+    Ok(s.into())
 }
 
 /// Long-lived connections, each with the backend that answered its first request.
@@ -629,15 +667,33 @@ impl Conns {
 
     /// Asks once more on every connection: those that failed or moved to another backend.
     pub fn broken(&mut self) -> Vec<String> {
+        let faults = self.0.iter_mut().map(|(c, b)| fault(c, b));
+        faults
+            .enumerate()
+            .filter_map(|(i, f)| Some(format!("connection {i} {}", f?)))
+            .collect()
+    }
+
+    /// As [`Conns::broken`], and the broken ones are closed and left out from now on.
+    pub fn take_broken(&mut self) -> Vec<String> {
         let mut broken = Vec::new();
-        for (i, (c, b)) in self.0.iter_mut().enumerate() {
-            match c.ask() {
-                Ok(now) if now == *b => {}
-                Ok(now) => broken.push(format!("connection {i} moved from {b} to {now}")),
-                Err(e) => broken.push(format!("connection {i} on {b}: {e:#}")),
+        self.0.retain_mut(|(c, b)| match fault(c, b) {
+            None => true,
+            Some(f) => {
+                broken.push(format!("connection from {:?} {f}", c.local_addr()));
+                false
             }
-        }
+        });
         broken
+    }
+}
+
+/// Asks once more on `c`, which started on backend `b`: what is wrong, if anything.
+fn fault(c: &mut LongConn, b: &str) -> Option<String> {
+    match c.ask() {
+        Ok(now) if now == b => None,
+        Ok(now) => Some(format!("moved from {b} to {now}")),
+        Err(e) => Some(format!("on {b}: {e:#}")),
     }
 }
 

@@ -518,6 +518,132 @@ fn established_flows_keep_their_backend_until_reset() {
     assert_eq!((hits, misses), (1, 3));
 }
 
+/// An IPv4 TCP segment with `flags`, no payload.
+fn seg4(src: Ipv4Addr, sport: u16, flags: u8) -> Vec<u8> {
+    ipv4(
+        V4::new(src, VIP, TCP),
+        &[],
+        &tcp4(src, VIP, sport, 80, flags, &[]),
+    )
+}
+
+fn in_table(lab: &Lab, src: Ipv4Addr, sport: u16) -> bool {
+    let flow = flow4(src, VIP, sport, 80, lb_common::PROTO_TCP);
+    lab.bal.conntrack(&flow).is_some()
+}
+
+#[test]
+fn a_syn_is_chosen_from_the_ring_without_a_lookup_exact_bytes() {
+    let mut lab = lab();
+    let syn = seg4(CLIENT, 42000, SYN);
+    assert_frame(
+        &lab.run(&to_lb(&syn, ETH_IP)),
+        TX,
+        &expect_4in4(&syn, B1),
+        "SYN",
+    );
+    lab.bal
+        .set_backends(&vip(VIP, 80, "tcp"), drain_b1_add_b2())
+        .unwrap();
+    // The flow's entry still names B1 (an ACK goes there), but a SYN of the same 5-tuple
+    // never looks: the ring sends it to B2.
+    let ack = seg4(CLIENT, 42000, ACK);
+    assert_frame(
+        &lab.run(&to_lb(&ack, ETH_IP)),
+        TX,
+        &expect_4in4(&ack, B1),
+        "ACK",
+    );
+    assert_frame(
+        &lab.run(&to_lb(&syn, ETH_IP)),
+        TX,
+        &expect_4in4(&syn, B2),
+        "SYN again",
+    );
+}
+
+#[test]
+fn a_rst_is_forwarded_exactly_and_not_inserted() {
+    const RST: u8 = 0x04;
+    let mut lab = lab();
+    let rst = seg4(CLIENT, 42100, RST | ACK);
+    assert_frame(
+        &lab.run(&to_lb(&rst, ETH_IP)),
+        TX,
+        &expect_4in4(&rst, B1),
+        "RST",
+    );
+    assert!(!in_table(&lab, CLIENT, 42100), "a RST made an entry");
+}
+
+#[test]
+fn under_flood_a_new_flow_is_forwarded_exactly_and_not_inserted() {
+    pin_to_cpu(0).unwrap();
+    let mut lab = lab();
+    // One new flow per second per CPU: the first insert of a window reaches the threshold.
+    lab.bal.set_flood_threshold(Some(1)).unwrap();
+    let mut inserted = 0;
+    for sport in 42200..42206 {
+        let syn = seg4(CLIENT, sport, SYN);
+        let got = lab.run(&to_lb(&syn, ETH_IP));
+        assert_frame(&got, TX, &expect_4in4(&syn, B1), "SYN under flood");
+        inserted += in_table(&lab, CLIENT, sport) as u64;
+    }
+    // Six test runs take microseconds: one window, or two if one ended in between.
+    assert!(inserted <= 2, "{inserted} of 6 inserted");
+    assert_eq!(lab.bal.flood_stats().not_inserted, 6 - inserted);
+}
+
+/// Runs `frame`, which the VIP's policy refuses: dropped untouched, counted under `reason`.
+fn assert_refused(lab: &mut Lab, l3: &[u8], reason: u32) {
+    let frame = to_lb(l3, ETH_IP);
+    assert_frame(&lab.run(&frame), DROP, &frame, "refused SYN");
+    let vi = lab.bal.vip_index(&vip(VIP, 80, "tcp")).unwrap();
+    let c = lab.bal.vip_drop(vi, reason);
+    assert_eq!((c.packets, c.bytes), (1, l3.len() as u64));
+}
+
+#[test]
+fn a_rate_limited_syn_is_dropped_untouched() {
+    use lb_userspace::balancer::RateLimit;
+    let mut lab = lab();
+    let limit = RateLimit {
+        new_flows_per_s: 1,
+        burst: 1,
+    };
+    lab.bal
+        .set_vip_source_limit(&vip(VIP, 80, "tcp"), Some(limit))
+        .unwrap();
+    let first = seg4(CLIENT, 42300, SYN);
+    assert_frame(
+        &lab.run(&to_lb(&first, ETH_IP)),
+        TX,
+        &expect_4in4(&first, B1),
+        "first",
+    );
+    let second = seg4(CLIENT, 42301, SYN);
+    assert_refused(&mut lab, &second, lb_common::vip_stat::SRC_RATE);
+    assert!(!in_table(&lab, CLIENT, 42301));
+}
+
+#[test]
+fn a_denied_source_is_dropped_untouched() {
+    let mut lab = lab();
+    let deny: lb_userspace::balancer::Prefix = "192.0.2.0/24".parse().unwrap();
+    lab.bal
+        .set_vip_prefixes(&vip(VIP, 80, "tcp"), &[], &[deny])
+        .unwrap();
+    assert_refused(
+        &mut lab,
+        &seg4(CLIENT, 42400, SYN),
+        lb_common::vip_stat::DENIED,
+    );
+    // Another source still gets through, exactly.
+    let other = seg4(Ipv4Addr::new(198, 51, 100, 7), 42401, SYN);
+    let got = lab.run(&to_lb(&other, ETH_IP));
+    assert_frame(&got, TX, &expect_4in4(&other, B1), "another source");
+}
+
 #[test]
 fn vip_without_backends_drops_and_counts() {
     let mut lab = lab();

@@ -48,11 +48,12 @@ enum Task {
     /// backends, the counters. Needs root.
     Demo,
     /// Benchmarks against their baselines, measured in the same run (per-packet cost, veth
-    /// forwarding rate vs bare XDP_TX, connections vs HAProxy, control plane); prints
-    /// medians and ratios and writes BENCHMARKS.md. Needs root.
+    /// forwarding rate vs bare XDP_TX, connections vs HAProxy, control plane, legitimate
+    /// traffic under a SYN flood vs without); prints medians and ratios and writes
+    /// BENCHMARKS.md. Needs root.
     Bench {
-        /// Run only these sections (packet, forward, conns, control) and print them; a run
-        /// of only some sections leaves BENCHMARKS.md alone.
+        /// Run only these sections (packet, forward, conns, control, flood) and print them;
+        /// a run of only some sections leaves BENCHMARKS.md alone.
         only: Vec<String>,
     },
     /// A VRRP pair under real traffic for N minutes with faults and churn (health flaps,

@@ -2,8 +2,8 @@
 //!
 //! - `maglb_gen`: a packet generator for `BPF_PROG_RUN` in live-frames mode. It writes the
 //!   frame's headers from a template on every run (live frames are reused buffers, and what
-//!   they carried last time may have been rewritten), varies the UDP source port over N flows,
-//!   and sends the frame out with XDP_TX.
+//!   they carried last time may have been rewritten), varies the UDP source port (and beyond
+//!   32768 flows the source address) over N flows, and sends the frame out with XDP_TX.
 //! - `maglb_tx`: a bare XDP_TX, the limit of a veth pair.
 //! - `maglb_sink`: counts and drops what comes back.
 #![no_std]
@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use lb_ebpf::parse::ptr_at;
+use lb_ebpf::{csum::replace16, parse::ptr_at};
 
 /// Bytes of the template written into each frame (Ethernet + IPv4 + UDP headers).
 const HEADER: usize = 42;
@@ -23,7 +23,7 @@ const HEADER: usize = 42;
 /// Slot 0: the header template. Written by user space.
 #[map]
 static GEN_TEMPLATE: Array<[u8; 64]> = Array::with_max_entries(1, 0);
-/// Slot 0: the number of flows (source ports). Written by user space.
+/// Slot 0: the number of flows. Written by user space.
 #[map]
 static GEN_FLOWS: Array<u32> = Array::with_max_entries(1, 0);
 /// Per-CPU frame sequence. Written here.
@@ -47,9 +47,22 @@ pub fn maglb_gen(ctx: XdpContext) -> u32 {
         *seq = (*seq).wrapping_add(1);
         *seq
     };
-    let sport = (1024 + n % flows) as u16;
+    let k = n % flows;
     if let Some(port) = ptr_at::<u16>(&ctx, 34) {
-        unsafe { *port = sport.to_be() };
+        unsafe { *port = ((1024 + (k & 0x7fff)) as u16).to_be() };
+    }
+    // Beyond 32768 flows the source address varies too: k / 32768 is added to its low 16
+    // bits, and the IPv4 header checksum follows.
+    let hi = (k >> 15) as u16;
+    if hi != 0
+        && let (Some(addr), Some(check)) = (ptr_at::<u16>(&ctx, 28), ptr_at::<u16>(&ctx, 24))
+    {
+        unsafe {
+            let old = *addr;
+            let new = u16::from_be(old).wrapping_add(hi).to_be();
+            *addr = new;
+            *check = replace16(*check, old, new);
+        }
     }
     xdp_action::XDP_TX
 }

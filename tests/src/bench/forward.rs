@@ -37,6 +37,9 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const SRC: Ipv4Addr = Ipv4Addr::new(10, 60, 0, 1);
 const WINDOW: Duration = Duration::from_millis(1000);
 const ROUNDS: usize = 3;
+/// From this many flows on, one window first goes unmeasured: it inserts the flows into the
+/// connection table (the measured windows then forward established flows).
+const WARM_FLOWS: u32 = 100_000;
 
 fn prog<'a>(e: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
     e.program_mut(name).unwrap().try_into().unwrap()
@@ -84,7 +87,8 @@ fn measure(
             Ok(())
         };
         let mut rates = Vec::new();
-        for _ in 0..ROUNDS {
+        let warm = usize::from(flows >= WARM_FLOWS);
+        for _ in 0..ROUNDS + warm {
             let (c0, t0) = (count(), Instant::now());
             // Threads inherit this thread's network namespace.
             std::thread::scope(|s| -> anyhow::Result<()> {
@@ -98,7 +102,7 @@ fn measure(
             std::thread::sleep(Duration::from_millis(20));
             rates.push((count() - c0) as f64 / t0.elapsed().as_secs_f64());
         }
-        Ok(median(rates))
+        Ok(median(rates.split_off(warm)))
     })?
 }
 
@@ -192,6 +196,8 @@ fn both(pair: &Pair, frame: &[u8], flows: u32, cores: usize) -> anyhow::Result<(
         let bal = lb.run(move || -> anyhow::Result<Balancer> {
             let mut bal = Balancer::load()?;
             bal.set_config(&cfg)?;
+            // Off: a million new flows a second is this bench's normal, not a flood.
+            bal.set_flood_threshold(None)?;
             let mut spec = VipSpec::new(vip(VIP, 9, "udp"));
             spec.backends = (1..=3)
                 .map(|i| BackendSpec::new(Ipv4Addr::new(10, 70, 0, i).into(), 1))
@@ -207,8 +213,23 @@ fn both(pair: &Pair, frame: &[u8], flows: u32, cores: usize) -> anyhow::Result<(
     Ok((bare, lbr))
 }
 
+/// Issue 12's target: two queues with a generator per core, for 10k and 1M flows.
+const TARGET: f64 = 0.85;
+/// The earlier target, for the other rows.
+const OTHER_TARGET: f64 = 0.7;
+
+/// The flow counts measured with `queues` queues: the issue's 10k and 1M on two.
+fn flow_counts(queues: usize) -> &'static [u32] {
+    if queues == 1 {
+        &[1, 64, 10_000]
+    } else {
+        &[1, 64, 10_000, 1_000_000]
+    }
+}
+
 pub fn run(report: &mut Report) -> anyhow::Result<()> {
     let mut rows = Vec::new();
+    let mut issue = Vec::new();
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
     let mut setups = vec![(1usize, 1usize)];
     if cpus >= 2 {
@@ -224,9 +245,19 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
                 &udp4(SRC, VIP, 1024, 9, &payload),
             );
             let frame = eth(pair.l0_mac, pair.g0.1, ETH_IP, &l3);
-            for flows in [1u32, 64, 10_000] {
+            for &flows in flow_counts(queues) {
                 let (bare, lbr) = both(&pair, &frame, flows, cores)?;
                 let ratio = lbr / bare;
+                let target = if queues == 2 && flows >= 10_000 {
+                    issue.push(format!(
+                        "{size} B, {flows} flows: {:.0}% ({})",
+                        ratio * 100.0,
+                        verdict(ratio >= TARGET)
+                    ));
+                    TARGET
+                } else {
+                    OTHER_TARGET
+                };
                 rows.push(vec![
                     format!(
                         "{queues} queue{} / {cores} core{}",
@@ -238,7 +269,8 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
                     format!("{:.2}", bare / 1e6),
                     format!("{:.2}", lbr / 1e6),
                     format!("{:.0}%", ratio * 100.0),
-                    verdict(ratio >= 0.7),
+                    format!("{:.0}%", target * 100.0),
+                    verdict(ratio >= target),
                 ]);
             }
         }
@@ -252,20 +284,33 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
             "bare XDP_TX Mpps",
             "maglb Mpps",
             "maglb / bare",
-            "target 70%",
+            "target",
+            "",
         ],
         &rows,
-        &[format!(
-            "A generator namespace injects UDP frames to the VIP with BPF_PROG_RUN in live-frames \
-             mode (maglb_gen, XDP_TX out of g0); the balancer's side (l0, native XDP) runs a bare \
-             XDP_TX or maglb (Maglev, connection table, IP-in-IP, XDP_TX back); a sink on g0 \
-             counts the returned frames. Medians of {ROUNDS} windows of {} ms. On one veth queue \
-             the generator's core also runs both sides' XDP, so the rates are per core. With two \
-             queues on both ends (`ethtool -L IF rx 2 tx 2`) and a generator pinned to each core, \
-             each core carries its own frames through both sides: the rates are the machine's, \
-             bare and maglb measured the same way.",
-            WINDOW.as_millis()
-        )],
+        &[
+            format!(
+                "Issue 12 target, two veth queues with a generator per core, maglb at least \
+                 {:.0}% of bare XDP_TX for 10k and for 1M flows: {}.",
+                TARGET * 100.0,
+                issue.join("; ")
+            ),
+            format!(
+                "A generator namespace injects UDP frames to the VIP with BPF_PROG_RUN in \
+                 live-frames mode (maglb_gen, XDP_TX out of g0; flows differ in source port, \
+                 and beyond 32768 flows in source address too); the balancer's side (l0, native \
+                 XDP) runs a bare XDP_TX or maglb (Maglev, connection table of the default size, \
+                 flood threshold off, IP-in-IP, XDP_TX back); a sink on g0 counts the returned \
+                 frames. Medians of {ROUNDS} windows of {} ms; with {WARM_FLOWS} flows or more, \
+                 a first unmeasured window inserts them, so the measured ones forward \
+                 established flows. On one veth queue the generator's core also runs both \
+                 sides' XDP, so the rates are per core. With two queues on both ends \
+                 (`ethtool -L IF rx 2 tx 2`) and a generator pinned to each core, each core \
+                 carries its own frames through both sides: the rates are the machine's, bare \
+                 and maglb measured the same way.",
+                WINDOW.as_millis()
+            ),
+        ],
     );
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod conns;
 pub mod control;
+pub mod flood;
 pub mod forward;
 pub mod packet;
 
