@@ -21,7 +21,12 @@ use anyhow::{Context as _, anyhow, bail};
 
 /// The eBPF crate and its programs (binary targets).
 const PACKAGE: &str = "lb-ebpf";
-const PROGRAMS: &[&str] = &["maglb-balancer", "maglb-decap", "maglb-tools"];
+const PROGRAMS: &[&str] = &[
+    "maglb-balancer",
+    "maglb-decap",
+    "maglb-tools",
+    "maglb-probe-encap",
+];
 /// The toolchain that builds them (`-Z build-std` needs nightly).
 const TOOLCHAIN: &str = "nightly";
 

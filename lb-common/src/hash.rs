@@ -1,4 +1,5 @@
-//! The flow hash that picks a ring slot for a new flow.
+//! The flow hash that picks a ring slot for a new flow, and the flow entropy the outer
+//! headers carry (the IPv6 flow label, GUE's source port).
 //!
 //! Both balancers of a pair must map a flow to the same ring slot, so the hash is fixed (no
 //! per-boot seed) and depends only on the flow's bytes. It is plain integer arithmetic, the
@@ -38,6 +39,21 @@ pub fn flow_hash(f: &FlowKey) -> u32 {
 pub fn src_hash(f: &FlowKey) -> u32 {
     let h = round(SEED, fold_addr(&f.src)).wrapping_mul(K);
     (h >> 32) as u32
+}
+
+/// The IPv6 outer header's flow label: entropy of the inner flow for ECMP between the
+/// balancer and the backends (20 bits).
+#[inline(always)]
+pub fn flow_label(f: &FlowKey) -> u32 {
+    (f.src[3] ^ f.src[0] ^ (f.sport as u32) << 4 ^ f.dport as u32) & 0xf_ffff
+}
+
+/// GUE's UDP source port: a hash of the inner flow, in the dynamic port range 49152-65535,
+/// so that a backend's NIC spreads flows over its receive queues (RSS).
+#[inline(always)]
+pub fn gue_sport(f: &FlowKey) -> u16 {
+    let x = f.src[0] ^ f.src[3] ^ f.dst[0] ^ ((f.sport as u32) << 16 | f.dport as u32);
+    (x.wrapping_mul(0x9e37_79b1) >> 18) as u16 | 0xc000
 }
 
 /// MurmurHash3 (x86, 32-bit) over the words of the flow: the hash before `flow_hash`, kept

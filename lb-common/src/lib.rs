@@ -240,6 +240,18 @@ pub struct Settings {
 }
 const _: () = assert!(size_of::<Settings>() == 20);
 
+impl Settings {
+    /// The GUE destination port in force, or 0 for IP-in-IP.
+    #[inline(always)]
+    pub fn gue_dport(&self) -> u16 {
+        if self.encap == ENCAP_GUE {
+            self.gue_port
+        } else {
+            0
+        }
+    }
+}
+
 /// `Settings::version` of this layout.
 pub const SETTINGS_VERSION: u32 = 1;
 /// Default TCP idle timeout: 1 hour (established TCP flows are mostly ended by FIN or RST;
@@ -481,6 +493,32 @@ pub mod stat {
         "drop_denied",
         "drop_not_allowed",
     ];
+}
+
+/// Health probes over the data path (`via = "tunnel"`): the probe socket's `SO_MARK` is
+/// `PROBE_MARK_TAG | slot`, where `slot` is the probed backend's slot in `BACKENDS`. The
+/// balancer's egress classifier (`maglb_probe_encap`) encapsulates marked packets toward that
+/// backend exactly as the XDP program encapsulates client packets.
+pub const PROBE_MARK_TAG: u32 = 0x6d6c_0000;
+/// The bits of a mark that must equal `PROBE_MARK_TAG`; the rest is the slot.
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
+const _: () = assert!(MAX_BACKENDS <= !PROBE_MARK_MASK + 1);
+
+/// Indices of the probe classifier's per-CPU counters (`PROBE_STATS`).
+pub mod probe_stat {
+    /// Marked packets encapsulated toward their backend.
+    pub const ENCAP: u32 = 0;
+    /// Dropped: the mark names a slot that holds no backend.
+    pub const NO_BACKEND: u32 = 1;
+    /// Dropped: the datapath has no configuration (next hop) yet.
+    pub const NOT_READY: u32 = 2;
+    /// Dropped: an IPv6 packet toward an IPv4 backend, or not IP at all.
+    pub const FAMILY: u32 = 3;
+    /// Dropped: a kernel helper failed (growing the packet, writing headers).
+    pub const ERROR: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["encapsulated", "no_backend", "not_ready", "family", "error"];
 }
 
 #[cfg(feature = "user")]

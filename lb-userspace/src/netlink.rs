@@ -12,7 +12,7 @@ use rtnetlink::{
         address::{AddressAttribute, AddressScope},
         link::{LinkAttribute, LinkFlags},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::{RouteAddress, RouteAttribute},
+        route::{RouteAddress, RouteAttribute, RouteType},
     },
 };
 
@@ -99,6 +99,32 @@ pub async fn route_to(h: &Handle, to: IpAddr) -> Result<(IpAddr, u32), NetlinkEr
         }
     }
     Ok((gw, oif.ok_or(NetlinkError::NoRoute(to))?))
+}
+
+/// How the kernel sends a packet of this host to `to`: the outgoing interface, or none when
+/// `to` is an address of this host (it never leaves it).
+pub async fn route_oif(h: &Handle, to: IpAddr) -> Result<Option<u32>, NetlinkError> {
+    let prefix = if to.is_ipv4() { 32 } else { 128 };
+    let msg = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(to, prefix)
+        .map_err(|_| NetlinkError::NoRoute(to))?
+        .build();
+    let mut routes = h.route().get(msg).execute();
+    let route = match routes.try_next().await {
+        Ok(Some(r)) => r,
+        _ => return Err(NetlinkError::NoRoute(to)),
+    };
+    if route.header.kind == RouteType::Local {
+        return Ok(None);
+    }
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(Some(*i)),
+            _ => None,
+        })
+        .ok_or(NetlinkError::NoRoute(to))
 }
 
 /// The MAC of `ip` on interface `ifindex`, if the neighbour table has a usable entry.

@@ -9,3 +9,8 @@ pub static DECAP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "
 
 /// Benchmark tools (`maglb_gen`, `maglb_tx`, `maglb_sink`); see `lb-ebpf/src/bin/tools.rs`.
 pub static TOOLS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/maglb-tools"));
+
+/// The balancer's egress classifier for health probes over the data path
+/// (`maglb_probe_encap`).
+pub static PROBE_ENCAP: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/maglb-probe-encap"));

@@ -14,8 +14,9 @@ use crate::{
     },
     datapath::{Counters, Reading},
     health::{
-        Tracker,
-        supervisor::{BackendKey, HealthViews, probes},
+        Route, Tracker,
+        supervisor::{BackendKey, HealthViews},
+        tunnel::{self, TunnelState},
     },
     state::{Change, Refusal, State},
     writer::Snapshot,
@@ -29,6 +30,8 @@ pub struct Views {
     pub vrrp: watch::Receiver<Option<VrrpStatus>>,
     /// The BGP announcer's status (none without `[bgp]`).
     pub bgp: watch::Receiver<Option<BgpStatus>>,
+    /// What probes over the tunnel can count on.
+    pub tunnel: watch::Receiver<Arc<TunnelState>>,
     pub counters: Counters,
     pub state_file: PathBuf,
     pub bpffs: PathBuf,
@@ -81,6 +84,8 @@ impl Views {
             nexthop_mac: (cfg.nh_mac != [0; 6]).then(|| addr::fmt_mac(&cfg.nh_mac)),
             vips: s.state.vips.len(),
             backends: s.slots_in_use,
+            probe_tunnel: self.tunnel.borrow().interface.clone(),
+            probe_tunnel_unavailable: self.tunnel.borrow().unavailable.clone(),
             conntrack_entries: s.conntrack.0,
             conntrack_per_cpu: s.conntrack.1,
             state_file: self.state_file.display().to_string(),
@@ -107,6 +112,7 @@ impl Views {
                     affinity: v.affinity,
                     ring_size: v.ring_size,
                     pools: v.pools.clone(),
+                    adaptive_weights: v.adaptive_weights,
                     new_flows: total.new_flows,
                     counters: CounterView {
                         packets: total.packets,
@@ -125,6 +131,9 @@ impl Views {
                         .map(|b| BackendView {
                             address: b.address,
                             weight: b.weight,
+                            effective_weight: b.weight as f64
+                                * s.weight_percent(&v.address, &b.address) as f64
+                                / 100.0,
                             state: b.state,
                             backup: b.backup,
                             pool: b.pool().to_owned(),
@@ -166,13 +175,20 @@ impl Views {
     /// Every probe the state asks for, with what it found so far.
     pub fn probes(&self) -> Vec<ProbeView> {
         let s = self.snapshot();
-        probes(&s.state)
+        let t = self.tunnel.borrow().clone();
+        tunnel::probes(&s, &t)
             .into_iter()
             .map(|(key, p)| ProbeView {
                 vip: key.0,
                 backend: key.1,
                 kind: p.check.kind,
                 target: p.target.to_string(),
+                via: p.via(),
+                via_reason: match &p.route {
+                    Route::Direct { because } => because.clone(),
+                    Route::Unavailable(why) => Some(why.clone()),
+                    Route::Tunnel { .. } => None,
+                },
                 health: self.health_of(&key),
                 out_of_table: s.down.contains(&key),
             })

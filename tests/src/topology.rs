@@ -287,9 +287,9 @@ impl Topology {
         }
         let name = format!("b{i}");
         let ctl = Arc::new(BackendCtl::default());
-        // The service on the VIPs and on the backend's own addresses (where TCP health
-        // probes go: the default check of a TCP VIP), and a health endpoint on the
-        // backend's own address.
+        // The service on the VIPs (where probes over the tunnel go, the default check of a
+        // TCP VIP too) and on the backend's own addresses (where direct probes go), and a
+        // health endpoint on all its addresses.
         for at in [
             IpAddr::V4(VIP),
             IpAddr::V6(VIP6),
@@ -300,11 +300,16 @@ impl Topology {
             self.servers
                 .push(tcp_server(b, &name, at, &self.stop, &ctl)?);
         }
-        for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
-            let at = SocketAddr::new(vip, UDP_PORT);
+        for at in [
+            IpAddr::V4(VIP),
+            IpAddr::V6(VIP6),
+            IpAddr::V4(a),
+            IpAddr::V6(a6),
+        ] {
+            let at = SocketAddr::new(at, UDP_PORT);
             self.servers.push(udp_server(b, &name, at, &self.stop)?);
         }
-        let at = SocketAddr::new(IpAddr::V4(a), HEALTH_PORT);
+        let at = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), HEALTH_PORT);
         self.servers.push(health_server(b, at, &self.stop, &ctl)?);
         self.ctl.push(ctl);
         Ok(())
@@ -362,6 +367,9 @@ pub struct BackendCtl {
     pub health_status: std::sync::atomic::AtomicU16,
     /// The health endpoint accepts connections but never answers.
     pub hang: AtomicBool,
+    /// A slow backend: the health endpoint and the TCP service wait this long before each
+    /// answer.
+    pub delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for BackendCtl {
@@ -370,11 +378,23 @@ impl Default for BackendCtl {
             serving: AtomicBool::new(true),
             health_status: std::sync::atomic::AtomicU16::new(200),
             hang: AtomicBool::new(false),
+            delay_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
 
-/// Port of the backends' HTTP health endpoint (`GET /health`), on their own addresses.
+impl BackendCtl {
+    /// Waits `delay_ms`, if set.
+    fn delay(&self) {
+        let ms = self.delay_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+}
+
+/// Port of the backends' HTTP health endpoint (`GET /health`), on every address of the
+/// backend: its own (direct probes) and the VIPs on its loopback (probes over the tunnel).
 pub const HEALTH_PORT: u16 = 8080;
 
 fn tcp_server(
@@ -441,6 +461,7 @@ fn health_server(
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let mut buf = [0u8; 1024];
             let _ = std::io::Read::read(&mut s, &mut buf);
+            ctl.delay();
             let status = ctl.health_status.load(Ordering::Relaxed);
             let body = if status == 200 { "ok\n" } else { "failing\n" };
             let _ = write!(
@@ -471,6 +492,7 @@ fn serve_lines(s: TcpStream, name: &str, stop: &AtomicBool, ctl: &BackendCtl) {
                 while r.read_line(&mut h).is_ok_and(|n| n > 0) && h.trim() != "" {
                     h.clear();
                 }
+                ctl.delay();
                 let body = format!("{name}\n");
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -480,6 +502,7 @@ fn serve_lines(s: TcpStream, name: &str, stop: &AtomicBool, ctl: &BackendCtl) {
                 return;
             }
             Ok(_) => {
+                ctl.delay();
                 if w.write_all(format!("{name}\n").as_bytes()).is_err() {
                     return;
                 }

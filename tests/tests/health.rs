@@ -251,7 +251,11 @@ fn http_probe_takes_out_503_and_hung_backends() {
     let (t, a) = setup("hht", &scratch, &[&[], &[], &[]], "http");
     t.ctl[0].health_status.store(503, Ordering::Relaxed);
     wait_state(&a, 0, false, Duration::from_secs(3));
-    assert_eq!(health(&a)[&IpAddr::V4(backend_addr(0))].1, "status 503");
+    // The default check goes over the tunnel here (the balancer carries it).
+    assert_eq!(
+        health(&a)[&IpAddr::V4(backend_addr(0))].1,
+        "status 503 (over the tunnel)"
+    );
     let (seen, failed) = requests(&t, 150);
     assert_eq!(failed, 0);
     assert!(

@@ -3,7 +3,8 @@
 //! - the writer ([`crate::writer`]), on a thread of its own: the one owner of the desired
 //!   state, the state file and the maps;
 //! - the VRRP speaker ([`crate::vrrp::speaker`]), on a thread of its own;
-//! - on the async runtime: the probe supervisor, the next-hop refresher, the BGP announcer
+//! - on the async runtime: the probe supervisor (and the keeper of its probe classifier,
+//!   [`crate::health::tunnel`]), the next-hop refresher, the BGP announcer
 //!   ([`crate::bgp`]) and the HTTP listeners (admin socket, read-only socket, metrics and
 //!   status page).
 //!
@@ -113,9 +114,16 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let (health_tx, health_rx) = watch::channel(Arc::new(BTreeMap::new()));
+        let (tunnel_tx, tunnel_rx) = watch::channel(Arc::default());
+        tokio::spawn(health::tunnel::run(
+            snap.clone(),
+            opts.bpffs.join(crate::datapath::LAYOUT),
+            tunnel_tx,
+        ));
         tokio::spawn(health::supervisor::run(
             writer.clone(),
             snap.clone(),
+            tunnel_rx.clone(),
             health_tx,
             probe_metrics.clone(),
         ));
@@ -132,6 +140,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             health: health_rx,
             vrrp: speaker.status.clone(),
             bgp: bgp.status.clone(),
+            tunnel: tunnel_rx,
             counters,
             state_file,
             bpffs: opts.bpffs.clone(),

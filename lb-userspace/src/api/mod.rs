@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    Affinity, AttachMode, BackendState, HealthCheck, Prefix, ProbeKind, RateLimit, VipId,
+    Affinity, AttachMode, BackendState, HealthCheck, Prefix, ProbeKind, ProbeVia, RateLimit, VipId,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/maglb/maglb.sock";
@@ -46,6 +46,17 @@ pub struct VipRequest {
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ring_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_weights: Option<bool>,
+}
+
+/// Changes settings of an existing VIP (those given).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSetRequest {
+    pub address: VipId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_weights: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -122,6 +133,13 @@ pub struct ProbeView {
     pub backend: IpAddr,
     pub kind: ProbeKind,
     pub target: String,
+    /// The way the probes go: over the tunnel (to the VIP, encapsulated like client
+    /// traffic) or direct (to the backend's address).
+    pub via: ProbeVia,
+    /// Why not over the tunnel, when the check left the choice to the agent and it went
+    /// direct; or why a probe the check sends over the tunnel cannot go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_reason: Option<String>,
     /// None until the first probe finishes.
     pub health: Option<HealthView>,
     /// The datapath has taken the backend out of its VIP's table: the writer applied a
@@ -157,7 +175,11 @@ pub struct CounterView {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendView {
     pub address: IpAddr,
+    /// The configured weight.
     pub weight: u32,
+    /// The weight it gets now: the configured one, lowered by adaptive weights while its
+    /// probes are much slower than its peers'.
+    pub effective_weight: f64,
     pub state: BackendState,
     pub backup: bool,
     pub pool: String,
@@ -174,6 +196,8 @@ pub struct VipView {
     pub affinity: Option<Affinity>,
     pub ring_size: u32,
     pub pools: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub adaptive_weights: bool,
     /// Flows that got a backend from the Maglev table.
     pub new_flows: u64,
     #[serde(flatten)]
@@ -214,6 +238,12 @@ pub struct Status {
     pub nexthop_mac: Option<String>,
     pub vips: usize,
     pub backends: usize,
+    /// The interface whose egress carries probes over the tunnel, if any.
+    #[serde(default)]
+    pub probe_tunnel: Option<String>,
+    /// Why probes cannot go over the tunnel now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_tunnel_unavailable: Option<String>,
     /// Connection-table size, and each CPU's share of it.
     #[serde(default)]
     pub conntrack_entries: u32,

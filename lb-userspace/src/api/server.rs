@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use super::{
     AttachRequest, BackendRequest, Changes, ConfigText, ErrorBody, HealthRequest, PolicyRequest,
     REQUEST_ID_HEADER, RequestStatus, SwitchRequest, Verification, VipRef, VipRequest,
+    VipSetRequest,
 };
 use crate::{
     bgp::announcer::{BgpHandle, Op as BgpOp},
@@ -148,6 +149,7 @@ pub fn admin(api: Shared) -> Router {
         .route("/v1/detach", post(detach))
         .route("/v1/vips", post(vip_add).delete(vip_del))
         .route("/v1/vips/switch", post(switch))
+        .route("/v1/vips/set", post(vip_set))
         .route("/v1/vips/policy", post(policy))
         .route("/v1/backends", post(backend_add).delete(backend_del))
         .route("/v1/backends/weight", post(backend_weight))
@@ -375,7 +377,16 @@ async fn vip_add(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Chan
     if let Some(size) = r.ring_size {
         vip.ring_size = size;
     }
+    vip.adaptive_weights = r.adaptive_weights.unwrap_or(false);
     write(&a, &h, Change::AddVip(vip)).await
+}
+
+async fn vip_set(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Changes> {
+    let r: VipSetRequest = body(&b)?;
+    let Some(on) = r.adaptive_weights else {
+        return Err(Refusal::invalid("adaptive_weights", "missing: nothing to set").into());
+    };
+    write(&a, &h, Change::SetAdaptiveWeights { vip: r.address, on }).await
 }
 
 async fn vip_del(State(a): State<Shared>, h: HeaderMap, b: Bytes) -> Answer<Changes> {

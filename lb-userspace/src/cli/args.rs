@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     api,
     datapath::decap,
-    state::{AttachMode, HealthCheck, Initial, Prefix, ProbeKind, VipId},
+    state::{AttachMode, HealthCheck, Initial, Prefix, ProbeKind, ProbeVia, VipId},
 };
 
 #[derive(Parser)]
@@ -210,6 +210,18 @@ pub enum VipCmd {
         /// Maglev table size (a prime).
         #[arg(long)]
         ring_size: Option<u32>,
+        /// Lower the weight of backends whose probes stay much slower than their peers'.
+        #[arg(long)]
+        adaptive_weights: bool,
+    },
+    /// Change settings of a VIP.
+    #[command(after_help = "Example:\n  maglb vip set 10.200.0.1:80/tcp --adaptive-weights on")]
+    Set {
+        vip: VipId,
+        /// Lower the effective weight of backends whose probes stay much slower than their
+        /// peers' (in steps, down to 10%), and raise it again when they are fast.
+        #[arg(long, value_enum)]
+        adaptive_weights: Option<OnOff>,
     },
     /// Delete a VIP and its backends.
     Del { vip: VipId },
@@ -336,6 +348,18 @@ pub enum BackendCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ViaArg {
+    Tunnel,
+    Direct,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum InitialArg {
     Up,
     Down,
@@ -395,6 +419,11 @@ pub struct HealthArgs {
     /// HTTPS: do not verify the certificate.
     #[arg(long)]
     pub tls_insecure: bool,
+    /// The way probes go: tunnel (to the VIP, encapsulated toward the backend like client
+    /// traffic) or direct (to the backend's address) [default: tunnel when the balancer can
+    /// carry it, else direct].
+    #[arg(long, value_enum)]
+    pub via: Option<ViaArg>,
     /// How a backend added later starts: up at once, or down until `rise` probes pass
     /// [default: up].
     #[arg(long, value_enum)]
@@ -425,6 +454,10 @@ impl HealthArgs {
             payload: self.payload.clone(),
             tls_ca: self.tls_ca.clone(),
             tls_insecure: self.tls_insecure,
+            via: self.via.map(|v| match v {
+                ViaArg::Tunnel => ProbeVia::Tunnel,
+                ViaArg::Direct => ProbeVia::Direct,
+            }),
             initial: match self.initial {
                 Some(InitialArg::Down) => Initial::Down,
                 _ => Initial::Up,

@@ -12,8 +12,8 @@ use clap::CommandFactory as _;
 use super::{
     Error,
     args::{
-        AffinityArg, BackendCmd, BgpCmd, Cli, Cmd, ConfigCmd, DecapCmd, LogFormat, Output, VipCmd,
-        VrrpCmd,
+        AffinityArg, BackendCmd, BgpCmd, Cli, Cmd, ConfigCmd, DecapCmd, LogFormat, OnOff, Output,
+        VipCmd, VrrpCmd,
     },
     output,
 };
@@ -206,13 +206,28 @@ fn vip(sock: &Path, read: &Path, cmd: VipCmd, out: &mut impl Write) -> Result<()
             vip,
             affinity,
             ring_size,
+            adaptive_weights,
         } => {
             let req = api::VipRequest {
                 address: vip,
                 affinity: affinity.map(|AffinityArg::SrcIp| Affinity::SrcIp),
                 ring_size,
+                adaptive_weights: adaptive_weights.then_some(true),
             };
             output::changes(out, &send(sock, "POST", "/v1/vips", &req)?)?;
+        }
+        VipCmd::Set {
+            vip,
+            adaptive_weights,
+        } => {
+            let Some(aw) = adaptive_weights else {
+                return Err("nothing to set: give --adaptive-weights on|off".into());
+            };
+            let req = api::VipSetRequest {
+                address: vip,
+                adaptive_weights: Some(aw == OnOff::On),
+            };
+            output::changes(out, &send(sock, "POST", "/v1/vips/set", &req)?)?;
         }
         VipCmd::Switch { vip, to, percent } => {
             let req = api::SwitchRequest {

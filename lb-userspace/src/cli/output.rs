@@ -68,25 +68,44 @@ pub fn vips(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
 pub fn probes(out: &mut impl Write, probes: &[ProbeView]) -> io::Result<()> {
     writeln!(
         out,
-        "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
-        "VIP", "BACKEND", "KIND", "TARGET", "STATE", "LAST", "LATENCY", "SINCE"
+        "{:<24} {:<26} {:<5} {:<7} {:<26} {:<5} {:>9} {:>7}  LAST",
+        "VIP", "BACKEND", "KIND", "VIA", "TARGET", "STATE", "LATENCY", "SINCE"
     )?;
+    let mut notes = Vec::new();
     for p in probes {
         let h = health_cells(p.health.as_ref());
+        let mut via = p.via.to_string();
+        if let Some(why) = &p.via_reason {
+            via.push('*');
+            notes.push(format!("{} {}: {via} because {why}", p.vip, p.backend));
+        }
         writeln!(
             out,
-            "{:<24} {:<26} {:<5} {:<26} {:<5} {:<24} {:>9} {:>7}",
+            "{:<24} {:<26} {:<5} {:<7} {:<26} {:<5} {:>9} {:>7}  {}",
             p.vip.to_string(),
             p.backend.to_string(),
             p.kind.to_string(),
+            via,
             p.target,
             h.0,
-            h.1,
             h.2,
-            h.3
+            h.3,
+            h.1
         )?;
     }
+    for n in notes {
+        writeln!(out, "* {n}")?;
+    }
     Ok(())
+}
+
+/// A weight for tables: whole numbers without decimals.
+fn weight_cell(w: f64) -> String {
+    if w.fract() == 0.0 {
+        format!("{w:.0}")
+    } else {
+        format!("{w:.2}")
+    }
 }
 
 pub fn stats(out: &mut impl Write, s: &Stats) -> io::Result<()> {
@@ -164,6 +183,14 @@ pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
         or(&s.source_v6)
     )?;
     writeln!(out, "mtu          {}", s.mtu)?;
+    match (&s.probe_tunnel, &s.probe_tunnel_unavailable) {
+        (Some(i), _) => writeln!(
+            out,
+            "probes       over the tunnel possible (classifier on {i})"
+        )?,
+        (None, Some(why)) => writeln!(out, "probes       direct only: {why}")?,
+        (None, None) => writeln!(out, "probes       direct only")?,
+    }
     writeln!(out, "vips         {}", s.vips)?;
     writeln!(out, "backends     {}", s.backends)?;
     writeln!(
@@ -262,10 +289,11 @@ pub fn bgp(out: &mut impl Write, b: &api::BgpStatus) -> io::Result<()> {
 pub fn backends(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
     writeln!(
         out,
-        "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
+        "{:<24} {:<26} {:>6} {:>9} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
         "VIP",
         "BACKEND",
         "WEIGHT",
+        "EFFECTIVE",
         "STATE",
         "POOL",
         "HEALTH",
@@ -286,10 +314,11 @@ pub fn backends(out: &mut impl Write, vips: &[VipView]) -> io::Result<()> {
             };
             writeln!(
                 out,
-                "{:<24} {:<26} {:>6} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
+                "{:<24} {:<26} {:>6} {:>9} {:<8} {:<10} {:<5} {:<20} {:>8} {:>6} {:>10} {:>12}",
                 v.address.to_string(),
                 b.address.to_string(),
                 b.weight,
+                weight_cell(b.effective_weight),
                 state,
                 b.pool,
                 h.0,

@@ -10,6 +10,7 @@ pub mod decap;
 mod link;
 mod observe;
 mod policy;
+pub mod probe_encap;
 mod rings;
 
 use std::{

@@ -1,16 +1,20 @@
-//! Health checks: probes of each backend ([`probe`]), the pure up/down state machine
-//! ([`Tracker`]), and the supervisor task that runs one probe task per checked backend and
-//! tells the writer about transitions ([`supervisor`]).
+//! Health checks: probes of each backend ([`probe`], HTTP in [`http`]), direct or over the
+//! tunnel ([`tunnel`]), the pure up/down state machine ([`Tracker`]), adaptive weights from
+//! probe latencies ([`adaptive`]), and the supervisor task that runs one probe task per
+//! checked backend and tells the writer about transitions ([`supervisor`]).
 //!
 //! `Tracker` is pure: results in, transitions out (up after `rise` consecutive successes,
 //! down after `fall` consecutive failures, so one lost probe never flaps a backend).
 
+pub mod adaptive;
+mod http;
 mod probe;
 pub mod supervisor;
+pub mod tunnel;
 
 use std::time::{Duration, Instant};
 
-pub use self::probe::{Probe, ProbeResult, Prober};
+pub use self::probe::{Probe, ProbeResult, Prober, Route};
 
 /// Up/down state of one backend of one VIP.
 #[derive(Clone, Debug)]

@@ -1,15 +1,21 @@
-//! One probe of one backend: TCP connect, HTTP or HTTPS GET (reqwest with rustls; keep-alive,
+//! One probe of one backend: TCP connect, HTTP or HTTPS GET (hyper with rustls; keep-alive,
 //! chunked bodies, no redirects), or a UDP datagram that must be answered. Every probe is
 //! bounded by its timeout.
+//!
+//! A probe goes direct (to the backend's own address) or over the tunnel (to the VIP, its
+//! sockets marked for the balancer's probe classifier, which encapsulates them toward the
+//! backend exactly like client traffic; see [`Route`]).
 
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
+use socket2::SockRef;
 use tokio::net::{TcpSocket, UdpSocket};
 
-use crate::state::{HealthCheck, ProbeKind, parse_statuses};
+use super::http::{HttpClient, SocketOpts};
+use crate::state::{HealthCheck, ProbeKind, ProbeVia, parse_statuses};
 
 /// What one probe found: `Ok`, or why it failed.
 pub type ProbeResult = Result<(), String>;
@@ -17,18 +23,52 @@ pub type ProbeResult = Result<(), String>;
 /// Bytes of an HTTP body read, at most (enough for a status and a health body).
 const BODY_LIMIT: usize = 64 * 1024;
 
+/// Which way a probe goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// To the backend's own address, as an ordinary connection. `because`: why not over the
+    /// tunnel, when the check left the choice to the agent.
+    Direct { because: Option<String> },
+    /// To the VIP, leaving through `interface` with `SO_MARK = mark`; the probe classifier
+    /// there encapsulates it toward the backend.
+    Tunnel { mark: u32, interface: String },
+    /// The check asks for the tunnel and the balancer cannot carry it now (why): every probe
+    /// fails with that reason, and nothing is sent.
+    Unavailable(String),
+}
+
 /// Where and how to probe one backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Probe {
     pub target: SocketAddr,
     pub check: HealthCheck,
+    pub route: Route,
 }
 
 impl Probe {
+    /// A direct probe of `backend`.
     pub fn new(backend: IpAddr, vip_port: u16, check: &HealthCheck) -> Self {
         Self {
             target: SocketAddr::new(backend, check.port.unwrap_or(vip_port)),
             check: check.clone(),
+            route: Route::Direct { because: None },
+        }
+    }
+
+    /// A probe over the tunnel: to the VIP's address, marked for the backend's slot.
+    pub fn tunnel(vip: IpAddr, vip_port: u16, check: &HealthCheck, route: Route) -> Self {
+        Self {
+            target: SocketAddr::new(vip, check.port.unwrap_or(vip_port)),
+            check: check.clone(),
+            route,
+        }
+    }
+
+    /// The way it goes, for views.
+    pub fn via(&self) -> ProbeVia {
+        match self.route {
+            Route::Direct { .. } => ProbeVia::Direct,
+            Route::Tunnel { .. } | Route::Unavailable(_) => ProbeVia::Tunnel,
         }
     }
 
@@ -45,7 +85,7 @@ impl Probe {
         })
     }
 
-    /// The host name of the check (Host header and SNI), or the backend's address.
+    /// The host name of the check (Host header and SNI), or the target's address.
     fn host(&self) -> String {
         self.check
             .host
@@ -70,45 +110,52 @@ impl Probe {
         )
     }
 
-    fn http_client(&self) -> Result<reqwest::Client, String> {
-        crate::tls::install_provider();
+    fn socket_opts(&self) -> SocketOpts {
+        let (mark, interface) = match &self.route {
+            Route::Tunnel { mark, interface } => (Some(*mark), Some(interface.clone())),
+            _ => (None, None),
+        };
+        SocketOpts {
+            mark,
+            interface,
+            source: self.check.source,
+        }
+    }
+
+    fn http_client(&self) -> Result<HttpClient, String> {
         let timeout = Duration::from_millis(self.check.timeout_ms as u64);
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(1)
-            .user_agent("maglb-health")
-            .no_proxy();
-        if let Some(host) = &self.check.host {
-            // The name is the check's; the address is always the backend's.
-            b = b.resolve(host, self.target);
-        }
-        if let Some(src) = self.check.source {
-            b = b.local_address(src);
-        }
-        if self.check.kind == ProbeKind::Https {
-            b = crate::tls::configure(b, self.check.tls_ca.as_deref(), self.check.tls_insecure)?;
-        }
-        b.build()
-            .map_err(|e| format!("HTTP client: {}", crate::error_chain(&e)))
+        let tls = match self.check.kind {
+            ProbeKind::Https => Some(crate::tls::client_config(
+                self.check.tls_ca.as_deref(),
+                self.check.tls_insecure,
+            )?),
+            _ => None,
+        };
+        HttpClient::new(&self.url(), self.target, tls, &self.socket_opts(), timeout)
     }
 }
 
 /// Runs one backend's probes.
 pub struct Prober {
     pub probe: Probe,
-    http: Option<reqwest::Client>,
+    http: Option<HttpClient>,
 }
 
 impl Prober {
     /// Runs the probe once, within its timeout. Returns the result and how long it took.
     pub async fn run(&self) -> (ProbeResult, Duration) {
         let start = Instant::now();
+        if let Route::Unavailable(why) = &self.probe.route {
+            return (Err(format!("no tunnel: {why}")), start.elapsed());
+        }
         let timeout = Duration::from_millis(self.probe.check.timeout_ms as u64);
         let r = match tokio::time::timeout(timeout, self.attempt()).await {
             Ok(r) => r,
             Err(_) => Err(format!("timeout after {} ms", self.probe.check.timeout_ms)),
+        };
+        let r = match (&self.probe.route, r) {
+            (Route::Tunnel { .. }, Err(why)) => Err(tunnel_reason(&why, self.probe.target)),
+            (_, r) => r,
         };
         (r, start.elapsed())
     }
@@ -122,6 +169,17 @@ impl Prober {
         }
     }
 
+    /// Applies the route's mark and interface to a socket.
+    fn route_socket(&self, sock: SockRef<'_>) -> ProbeResult {
+        if let Route::Tunnel { mark, interface } = &self.probe.route {
+            sock.set_mark(*mark)
+                .map_err(|e| format!("setting the probe mark: {e}"))?;
+            sock.bind_device(Some(interface.as_bytes()))
+                .map_err(|e| format!("binding to {interface}: {e}"))?;
+        }
+        Ok(())
+    }
+
     async fn connect(&self) -> ProbeResult {
         let target = self.probe.target;
         let sock = if target.is_ipv4() {
@@ -130,6 +188,7 @@ impl Prober {
             TcpSocket::new_v6()
         }
         .map_err(|e| e.to_string())?;
+        self.route_socket(SockRef::from(&sock))?;
         if let Some(src) = self.probe.check.source {
             sock.bind(SocketAddr::new(src, 0))
                 .map_err(|e| format!("binding {src}: {e}"))?;
@@ -146,31 +205,15 @@ impl Prober {
     async fn http(&self) -> ProbeResult {
         let client = self.http.as_ref().expect("made for HTTP checks");
         let check = &self.probe.check;
-        let host = self.probe.host();
-        let mut resp = client
-            .get(self.probe.url())
-            .send()
-            .await
-            .map_err(|e| http_error(&e, &host))?;
-        let status = resp.status().as_u16();
         let ranges = parse_statuses(&check.expect_status)?;
-        if !ranges.iter().any(|(a, b)| (*a..=*b).contains(&status)) {
-            return Err(format!("status {status}"));
-        }
-        let Some(want) = &check.body_contains else {
-            return Ok(());
-        };
-        let mut body = Vec::new();
-        while body.len() < BODY_LIMIT {
-            match resp.chunk().await.map_err(|e| http_error(&e, &host))? {
-                Some(c) => body.extend_from_slice(&c),
-                None => break,
-            }
-        }
-        if !String::from_utf8_lossy(&body).contains(want.as_str()) {
-            return Err(format!("body lacks {want:?}"));
-        }
-        Ok(())
+        client
+            .check(
+                &ranges,
+                check.body_contains.as_deref(),
+                BODY_LIMIT,
+                &self.probe.host(),
+            )
+            .await
     }
 
     async fn udp(&self) -> ProbeResult {
@@ -181,6 +224,7 @@ impl Prober {
             (None, SocketAddr::V6(_)) => "[::]:0".parse().expect("literal"),
         };
         let s = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+        self.route_socket(SockRef::from(&s))?;
         s.connect(target).await.map_err(|e| e.to_string())?;
         let payload = self
             .probe
@@ -202,67 +246,20 @@ impl Prober {
     }
 }
 
-/// A short reason for a failed HTTP(S) exchange: refused, timed out, or the TLS problem in
-/// words (which certificate check failed, for which name, and what to do about it).
-fn http_error(e: &reqwest::Error, host: &str) -> String {
-    let chain = crate::error_chain(e);
-    if let Some(tls) = rustls_error(e) {
-        format!("TLS: {}", tls_reason(tls, host))
-    } else if chain.contains("Connection refused") {
-        "connection refused".into()
-    } else if e.is_timeout() {
-        "timeout".into()
-    } else if e.is_connect() {
-        format!("connect: {}", chain.rsplit(": ").next().unwrap_or(&chain))
+/// A failure over the tunnel, with what it says about the backend. The probe reached the
+/// backend encapsulated like client traffic: no answer at all means the backend did not
+/// take the packet off the tunnel or has no VIP to give it to, and a refusal means the VIP
+/// is there but nothing listens on it.
+fn tunnel_reason(why: &str, target: SocketAddr) -> String {
+    if why.starts_with("timeout") {
+        format!(
+            "{why} over the tunnel: the VIP does not answer on the backend (decap missing, or \
+             the VIP not on its loopback?)"
+        )
+    } else if why == "connection refused" || why == "port unreachable" {
+        format!("{why} over the tunnel: the backend has the VIP, but nothing serves {target}")
     } else {
-        chain
-    }
-}
-
-/// The rustls error somewhere in `e`'s chain. hyper-rustls hands it on inside `io::Error`s
-/// (nested twice), whose `source()` skips their payload, so each payload is searched too.
-fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    if let Some(r) = e.downcast_ref::<rustls::Error>() {
-        return Some(r);
-    }
-    if let Some(inner) = e
-        .downcast_ref::<std::io::Error>()
-        .and_then(|io| io.get_ref())
-        && let Some(r) = rustls_error(inner)
-    {
-        return Some(r);
-    }
-    e.source().and_then(rustls_error)
-}
-
-fn tls_reason(e: &rustls::Error, host: &str) -> String {
-    use rustls::{CertificateError as C, Error as E};
-    match e {
-        E::InvalidCertificate(c) => match c {
-            C::UnknownIssuer => "certificate not trusted: unknown issuer (set tls_ca to the CA \
-                                 that signed it, or tls_insecure = true)"
-                .into(),
-            C::NotValidForNameContext { .. } => format!("{c} (set host to a name it has)"),
-            C::NotValidForName => {
-                format!("certificate not valid for the name {host} (set host to a name it has)")
-            }
-            C::Expired | C::ExpiredContext { .. } => format!("certificate expired: {c}"),
-            C::NotValidYet | C::NotValidYetContext { .. } => {
-                format!("certificate not valid yet: {c}")
-            }
-            C::BadSignature => "certificate signature does not verify against the trusted \
-                                 certificates (is tls_ca the CA that signed it?)"
-                .into(),
-            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
-                format!("certificate not for TLS servers: {c}")
-            }
-            other => format!("certificate refused: {other}"),
-        },
-        E::AlertReceived(alert) => format!("the server ended the handshake: {alert:?}"),
-        E::InvalidMessage(_) | E::InappropriateMessage { .. } => {
-            format!("the server does not speak TLS here ({e})")
-        }
-        other => other.to_string(),
+        format!("{why} (over the tunnel)")
     }
 }
 

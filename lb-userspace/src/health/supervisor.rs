@@ -15,7 +15,11 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Probe, ProbeResult, Tracker};
+use super::{
+    Probe, ProbeResult, Tracker,
+    adaptive::Adaptive,
+    tunnel::{self, TunnelState},
+};
 use crate::{
     metrics::ProbeMetrics,
     state::State,
@@ -62,6 +66,8 @@ struct Supervisor {
     results: mpsc::Sender<Outcome>,
     permits: Arc<Semaphore>,
     dirty: bool,
+    /// Probe latencies of the VIPs with adaptive weights.
+    adaptive: Adaptive,
     /// Transitions sent to the writer that its snapshots do not show yet.
     pending: BTreeMap<BackendKey, bool>,
     /// The balancer's interface (from the state), and whether it was up with a carrier when
@@ -71,10 +77,11 @@ struct Supervisor {
     nl: Option<rtnetlink::Handle>,
 }
 
-/// Runs until the writer goes.
+/// Runs until the writer goes. `tunnel` says what probes over the tunnel can count on.
 pub async fn run(
     writer: WriterHandle,
     mut snap: watch::Receiver<Arc<Snapshot>>,
+    mut tunnel: watch::Receiver<Arc<TunnelState>>,
     views: watch::Sender<Arc<HealthViews>>,
     metrics: ProbeMetrics,
 ) {
@@ -88,6 +95,7 @@ pub async fn run(
         results,
         permits: Arc::new(Semaphore::new(MAX_PROBES_IN_FLIGHT)),
         dirty: false,
+        adaptive: Adaptive::default(),
         pending: BTreeMap::new(),
         iface: None,
         link: None,
@@ -95,10 +103,12 @@ pub async fn run(
     };
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     loop {
-        let now = snap.borrow_and_update().clone();
-        s.follow(&now);
+        let current = snap.borrow_and_update().clone();
+        let t = tunnel.borrow_and_update().clone();
+        s.follow(&current, &t);
         tokio::select! {
             r = snap.changed() => if r.is_err() { break },
+            r = tunnel.changed() => if r.is_err() { break },
             Some((key, result, took)) = rx.recv() => {
                 if s.record(key, &result, took).await.is_err() {
                     break;
@@ -113,18 +123,16 @@ pub async fn run(
 }
 
 impl Supervisor {
-    /// Starts, restarts and stops probe tasks to match the snapshot's state, and keeps the
-    /// trackers in step with the writer's verdicts: a backend the writer holds down gets a
-    /// tracker that starts down (it was known down before a restart, or was added with
-    /// `initial = "down"`), and a tracker the writer disagrees with, with no transition of
-    /// its own on the way, takes the writer's word (a backend removed and added again
-    /// between two snapshots).
-    fn follow(&mut self, snap: &Snapshot) {
+    /// Starts, restarts and stops probe tasks to match the snapshot's state (a probe whose
+    /// route changes is restarted), and keeps the trackers in step with the writer's
+    /// verdicts.
+    fn follow(&mut self, snap: &Snapshot, t: &TunnelState) {
         if self.iface != snap.state.balancer.interface {
             self.iface = snap.state.balancer.interface.clone();
             self.link = None;
         }
-        let want = probes(&snap.state);
+        let want = tunnel::probes(snap, t);
+        self.adaptive.follow(&snap.state);
         self.running.retain(|k, (p, task)| {
             let keep = want.get(k) == Some(p);
             if !keep {
@@ -132,6 +140,27 @@ impl Supervisor {
             }
             keep
         });
+        self.follow_verdicts(snap, &want);
+        for (k, p) in want {
+            if self.running.contains_key(&k) {
+                continue;
+            }
+            let task = tokio::spawn(probe_loop(
+                k,
+                p.clone(),
+                self.results.clone(),
+                self.permits.clone(),
+            ));
+            self.running.insert(k, (p, task));
+        }
+    }
+
+    /// Keeps a tracker for each probe in `want`, in step with the writer's verdicts: a
+    /// backend the writer holds down gets a tracker that starts down (it was known down
+    /// before a restart, or was added with `initial = "down"`), and a tracker the writer
+    /// disagrees with, with no transition of its own on the way, takes the writer's word (a
+    /// backend removed and added again between two snapshots).
+    fn follow_verdicts(&mut self, snap: &Snapshot, want: &BTreeMap<BackendKey, Probe>) {
         let before = self.trackers.len();
         self.trackers.retain(|k, _| want.contains_key(k));
         self.dirty |= before != self.trackers.len();
@@ -153,18 +182,6 @@ impl Supervisor {
                 }
                 Some(_) => {}
             }
-        }
-        for (k, p) in want {
-            if self.running.contains_key(&k) {
-                continue;
-            }
-            let task = tokio::spawn(probe_loop(
-                k,
-                p.clone(),
-                self.results.clone(),
-                self.permits.clone(),
-            ));
-            self.running.insert(k, (p, task));
         }
     }
 
@@ -192,6 +209,9 @@ impl Supervisor {
             self.dirty = true;
             return Ok(());
         }
+        if r.is_ok() {
+            self.adapt(key, took).await?;
+        }
         let t = self.trackers.entry(key).or_default();
         self.dirty = true;
         let Some(up) = t.record(r, took, rise, fall) else {
@@ -207,6 +227,35 @@ impl Supervisor {
         self.publish();
         self.pending.insert(key, up);
         self.writer.send(Command::Health { vip, backend, up }).await
+    }
+
+    /// Feeds a successful probe's latency to adaptive weights; a step of the backend's
+    /// effective weight is logged, counted and sent to the writer.
+    async fn adapt(&mut self, key: BackendKey, took: Duration) -> Result<(), WriteError> {
+        let trackers = &self.trackers;
+        let Some(step) = self
+            .adaptive
+            .record(key, took, |k| trackers.get(k).is_none_or(|t| t.up))
+        else {
+            return Ok(());
+        };
+        let (vip, backend) = key;
+        let (avg_ms, median_ms) = (step.average * 1e3, step.median * 1e3);
+        if step.to < step.from {
+            warn!(%vip, %backend, from = step.from, to = step.to, latency_ms = avg_ms,
+                peers_median_ms = median_ms, "slow backend: effective weight lowered (percent of configured)");
+        } else {
+            info!(%vip, %backend, from = step.from, to = step.to, latency_ms = avg_ms,
+                peers_median_ms = median_ms, "backend fast again: effective weight raised (percent of configured)");
+        }
+        self.metrics.weight_step(&key);
+        self.writer
+            .send(Command::Weight {
+                vip,
+                backend,
+                percent: step.to,
+            })
+            .await
     }
 
     /// Whether the balancer's interface is up with a carrier (true when it has none, or it

@@ -76,6 +76,19 @@ fn gauges(
     Ok(())
 }
 
+fn float_gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, f64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn no_labels() -> Labels {
     Vec::new()
 }
@@ -179,6 +192,7 @@ impl Collector for Scrape {
                 .iter()
                 .map(|(l, _, up)| (l.clone(), i64::from(*up))),
         )?;
+        self.weights(&mut enc, &s)?;
         let globals = c.globals(&reading, &s.owners);
         let get = |n: &str| {
             globals
@@ -223,12 +237,62 @@ impl Collector for Scrape {
             )?;
         }
         self.datapath(&mut enc, &s)?;
+        self.probe_tunnel(&mut enc)?;
         self.vrrp(&mut enc)?;
         self.bgp(&mut enc)
     }
 }
 
 impl Scrape {
+    /// Each backend's configured weight and its weight now (adaptive weights).
+    fn weights(&self, enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
+        let weights: Vec<(Labels, u32, u32)> = s
+            .state
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.backends.iter().map(move |b| {
+                    let labels = vec![
+                        ("vip", v.address.to_string()),
+                        ("backend", b.address.to_string()),
+                    ];
+                    (labels, b.weight, s.weight_percent(&v.address, &b.address))
+                })
+            })
+            .collect();
+        gauges(
+            enc,
+            "maglb_backend_weight",
+            "The backend's configured weight",
+            weights.iter().map(|(l, w, _)| (l.clone(), i64::from(*w))),
+        )?;
+        float_gauges(
+            enc,
+            "maglb_backend_effective_weight",
+            "The backend's weight now: the configured one, lowered by adaptive weights while \
+             its probes are much slower than its peers'",
+            weights
+                .iter()
+                .map(|(l, w, p)| (l.clone(), *w as f64 * *p as f64 / 100.0)),
+        )
+    }
+
+    /// The probe classifier's counters, while it is loaded.
+    fn probe_tunnel(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        counters(
+            enc,
+            "maglb_probe_tunnel_packets",
+            "Probe packets the probe classifier handled: encapsulated, or dropped by reason",
+            self.0.tunnel.borrow().stats.iter().flat_map(|st| {
+                st.read()
+                    .into_iter()
+                    .zip(lb_common::probe_stat::NAMES)
+                    .map(|(c, n)| (vec![("result", n.to_owned())], c.packets))
+                    .collect::<Vec<_>>()
+            }),
+        )
+    }
+
     /// The flood mode and the connection table's size.
     fn datapath(&self, enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         let f = self.0.counters.flood();

@@ -59,16 +59,18 @@ fn backend_labels(key: &BackendKey) -> BackendLabels {
     ]
 }
 
-/// Probe latencies, per backend.
+/// Probe latencies, and steps of adaptive weights, per backend.
 #[derive(Clone, Debug)]
 pub struct ProbeMetrics {
     latency: Family<BackendLabels, Histogram, fn() -> Histogram>,
+    weight_steps: Family<BackendLabels, Counter>,
 }
 
 impl Default for ProbeMetrics {
     fn default() -> Self {
         Self {
             latency: Family::new_with_constructor(|| Histogram::new(PROBE_BUCKETS.iter().copied())),
+            weight_steps: Family::default(),
         }
     }
 }
@@ -78,6 +80,11 @@ impl ProbeMetrics {
         self.latency
             .get_or_create(&backend_labels(key))
             .observe(took.as_secs_f64());
+    }
+
+    /// Adaptive weights changed the backend's effective weight.
+    pub fn weight_step(&self, key: &BackendKey) {
+        self.weight_steps.get_or_create(&backend_labels(key)).inc();
     }
 
     /// Forgets a backend that is no longer probed.
@@ -103,6 +110,11 @@ pub fn registry(views: Views, writer: &WriterMetrics, probes: &ProbeMetrics) -> 
         "maglb_backend_probe_duration_seconds",
         "Health probe latency",
         probes.latency.clone(),
+    );
+    r.register(
+        "maglb_backend_weight_changes",
+        "Changes of a backend's effective weight by adaptive weights",
+        probes.weight_steps.clone(),
     );
     r.register_collector(Box::new(collector::Scrape(views)));
     r.register_collector(Box::new(process::Process));

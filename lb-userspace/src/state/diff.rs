@@ -7,10 +7,13 @@ use std::{
 
 use super::{BackendEntry, HealthCheck, State, Vip, VipId};
 
-/// A check's kind, for change lines ("default" when none is configured).
+/// A check's kind (and its `via`, when set), for change lines ("default" when none is
+/// configured).
 fn kind(h: &Option<Box<HealthCheck>>) -> String {
-    h.as_ref()
-        .map_or("default".to_owned(), |h| h.kind.to_string())
+    h.as_ref().map_or("default".to_owned(), |h| match h.via {
+        Some(via) => format!("{} via {via}", h.kind),
+        None => h.kind.to_string(),
+    })
 }
 
 /// A pool split, for change lines: "blue 95, green 5", or "every pool".
@@ -120,6 +123,12 @@ impl State {
                 if let Some(why) = v.unprobed() {
                     out.push(format!("note: VIP {id}: {why}"));
                 }
+            }
+            if old.adaptive_weights != v.adaptive_weights {
+                out.push(format!(
+                    "VIP {id}: adaptive weights {}",
+                    if v.adaptive_weights { "on" } else { "off" }
+                ));
             }
             if old.pools != v.pools {
                 out.push(format!("VIP {id}: new flows to {}", pools(&v.pools)));

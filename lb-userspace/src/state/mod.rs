@@ -192,6 +192,29 @@ impl fmt::Display for ProbeKind {
     }
 }
 
+/// Which way a probe travels (`via`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeVia {
+    /// To the VIP address and port, encapsulated toward the backend exactly like client
+    /// traffic, leaving through the balancer's interface; the answer comes back directly
+    /// (DSR). Proves the whole path: the backend's decapsulation, the VIP on its loopback,
+    /// the service on the VIP, and its answers reaching clients' side of the network.
+    Tunnel,
+    /// To the backend's own address and the check's port, as an ordinary connection. Proves
+    /// only that the service answers on the backend's address.
+    Direct,
+}
+
+impl fmt::Display for ProbeVia {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProbeVia::Tunnel => "tunnel",
+            ProbeVia::Direct => "direct",
+        })
+    }
+}
+
 /// How a backend new to a VIP starts, until its probes say otherwise.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -281,6 +304,10 @@ pub struct HealthCheck {
     /// HTTPS: do not verify the certificate (a self-signed one passes).
     #[serde(default, skip_serializing_if = "is_false")]
     pub tls_insecure: bool,
+    /// Which way the probes travel; default: over the tunnel when the balancer can carry
+    /// them (attached and forwarding), else direct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<ProbeVia>,
     /// How a backend added to the VIP starts: `up` (default) or `down` until `rise` probes
     /// pass.
     #[serde(default, skip_serializing_if = "is_initial_up")]
@@ -304,6 +331,7 @@ impl Default for HealthCheck {
             payload: None,
             tls_ca: None,
             tls_insecure: false,
+            via: None,
             initial: Initial::Up,
         }
     }
@@ -375,6 +403,10 @@ pub struct Vip {
     /// Empty: every backend, whatever its pool.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pools: BTreeMap<String, u32>,
+    /// Lower the effective weight of a backend whose probes stay much slower than its
+    /// peers' (in steps, down to a floor; back up with hysteresis).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub adaptive_weights: bool,
     /// New flows per client (/32 or /64), e.g. `{ new_flows_per_s = 100, burst = 20 }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
@@ -399,6 +431,7 @@ impl Vip {
             ring_size: DEFAULT_RING_SIZE,
             health: None,
             pools: BTreeMap::new(),
+            adaptive_weights: false,
             rate_limit: None,
             new_flow_cap: None,
             allow: Vec::new(),

@@ -124,6 +124,13 @@ impl State {
         s.checked()
     }
 
+    /// Turns adaptive weights of a VIP on or off.
+    pub fn with_adaptive_weights(&self, id: &VipId, on: bool) -> Result<Self, Refusal> {
+        let mut s = self.clone();
+        s.vip_mut(id)?.adaptive_weights = on;
+        s.checked()
+    }
+
     /// Moves new flows to pool `to`: all of them, or `percent` of them with the pools that
     /// serve now sharing the rest in their current proportions.
     pub fn with_switch(&self, id: &VipId, to: &str, percent: Option<u32>) -> Result<Self, Refusal> {
@@ -223,6 +230,11 @@ pub enum Change {
         to: String,
         percent: Option<u32>,
     },
+    /// A VIP's adaptive weights on or off.
+    SetAdaptiveWeights {
+        vip: VipId,
+        on: bool,
+    },
     /// A VIP's limits on new flows (replacing the ones it had).
     SetPolicy {
         vip: VipId,
@@ -267,6 +279,7 @@ impl Change {
                 health,
             } => s.with_vip_health(vip, health.clone()),
             Change::Switch { vip, to, percent } => s.with_switch(vip, to, *percent),
+            Change::SetAdaptiveWeights { vip, on } => s.with_adaptive_weights(vip, *on),
             Change::SetPolicy {
                 vip,
                 rate_limit,
@@ -314,6 +327,7 @@ impl Change {
             Change::SetBackendState { .. } => "backend enable",
             Change::SetHealth { .. } => "health",
             Change::Switch { .. } => "vip switch",
+            Change::SetAdaptiveWeights { .. } => "vip set",
             Change::SetPolicy { .. } => "vip policy",
             Change::Apply(_) => "apply",
         }

@@ -77,6 +77,26 @@ impl Vip {
     /// - Otherwise a share of the ring: its weight, or with pools its pool's share divided
     ///   among the pool's eligible backends by weight.
     pub fn spec(&self, up: impl Fn(&IpAddr) -> bool) -> VipSpec {
+        self.spec_scaled(up, |_| 100)
+    }
+
+    /// As [`Vip::spec`], with adaptive weights: when the VIP has them, each backend weighs
+    /// `percent(addr)` percent of its configured weight. Every weight of such a VIP is then
+    /// counted in twentieths (10%, 25% and 50% of weight 1 stay exact); Maglev tables depend
+    /// only on the ratios of the weights, so at 100% everywhere the table is the one the VIP
+    /// has without adaptive weights.
+    pub fn spec_scaled(
+        &self,
+        up: impl Fn(&IpAddr) -> bool,
+        percent: impl Fn(&IpAddr) -> u32,
+    ) -> VipSpec {
+        let scaled = |b: &BackendEntry| -> u64 {
+            if self.adaptive_weights {
+                b.weight as u64 * percent(&b.address).min(100) as u64 / 5
+            } else {
+                b.weight as u64
+            }
+        };
         let live = |b: &BackendEntry| b.state != BackendState::Disabled && up(&b.address);
         let in_pool = |b: &BackendEntry| {
             self.pools.is_empty() || self.pools.get(b.pool()).is_some_and(|w| *w > 0)
@@ -91,7 +111,7 @@ impl Vip {
             self.backends
                 .iter()
                 .filter(|b| serving(b) && b.pool() == p)
-                .map(|b| b.weight as u64)
+                .map(scaled)
                 .sum()
         };
         let weight = |b: &BackendEntry| -> u32 {
@@ -99,10 +119,10 @@ impl Vip {
                 return 0;
             }
             if self.pools.is_empty() {
-                return b.weight;
+                return scaled(b).max(1).min(u32::MAX as u64) as u32;
             }
             let share = self.pools[b.pool()] as u64;
-            let w = 10_000 * share * b.weight as u64 / (pool_total * pool_weight(b.pool())).max(1);
+            let w = 10_000 * share * scaled(b) / (pool_total * pool_weight(b.pool())).max(1);
             w.clamp(1, MAX_WEIGHT as u64) as u32
         };
         VipSpec {
@@ -120,5 +140,70 @@ impl Vip {
                 .collect(),
             policy: self.policy(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maglev;
+
+    fn vip(adaptive: bool) -> Vip {
+        let mut v = Vip::new("10.200.0.1:80/tcp".parse().unwrap());
+        v.adaptive_weights = adaptive;
+        v.backends
+            .push(BackendEntry::new("10.0.0.1".parse().unwrap(), 1));
+        v.backends
+            .push(BackendEntry::new("10.0.0.2".parse().unwrap(), 2));
+        v
+    }
+
+    fn weights(s: &VipSpec) -> Vec<u32> {
+        s.backends.iter().map(|b| b.weight).collect()
+    }
+
+    fn table(s: &VipSpec) -> Vec<u32> {
+        let entries: Vec<_> = s
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| maglev::Entry {
+                id: b.addr.to_string().into_bytes(),
+                weight: b.weight,
+                value: i as u32,
+            })
+            .collect();
+        maglev::build(&entries, 65537)
+    }
+
+    #[test]
+    fn adaptive_weights_scale_the_slow_backend_only() {
+        let slow: IpAddr = "10.0.0.1".parse().unwrap();
+        let pct = |a: &IpAddr| if *a == slow { 10 } else { 100 };
+        let (plain, adaptive) = (vip(false), vip(true));
+        assert_eq!(
+            weights(&plain.spec_scaled(|_| true, pct)),
+            vec![1, 2],
+            "off: ignored"
+        );
+        let full = adaptive.spec_scaled(|_| true, |_| 100);
+        assert_eq!(weights(&full), vec![20, 40]);
+        // Counted in twentieths, the table is the one without adaptive weights.
+        assert_eq!(table(&full), table(&plain.spec(|_| true)));
+        assert_eq!(weights(&adaptive.spec_scaled(|_| true, pct)), vec![2, 40]);
+        let t = table(&adaptive.spec_scaled(|_| true, pct));
+        let share = t.iter().filter(|v| **v == 0).count() as f64 / t.len() as f64;
+        assert!((share - 2.0 / 42.0).abs() < 0.01, "{share}");
+        // Within pools, the pool keeps its share and the slow backend gives up its part.
+        let mut pooled = vip(true);
+        pooled.backends[0].pool = Some("blue".into());
+        pooled.backends[1].pool = Some("blue".into());
+        pooled
+            .backends
+            .push(BackendEntry::new("10.0.0.3".parse().unwrap(), 1));
+        pooled.pools = [("blue".to_owned(), 50), ("default".to_owned(), 50)].into();
+        let w = weights(&pooled.spec_scaled(|_| true, pct));
+        assert!((w[0] + w[1]).abs_diff(w[2]) <= 2, "{w:?}");
+        assert!(w[0] * 10 < w[1], "{w:?}");
     }
 }

@@ -356,3 +356,54 @@ fn bgp_and_ipv6_vrrp_sections_are_checked() {
         ok.diff(&without)
     );
 }
+
+#[test]
+fn probe_routes_and_adaptive_weights_round_trip_and_diff() {
+    let text = r#"
+[[vip]]
+address = "10.200.0.1:80/tcp"
+adaptive_weights = true
+
+  [vip.health]
+  kind = "tcp"
+  via = "direct"
+
+  [[vip.backend]]
+  address = "10.10.3.11"
+"#;
+    let s = State::from_toml(text).unwrap();
+    let v = &s.vips[0];
+    assert!(v.adaptive_weights);
+    assert_eq!(v.health.as_ref().unwrap().via, Some(ProbeVia::Direct));
+    assert_eq!(State::from_toml(&s.to_toml()).unwrap(), s, "round trip");
+    let e = State::from_toml(&text.replace("\"direct\"", "\"sideways\"")).unwrap_err();
+    assert!(e.to_string().contains("via"), "{e}");
+    // Unset: not written out (the agent chooses).
+    let mut auto = s.clone();
+    auto.vips[0].health.as_mut().unwrap().via = None;
+    auto.vips[0].adaptive_weights = false;
+    let t = auto.to_toml();
+    assert!(!t.contains("via") && !t.contains("adaptive"), "{t}");
+    let lines = s.diff(&auto);
+    assert!(
+        lines.contains(&"VIP 10.200.0.1:80/tcp: adaptive weights off".to_owned())
+            && lines
+                .contains(&"VIP 10.200.0.1:80/tcp: health check tcp via direct -> tcp".to_owned()),
+        "{lines:?}"
+    );
+    let on = Change::SetAdaptiveWeights {
+        vip: v.address,
+        on: true,
+    }
+    .apply_to(&auto)
+    .unwrap();
+    assert!(on.vips[0].adaptive_weights);
+    assert!(
+        Change::SetAdaptiveWeights {
+            vip: "10.200.0.9:80/tcp".parse().unwrap(),
+            on: true,
+        }
+        .apply_to(&auto)
+        .is_err()
+    );
+}

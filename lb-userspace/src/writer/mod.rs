@@ -93,6 +93,12 @@ pub enum Command {
         backend: IpAddr,
         up: bool,
     },
+    /// Adaptive weights: a backend's effective weight, in percent of its configured one.
+    Weight {
+        vip: VipId,
+        backend: IpAddr,
+        percent: u32,
+    },
     /// The datapath configuration the next-hop refresher computed.
     Config {
         config: Config,
@@ -159,6 +165,9 @@ pub struct Writer {
     dp: Datapath,
     rec: Reconciler,
     down: BTreeSet<BackendKey>,
+    /// Adaptive weights below 100% of the configured weight (not kept across restarts: a
+    /// new agent measures again).
+    weights: BTreeMap<BackendKey, u32>,
     /// Interface and mode the program is attached with, as far as this writer knows.
     attached: Option<(String, AttachMode)>,
     /// Why the datapath is detached although no one detached it (until the next attach).
@@ -207,6 +216,7 @@ impl Writer {
             dp,
             rec,
             down,
+            weights: BTreeMap::new(),
             attached,
             detached_why: None,
             nexthop: None,
@@ -279,6 +289,11 @@ impl Writer {
                     let _ = reply.send(r);
                 }
                 Command::Health { vip, backend, up } => self.health(vip, backend, up),
+                Command::Weight {
+                    vip,
+                    backend,
+                    percent,
+                } => self.weight(vip, backend, percent),
                 Command::Config { config, nexthop } => self.config(config, nexthop),
                 Command::Committed { id, reply } => {
                     let _ = reply.send(self.store.committed(&id));
@@ -302,7 +317,12 @@ impl Writer {
     fn specs_for(&self, s: &State, down: &BTreeSet<BackendKey>) -> Vec<VipSpec> {
         s.vips
             .iter()
-            .map(|v| v.spec(|a| !down.contains(&(v.address, *a))))
+            .map(|v| {
+                v.spec_scaled(
+                    |a| !down.contains(&(v.address, *a)),
+                    |a| self.weights.get(&(v.address, *a)).copied().unwrap_or(100),
+                )
+            })
             .collect()
     }
 
@@ -462,6 +482,24 @@ impl Writer {
         }
     }
 
+    /// An adaptive weight step: the datapath follows at once (not journaled).
+    fn weight(&mut self, vip: VipId, backend: IpAddr, percent: u32) {
+        let key = (vip, backend);
+        let adaptive = self.state.vip(&vip).is_some_and(|v| v.adaptive_weights);
+        let old = self.weights.get(&key).copied().unwrap_or(100);
+        if !adaptive || old == percent {
+            return;
+        }
+        if percent >= 100 {
+            self.weights.remove(&key);
+        } else {
+            self.weights.insert(key, percent);
+        }
+        if let Err(e) = self.realize(self.specs_for(&self.state, &self.down)) {
+            warn!(error = %e, %vip, %backend, percent, "applying an adaptive weight");
+        }
+    }
+
     fn config(&mut self, config: Config, nexthop: Option<(IpAddr, [u8; 6])>) {
         self.dirty |= self.nexthop != nexthop;
         self.nexthop = nexthop;
@@ -484,6 +522,12 @@ impl Writer {
     fn publish(&mut self) {
         self.dirty = false;
         self.down = down_after(&self.state, &self.state, &self.down);
+        let state = &self.state;
+        self.weights.retain(|(v, a), _| {
+            state
+                .vip(v)
+                .is_some_and(|v| v.adaptive_weights && v.backends.iter().any(|b| b.address == *a))
+        });
         let placement: BTreeMap<VipId, Placement> = self
             .rec
             .placements()
@@ -504,6 +548,7 @@ impl Writer {
             specs: self.specs.clone(),
             placement: Arc::new(placement),
             down: Arc::new(self.down.clone()),
+            weights: Arc::new(self.weights.clone()),
             attached: self.dp.is_attached(),
             detached_why: self.detached_why.clone(),
             config: self.dp.config().unwrap_or_default(),

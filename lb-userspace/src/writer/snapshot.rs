@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub placement: Arc<BTreeMap<VipId, Placement>>,
     /// Backends whose probes say down.
     pub down: Arc<BTreeSet<(VipId, IpAddr)>>,
+    /// Adaptive weights below 100%: percent of the configured weight.
+    pub weights: Arc<BTreeMap<(VipId, IpAddr), u32>>,
     pub attached: bool,
     /// Why the datapath is detached although no one detached it (a defunct pinned link).
     pub detached_why: Option<Arc<str>>,
@@ -73,6 +75,11 @@ impl Snapshot {
     /// Whether a backend counts as up (no check, or its probes say so).
     pub fn is_up(&self, vip: &VipId, addr: &IpAddr) -> bool {
         !self.down.contains(&(*vip, *addr))
+    }
+
+    /// A backend's effective weight in percent of its configured one (adaptive weights).
+    pub fn weight_percent(&self, vip: &VipId, addr: &IpAddr) -> u32 {
+        self.weights.get(&(*vip, *addr)).copied().unwrap_or(100)
     }
 
     /// Whether some backend of the VIP takes new flows (for VRRP tracking and announcements).

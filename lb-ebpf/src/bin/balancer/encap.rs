@@ -7,12 +7,9 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{
-    Backend, Config, ENCAP_GUE, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_IPIP, PROTO_IPV6, PROTO_UDP,
-    Settings,
-};
+use lb_common::{Backend, Config, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_UDP};
 use lb_ebpf::{
-    csum,
+    csum, hash,
     parse::{
         ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, EthHdr, IP_DF, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr,
         Ipv6Hdr, Packet, UdpHdr, VlanHdr, ptr_at,
@@ -21,13 +18,7 @@ use lb_ebpf::{
 
 const UDP_HLEN: usize = 8;
 
-/// The GUE destination port in force, or 0 for IP-in-IP.
-#[inline(always)]
-pub fn gue_port(s: &Settings) -> u16 {
-    if s.encap == ENCAP_GUE { s.gue_port } else { 0 }
-}
-
-/// Bytes the outer headers add for this backend (`gue_port` as [`gue_port`] says).
+/// Bytes the outer headers add for this backend (`gue_port`: `Settings::gue_dport`).
 #[inline(always)]
 pub fn overhead(b: &Backend, gue_port: u16) -> usize {
     let ip = if b.family == FAMILY_V4 {
@@ -36,13 +27,6 @@ pub fn overhead(b: &Backend, gue_port: u16) -> usize {
         IPV6_HLEN
     };
     if gue_port != 0 { ip + UDP_HLEN } else { ip }
-}
-
-/// GUE source port: a hash of the inner flow, in the dynamic port range 49152-65535.
-#[inline(always)]
-pub fn gue_sport(f: &FlowKey) -> u16 {
-    let x = f.src[0] ^ f.src[3] ^ f.dst[0] ^ ((f.sport as u32) << 16 | f.dport as u32);
-    (x.wrapping_mul(0x9e37_79b1) >> 18) as u16 | 0xc000
 }
 
 /// The L2 header of the frame as received: what a rewrite keeps.
@@ -185,8 +169,7 @@ pub fn encap(
         };
         write_l2(ctx, pkt.l3_off, &l2, ETH_P_IPV6)?;
         // The flow label carries flow entropy for ECMP between here and the backends.
-        let f = &pkt.flow;
-        let label = (f.src[3] ^ f.src[0] ^ (f.sport as u32) << 4 ^ f.dport as u32) & 0xf_ffff;
+        let label = hash::flow_label(&pkt.flow);
         let ip = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off).ok_or(())?;
         unsafe {
             (*ip).vtcfl = (6u32 << 28 | (pkt.tos as u32) << 20 | label).to_be();
@@ -204,7 +187,7 @@ pub fn encap(
         // inner packet keeps its own checksums.
         let udp = ptr_at::<UdpHdr>(ctx, pkt.l3_off + ip_len).ok_or(())?;
         unsafe {
-            (*udp).src = gue_sport(&pkt.flow).to_be();
+            (*udp).src = hash::gue_sport(&pkt.flow).to_be();
             (*udp).dst = gue_port.to_be();
             (*udp).len = ((pkt.l3_len + UDP_HLEN) as u16).to_be();
             (*udp).check = 0;

@@ -209,7 +209,7 @@ fn send(
         stats::vip_drop(vip_index, vip_stat::FAMILY, pkt.l3_len);
         return Ok(xdp_action::XDP_DROP);
     }
-    let gue_port = encap::gue_port(s);
+    let gue_port = s.gue_dport();
     let overhead = encap::overhead(backend, gue_port);
     let outer = pkt.l3_len + overhead;
     let mtu = cfg.mtu as usize;
