@@ -119,6 +119,17 @@ pub fn async_socket(
     unsafe { tokio::io::unix::AsyncFd::register(sock) }.map_err(|e| io::Error::other(e.to_string()))
 }
 
+/// Makes every allocation of 128 KiB or more its own memory mapping, returned to the system
+/// when freed. glibc otherwise raises that threshold after the first large free, and the
+/// Maglev tables (256 KiB each, built on several threads) then stay in its arenas.
+pub fn map_large_allocations() {
+    // SAFETY: `mallopt` changes a tuning parameter of the allocator; it is called before the
+    // agent starts its threads and touches no allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Gives freed heap memory back to the operating system (glibc keeps it in its arenas
 /// otherwise), after work that allocated and freed a lot.
 pub fn release_free_memory() {

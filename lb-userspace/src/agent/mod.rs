@@ -61,6 +61,7 @@ pub struct Options {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> anyhow::Result<()> {
+    crate::sys::map_large_allocations();
     crate::tls::install_provider();
     if let Some(at) = bpffs::ensure(&opts.bpffs)? {
         info!(at = %at.display(), "mounted a BPF filesystem for the pins");

@@ -472,9 +472,9 @@ impl Datapath {
         self.maps.config.set(0, cfg, 0).map_err(map_err("CONFIG"))
     }
 
-    /// Carries out a plan's writes in order. Consecutive table writes are built and written
-    /// on all cores at once; ring maps made by consecutive `NewRing` ops are installed
-    /// together, so their RCU grace periods overlap.
+    /// Carries out a plan's writes in order. Consecutive table writes (and the new ring maps
+    /// they go into) are built and written on all cores at once; ring maps of consecutive
+    /// `InstallRing` ops are installed together, so their RCU grace periods overlap.
     pub fn apply(&mut self, ops: Vec<Op>) -> Result<(), DatapathError> {
         let mut tables = Vec::new();
         let mut installs = Vec::new();
@@ -486,6 +486,12 @@ impl Datapath {
                 }
                 Op::InstallRing { index } => {
                     installs.push(index);
+                    continue;
+                }
+                // A new ring map is needed only by the table writes that follow it: made
+                // now, it does not break up the batch of tables built together.
+                Op::NewRing { index, ring_size } => {
+                    self.rings.create(index, ring_size)?;
                     continue;
                 }
                 _ => {}
@@ -513,8 +519,9 @@ impl Datapath {
                 .backends
                 .set(slot, backend, 0)
                 .map_err(map_err("BACKENDS")),
-            Op::NewRing { index, ring_size } => self.rings.create(index, ring_size),
-            Op::WriteTable { .. } | Op::InstallRing { .. } => unreachable!("batched by apply"),
+            Op::NewRing { .. } | Op::WriteTable { .. } | Op::InstallRing { .. } => {
+                unreachable!("batched by apply")
+            }
             Op::SetVip { key, meta } => m.vips.insert(key, meta, 0).map_err(map_err("VIPS")),
             Op::DelVip { key } => {
                 // The ring map stays installed at its index for a later VIP to reuse; this

@@ -92,6 +92,9 @@ impl Rings {
             mapped.write(*offset as usize, &table);
             Ok(())
         };
+        if items.len() <= 1 {
+            return items.iter().try_for_each(write);
+        }
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(items.len());

@@ -261,6 +261,8 @@ impl Keeper {
         if self.encap.is_none() {
             let e = ProbeEncap::load(&self.layout_dir).map_err(|e| crate::error_chain(&e))?;
             self.encap = Some(e);
+            // Loading parsed the kernel's BTF (freed now).
+            crate::sys::release_free_memory();
         }
         let e = self.encap.as_mut().expect("loaded above");
         e.attach(iface).map_err(|e| crate::error_chain(&e))?;

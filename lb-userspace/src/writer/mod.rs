@@ -278,6 +278,8 @@ impl Writer {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        // Start-up read the journal and parsed the kernel's BTF (about 30 MB, all freed).
+        crate::sys::release_free_memory();
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
                 Command::Change {
