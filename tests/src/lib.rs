@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod bench;
 pub mod browser;
+pub mod certs;
 pub mod ecmp;
 pub mod fixture;
 pub mod flood;

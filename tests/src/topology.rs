@@ -15,6 +15,7 @@
 //! strips the outer header and its kernel answers the client directly (DSR).
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
@@ -85,6 +86,24 @@ fn no_offloads(ns: &Netns, dev: &str) -> anyhow::Result<()> {
 }
 
 impl Topology {
+    /// `n` requests from the client to the VIP's TCP port, one after another: which backend
+    /// answered how often, and how many failed.
+    pub fn tcp_requests(&self, n: usize) -> (BTreeMap<String, usize>, usize) {
+        self.client
+            .run(move || {
+                let mut seen = BTreeMap::new();
+                let mut failed = 0;
+                for _ in 0..n {
+                    match tcp_request(vip_addr(TCP_PORT), Duration::from_secs(2)) {
+                        Ok(b) => *seen.entry(b).or_insert(0) += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (seen, failed)
+            })
+            .unwrap()
+    }
+
     /// Builds the namespaces and links, starts a TCP and a UDP server on each backend and
     /// attaches the decap programs. The balancer is attached separately.
     pub fn build(tag: &str, n_backends: usize) -> anyhow::Result<Self> {

@@ -23,7 +23,7 @@ use lb_userspace::{
 use maglb_tests::{
     agent::{Agent, AgentPaths, Scratch, cli, operated_topology},
     netns::{Netns, unique_prefix},
-    topology::{self, TCP_PORT, Topology, VIP, backend_addr, vip_addr, wait_for},
+    topology::{TCP_PORT, VIP, backend_addr, vip_addr, wait_for},
     traffic::{Request, Requests},
 };
 
@@ -97,22 +97,6 @@ fn tally(log: &[Request]) -> (BTreeMap<String, usize>, usize) {
         }
     }
     (seen, failed)
-}
-
-fn requests(t: &Topology, n: usize) -> (BTreeMap<String, usize>, usize) {
-    t.client
-        .run(move || {
-            let mut seen = BTreeMap::new();
-            let mut failed = 0;
-            for _ in 0..n {
-                match topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(2)) {
-                    Ok(b) => *seen.entry(b).or_insert(0) += 1,
-                    Err(_) => failed += 1,
-                }
-            }
-            (seen, failed)
-        })
-        .unwrap()
 }
 
 /// The held-out case: a VIP with no check configured, one backend's server stopped. The
@@ -249,7 +233,7 @@ fn verdicts_survive_restarts_and_new_backends_can_start_down() {
         &BTreeSet::from([(id, b1)]),
         "restarted",
     );
-    let (seen, failed) = requests(&t, 90);
+    let (seen, failed) = t.tcp_requests(90);
     assert_eq!(failed, 0, "{seen:?}");
     assert!(!seen.contains_key("b1"), "new flows to b1: {seen:?}");
     // Its server back: up only after `rise` probes passed.
@@ -258,7 +242,7 @@ fn verdicts_survive_restarts_and_new_backends_can_start_down() {
     let (_, _, checks) = probe(&a, b1).unwrap();
     println!("b1 known down at restart: up again {back:?} after its server, after {checks} checks");
     assert!(checks >= RISE, "b1 came up after {checks} checks");
-    let (seen, failed) = requests(&t, 90);
+    let (seen, failed) = t.tcp_requests(90);
     assert_eq!(failed, 0);
     assert!(seen.contains_key("b1"), "{seen:?}");
 
@@ -314,7 +298,7 @@ fn verdicts_survive_restarts_and_new_backends_can_start_down() {
         "replayed",
     );
     assert!(a.ok(&["verify"]).is_empty());
-    let (seen, failed) = requests(&t, 90);
+    let (seen, failed) = t.tcp_requests(90);
     assert_eq!(failed, 0, "{seen:?}");
     assert!(!seen.contains_key("b3"));
     // Its server starts: up after `rise` probes, then it takes flows.
@@ -323,7 +307,7 @@ fn verdicts_survive_restarts_and_new_backends_can_start_down() {
     let (_, _, checks) = probe(&a, b3).unwrap();
     println!("b3 (initial = down) up {up:?} after its server started, after {checks} checks");
     assert!(checks >= RISE, "b3 came up after {checks} checks");
-    let (seen, failed) = requests(&t, 120);
+    let (seen, failed) = t.tcp_requests(120);
     assert_eq!(failed, 0);
     assert!(seen.contains_key("b3"), "{seen:?}");
 }
@@ -754,7 +738,7 @@ fn a_corrupt_state_file_stops_the_agent_not_the_datapath() {
         std::fs::read_to_string(&exported).unwrap()
     );
     assert!(a.ok(&["verify"]).is_empty());
-    let (_, failed) = requests(&t, 60);
+    let (_, failed) = t.tcp_requests(60);
     assert_eq!(failed, 0);
     a.stop();
 
@@ -771,7 +755,7 @@ fn a_corrupt_state_file_stops_the_agent_not_the_datapath() {
     assert!(a.log().contains("starting empty as asked"), "{}", a.log());
     a.ok(&["apply", "-f", exported.to_str().unwrap()]);
     a.wait_ready();
-    let (seen, failed) = requests(&t, 90);
+    let (seen, failed) = t.tcp_requests(90);
     assert_eq!(failed, 0);
     assert_eq!(seen.len(), 3, "{seen:?}");
 }

@@ -133,22 +133,6 @@ fn wait_state(a: &Agent, i: usize, up: bool, limit: Duration) -> Duration {
     t.elapsed()
 }
 
-fn requests(t: &Topology, n: usize) -> (BTreeMap<String, usize>, usize) {
-    t.client
-        .run(move || {
-            let mut seen = BTreeMap::new();
-            let mut failed = 0;
-            for _ in 0..n {
-                match topology::tcp_request(vip_addr(TCP_PORT), Duration::from_secs(2)) {
-                    Ok(b) => *seen.entry(b).or_insert(0) += 1,
-                    Err(_) => failed += 1,
-                }
-            }
-            (seen, failed)
-        })
-        .unwrap()
-}
-
 /// Requests in a loop until stopped: (when, ok) for each.
 struct Stream {
     stop: Arc<AtomicBool>,
@@ -240,7 +224,7 @@ fn a_stopped_server_goes_down_in_time_and_comes_back() {
     );
     let _ = restarted;
     // And b1 takes new connections again.
-    let (seen, failed) = requests(&t, 150);
+    let (seen, failed) = t.tcp_requests(150);
     assert_eq!(failed, 0);
     assert!(seen.contains_key("b1"), "{seen:?}");
 }
@@ -256,7 +240,7 @@ fn http_probe_takes_out_503_and_hung_backends() {
         health(&a)[&IpAddr::V4(backend_addr(0))].1,
         "status 503 (over the tunnel)"
     );
-    let (seen, failed) = requests(&t, 150);
+    let (seen, failed) = t.tcp_requests(150);
     assert_eq!(failed, 0);
     assert!(
         !seen.contains_key("b0"),
@@ -273,7 +257,7 @@ fn http_probe_takes_out_503_and_hung_backends() {
             .1
             .starts_with("timeout")
     );
-    let (seen, failed) = requests(&t, 150);
+    let (seen, failed) = t.tcp_requests(150);
     assert_eq!(failed, 0);
     assert!(
         !seen.contains_key("b2") && seen.contains_key("b0"),
@@ -289,7 +273,7 @@ fn http_probe_takes_out_503_and_hung_backends() {
 fn backups_serve_only_while_every_primary_is_down() {
     let scratch = Scratch::new("hbk");
     let (t, a) = setup("hbk", &scratch, &[&[], &[], &["--backup"]], "tcp");
-    let (seen, failed) = requests(&t, 200);
+    let (seen, failed) = t.tcp_requests(200);
     assert_eq!(failed, 0);
     assert!(
         !seen.contains_key("b2"),
@@ -300,13 +284,13 @@ fn backups_serve_only_while_every_primary_is_down() {
     t.ctl[1].serving.store(false, Ordering::Relaxed);
     wait_state(&a, 0, false, Duration::from_secs(3));
     wait_state(&a, 1, false, Duration::from_secs(3));
-    let (seen, failed) = requests(&t, 200);
+    let (seen, failed) = t.tcp_requests(200);
     assert_eq!(failed, 0, "{seen:?}");
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["b2"], "{seen:?}");
 
     t.ctl[0].serving.store(true, Ordering::Relaxed);
     wait_state(&a, 0, true, Duration::from_secs(3));
-    let (seen, failed) = requests(&t, 200);
+    let (seen, failed) = t.tcp_requests(200);
     assert_eq!(failed, 0);
     assert_eq!(
         seen.keys().collect::<Vec<_>>(),
@@ -328,7 +312,7 @@ fn backups_serve_only_while_every_primary_is_down() {
         )
     };
     let before = drops(&a);
-    let (seen, failed) = requests(&t, 3);
+    let (seen, failed) = t.tcp_requests(3);
     assert_eq!((seen.len(), failed), (0, 3));
     let after = drops(&a);
     assert!(
@@ -345,7 +329,7 @@ fn blue_green_switch_moves_new_connections_only() {
     let green: &[&str] = &["--pool", "green"];
     let (t, a) = setup("hbg", &scratch, &[blue, blue, green], "tcp");
     a.ok(&["vip", "switch", &vip(), "--to", "blue"]);
-    let (seen, failed) = requests(&t, 200);
+    let (seen, failed) = t.tcp_requests(200);
     assert_eq!(failed, 0);
     assert!(!seen.contains_key("b2"), "{seen:?}");
 
@@ -355,7 +339,7 @@ fn blue_green_switch_moves_new_connections_only() {
         .unwrap()
         .unwrap();
     a.ok(&["vip", "switch", &vip(), "--to", "green"]);
-    let (seen, failed) = requests(&t, 200);
+    let (seen, failed) = t.tcp_requests(200);
     assert_eq!(failed, 0);
     assert_eq!(
         seen.keys().collect::<Vec<_>>(),
@@ -375,7 +359,7 @@ fn blue_green_switch_moves_new_connections_only() {
 
     // Canary back to blue: a quarter, then all of it (the rollback).
     a.ok(&["vip", "switch", &vip(), "--to", "blue", "--percent", "25"]);
-    let (seen, failed) = requests(&t, 600);
+    let (seen, failed) = t.tcp_requests(600);
     assert_eq!(failed, 0);
     let blue_share = (seen.get("b0").unwrap_or(&0) + seen.get("b1").unwrap_or(&0)) as f64 / 600.0;
     println!(
@@ -384,7 +368,7 @@ fn blue_green_switch_moves_new_connections_only() {
     );
     assert!((blue_share - 0.25).abs() < 0.07, "{seen:?}");
     a.ok(&["vip", "switch", &vip(), "--to", "blue"]);
-    let (seen, failed) = requests(&t, 200);
+    let (seen, failed) = t.tcp_requests(200);
     assert_eq!(failed, 0);
     assert!(!seen.contains_key("b2"), "{seen:?}");
     drop(conns);

@@ -6,12 +6,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use maglb_tests::{
     agent::{Agent, Scratch},
+    certs,
     netns::{Netns, require_root, unique_prefix},
     topology::wait_for,
 };
@@ -125,40 +126,6 @@ impl Drop for Nginx {
     }
 }
 
-/// A self-signed certificate for `NAME` and `BACKEND` (not a CA: it is its own trust anchor
-/// when given as `tls_ca`), and its key, under `dir` with `stem`.
-fn self_signed(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
-    let (cert, key) = (
-        dir.join(format!("{stem}.pem")),
-        dir.join(format!("{stem}.key")),
-    );
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", &format!("/CN={NAME}")])
-        .args([
-            "-addext",
-            &format!("subjectAltName=DNS:{NAME},IP:{BACKEND}"),
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-addext",
-            "extendedKeyUsage=serverAuth",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 /// Per VIP: (up, last result, checks), from `maglb health --output json`.
 fn health(a: &Agent) -> BTreeMap<String, (bool, String, u64)> {
     let v: serde_json::Value =
@@ -195,8 +162,8 @@ fn http_keep_alive_and_https_checks_against_nginx() {
     }
     let dir = scratch.0.dir.join("nginx");
     std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = self_signed(&dir, "server");
-    let (other, _) = self_signed(&dir, "other");
+    let (cert, key) = certs::self_signed(&dir, "server", NAME, Some(BACKEND));
+    let (other, _) = certs::self_signed(&dir, "other", NAME, Some(BACKEND));
     let nginx = Nginx::start(&ns, &dir, &cert, &key);
     let agent = Agent::start(Path::new(BIN), &ns, &scratch.0).expect("agent");
 

@@ -11,13 +11,14 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use maglb_tests::{
     agent::{Agent, Scratch, attach_decaps, operated_topology},
+    certs,
     netns::Netns,
     topology::{
         self, HEALTH_PORT, TCP_PORT, Topology, UDP_PORT, VIP, VIP6, backend_addr, backend_addr6,
@@ -203,34 +204,6 @@ impl Drop for TlsServer {
     }
 }
 
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("tls.pem"), dir.join("tls.key"));
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=backend.test",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 /// The probe classifier's count of encapsulated packets, from the metrics.
 fn encapsulated(t: &Topology) -> f64 {
     use std::io::{Read as _, Write as _};
@@ -257,7 +230,7 @@ fn tunnel_probes_find_a_missing_vip_and_a_missing_decap_that_direct_probes_miss(
     let scratch = Scratch::new("tun");
     let (t, a) = operated_topology(Path::new(BIN), "tun", &scratch, 3);
     std::fs::create_dir_all(&scratch.0.dir).unwrap();
-    let (cert, key) = self_signed(&scratch.0.dir);
+    let (cert, key) = certs::self_signed(&scratch.0.dir, "tls", "backend.test", None);
     let _tls: Vec<TlsServer> = t
         .backends
         .iter()
