@@ -12,7 +12,7 @@ use rtnetlink::{
         address::{AddressAttribute, AddressScope},
         link::{LinkAttribute, LinkFlags},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteType},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
     },
 };
 
@@ -75,19 +75,23 @@ pub fn connect() -> Result<Handle, NetlinkError> {
     Ok(handle)
 }
 
-/// The next hop (gateway, or `to` itself when on-link) and outgoing interface toward `to`,
-/// from the kernel's own route lookup.
-pub async fn route_to(h: &Handle, to: IpAddr) -> Result<(IpAddr, u32), NetlinkError> {
+/// The kernel's route toward `to` (its own route lookup, as for a packet of this host).
+async fn lookup_route(h: &Handle, to: IpAddr) -> Result<RouteMessage, NetlinkError> {
     let prefix = if to.is_ipv4() { 32 } else { 128 };
     let msg = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(to, prefix)
         .map_err(|_| NetlinkError::NoRoute(to))?
         .build();
-    let mut routes = h.route().get(msg).execute();
-    let route = match routes.try_next().await {
-        Ok(Some(r)) => r,
-        _ => return Err(NetlinkError::NoRoute(to)),
-    };
+    match h.route().get(msg).execute().try_next().await {
+        Ok(Some(r)) => Ok(r),
+        _ => Err(NetlinkError::NoRoute(to)),
+    }
+}
+
+/// The next hop (gateway, or `to` itself when on-link) and outgoing interface toward `to`,
+/// from the kernel's own route lookup.
+pub async fn route_to(h: &Handle, to: IpAddr) -> Result<(IpAddr, u32), NetlinkError> {
+    let route = lookup_route(h, to).await?;
     let mut gw = to;
     let mut oif = None;
     for a in &route.attributes {
@@ -104,16 +108,7 @@ pub async fn route_to(h: &Handle, to: IpAddr) -> Result<(IpAddr, u32), NetlinkEr
 /// How the kernel sends a packet of this host to `to`: the outgoing interface, or none when
 /// `to` is an address of this host (it never leaves it).
 pub async fn route_oif(h: &Handle, to: IpAddr) -> Result<Option<u32>, NetlinkError> {
-    let prefix = if to.is_ipv4() { 32 } else { 128 };
-    let msg = RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(to, prefix)
-        .map_err(|_| NetlinkError::NoRoute(to))?
-        .build();
-    let mut routes = h.route().get(msg).execute();
-    let route = match routes.try_next().await {
-        Ok(Some(r)) => r,
-        _ => return Err(NetlinkError::NoRoute(to)),
-    };
+    let route = lookup_route(h, to).await?;
     if route.header.kind == RouteType::Local {
         return Ok(None);
     }
