@@ -29,7 +29,7 @@ use lb_userspace::datapath::{
 
 use crate::{
     netns::{Netns, ip},
-    topology::{LB_IF, Topology, VIP, wait_for},
+    topology::{self, LB_IF, Topology, VIP, wait_for},
 };
 
 pub const ROUTER_AS: u32 = 65000;
@@ -207,15 +207,8 @@ impl Fleet {
     pub fn build(tag: &str, backends: usize) -> anyhow::Result<Self> {
         let t = Topology::build_with(tag, backends, false)?;
         let r = &t.router;
-        r.ip(&["link", "add", "brl", "type", "bridge"])?;
-        r.ip(&["addr", "del", "10.10.2.1/24", "dev", "r1"])?;
-        r.ip(&["-6", "addr", "del", "fd10:2::1/64", "dev", "r1"])?;
-        r.ip(&["addr", "add", "10.10.2.1/24", "dev", "brl"])?;
-        r.ip(&["addr", "add", "fd10:2::1/64", "dev", "brl", "nodad"])?;
-        r.ip(&["link", "set", "r1", "master", "brl"])?;
+        topology::router_bridge(r)?;
         no_flood(r, "r1")?;
-        r.ip(&["link", "set", "brl", "up"])?;
-        r.sysctl("net.ipv4.conf.brl.rp_filter=0")?;
         // ECMP on the 5-tuple, so one client's connections spread over the balancers.
         r.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
         let _ = r.ip(&["route", "del", &format!("{VIP}/32")]);

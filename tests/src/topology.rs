@@ -85,6 +85,27 @@ fn no_offloads(ns: &Netns, dev: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The router's link to the balancers made a bridge (`brl`, 10.10.2.1) with `r1` as its
+/// first port. The bridge gets a MAC of its own: left unset, a bridge takes the lowest MAC
+/// of its ports and changes it when a port with a lower one joins, which a router never
+/// does. The balancers, whose kernels and datapaths still address the old MAC, would then
+/// lose packets until they learn the new one.
+pub fn router_bridge(r: &Netns) -> anyhow::Result<()> {
+    let mac = ROUTER_BRIDGE_MAC;
+    r.ip(&["link", "add", "brl", "address", mac, "type", "bridge"])?;
+    r.ip(&["addr", "del", "10.10.2.1/24", "dev", "r1"])?;
+    r.ip(&["-6", "addr", "del", "fd10:2::1/64", "dev", "r1"])?;
+    r.ip(&["addr", "add", "10.10.2.1/24", "dev", "brl"])?;
+    r.ip(&["addr", "add", "fd10:2::1/64", "dev", "brl", "nodad"])?;
+    r.ip(&["link", "set", "r1", "master", "brl"])?;
+    r.ip(&["link", "set", "brl", "up"])?;
+    r.sysctl("net.ipv4.conf.brl.rp_filter=0")?;
+    Ok(())
+}
+
+/// The router bridge's MAC (locally administered).
+pub const ROUTER_BRIDGE_MAC: &str = "02:6d:61:67:00:01";
+
 impl Topology {
     /// `n` requests from the client to the VIP's TCP port, one after another: which backend
     /// answered how often, and how many failed.
@@ -212,18 +233,10 @@ impl Topology {
             "link", "add", "rl2", "netns", &rt, "type", "veth", "peer", "name", LB_IF, "netns", &l2,
         ])?;
         let r = &t.router;
-        r.ip(&["link", "add", "brl", "type", "bridge"])?;
-        r.ip(&["addr", "del", "10.10.2.1/24", "dev", "r1"])?;
-        r.ip(&["-6", "addr", "del", "fd10:2::1/64", "dev", "r1"])?;
-        r.ip(&["addr", "add", "10.10.2.1/24", "dev", "brl"])?;
-        r.ip(&["addr", "add", "fd10:2::1/64", "dev", "brl", "nodad"])?;
-        for port in ["r1", "rl2"] {
-            r.ip(&["link", "set", port, "master", "brl"])?;
-        }
+        router_bridge(r)?;
+        r.ip(&["link", "set", "rl2", "master", "brl"])?;
         no_offloads(r, "rl2")?;
         r.ip(&["link", "set", "rl2", "up"])?;
-        r.ip(&["link", "set", "brl", "up"])?;
-        r.sysctl("net.ipv4.conf.brl.rp_filter=0")?;
         lb2.ip(&["addr", "add", &format!("{LB2_ADDR}/24"), "dev", LB_IF])?;
         no_offloads(&lb2, LB_IF)?;
         lb2.ip(&["link", "set", LB_IF, "up"])?;

@@ -465,6 +465,12 @@ fn planned_removal_and_a_fourth_balancer_lose_nothing() {
         [0, 2].map(|b| via.iter().filter(|v| **v == b).count()),
         broken.len()
     );
+    if !broken.is_empty() {
+        // What each balancer saw (health changes, next-hop updates) says why.
+        for i in [0, 2, 3] {
+            println!("=== lb{i}'s agent log:\n{}", s.agent(i).log());
+        }
+    }
     assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
     assert!(moved > 0, "the new balancer took no traffic");
 }
