@@ -184,6 +184,18 @@ pub fn parse_into(ctx: &XdpContext, out: &mut MaybeUninit<Packet>) -> Kind {
     }
 }
 
+/// The destination of an untagged IPv4 packet, read without parsing anything else (most
+/// traffic that is not for a VIP is that, and one look at the address decides it).
+#[inline(always)]
+pub fn plain_ipv4_dst(ctx: &XdpContext) -> Option<u32> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    Some(unsafe { (*ip).dst })
+}
+
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3_off: usize, out: &mut MaybeUninit<Packet>) -> Kind {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {

@@ -54,7 +54,13 @@ pub fn fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
 /// Whether the destination may be a VIP address (no false negatives).
 #[inline(always)]
 pub fn maybe_vip(flow: &FlowKey) -> bool {
-    let bit = vip_filter_bit(&flow.dst);
+    maybe_vip_addr(&flow.dst)
+}
+
+/// Whether `addr` may be a VIP address (no false negatives).
+#[inline(always)]
+pub fn maybe_vip_addr(addr: &[u32; 4]) -> bool {
+    let bit = vip_filter_bit(addr);
     VIP_FILTER
         .get(bit >> 6)
         .is_some_and(|w| w & (1u64 << (bit & 63)) != 0)

@@ -48,6 +48,15 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(xdp_action::XDP_PASS);
         }
     };
+    // Untagged IPv4 to an address that is no VIP goes to the kernel before any parsing: the
+    // same answer (and counter) as after it, for less.
+    let plain_v4 = parse::plain_ipv4_dst(ctx);
+    if let Some(dst) = plain_v4
+        && !lookup::maybe_vip_addr(&[dst, 0, 0, 0])
+    {
+        stats::global(stat::PASS_NOT_VIP, 0);
+        return Ok(xdp_action::XDP_PASS);
+    }
     // Not zeroed: that would be a byte-by-byte memset loop on every packet (BPF has no
     // memset). `parse_into` writes it whenever it is read.
     let mut pkt = core::mem::MaybeUninit::<Packet>::uninit();
@@ -67,8 +76,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
         stats::global(stat::PASS_NOT_VIP, 0);
         return Ok(xdp_action::XDP_PASS);
     }
-    // Not a VIP address: one array read decides, no hash lookup.
-    if !lookup::maybe_vip(&pkt.flow) {
+    // Not a VIP address: one array read decides, no hash lookup (made above already for
+    // untagged IPv4).
+    if plain_v4.is_none() && !lookup::maybe_vip(&pkt.flow) {
         stats::global(stat::PASS_NOT_VIP, 0);
         return Ok(xdp_action::XDP_PASS);
     }
