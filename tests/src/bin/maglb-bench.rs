@@ -62,7 +62,8 @@ fn load() -> String {
 /// connection table (separate runs, not regenerated here).
 const LIMITS: &str = "## What limits the missed targets
 
-- **Per-packet cost.** Traffic for no VIP costs one array read (a VIP-address bitmap). An \
+- **Per-packet cost.** Traffic for no VIP costs one array read (a VIP-address bitmap); \
+  untagged IPv4 is judged by its destination address before anything else is parsed. An \
   established flow pays one connection-table lookup (an LRU hash with per-CPU LRU lists), the \
   backend read, its CPU's copy of the coarse clock for the idle timeout, \
   `bpf_xdp_adjust_head` and the outer \
