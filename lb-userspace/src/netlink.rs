@@ -75,6 +75,24 @@ pub fn connect() -> Result<Handle, NetlinkError> {
     Ok(handle)
 }
 
+/// The kernel's notices of changed links, addresses, routes and neighbour entries (what
+/// `ip monitor` shows), on a connection of their own driven by a task on the current tokio
+/// runtime. Each item says only that something changed: the caller looks again. The stream
+/// ends if the socket fails (e.g. its buffer overflowed).
+pub fn watch() -> Result<impl futures_util::Stream + Unpin, NetlinkError> {
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _, notices) = rtnetlink::new_multicast_connection(&[
+        G::Link,
+        G::Ipv4Ifaddr,
+        G::Ipv6Ifaddr,
+        G::Ipv4Route,
+        G::Ipv6Route,
+        G::Neigh,
+    ])?;
+    tokio::spawn(conn);
+    Ok(notices)
+}
+
 /// The kernel's route toward `to` (its own route lookup, as for a packet of this host).
 async fn lookup_route(h: &Handle, to: IpAddr) -> Result<RouteMessage, NetlinkError> {
     let prefix = if to.is_ipv4() { 32 } else { 128 };

@@ -3,7 +3,8 @@
 //! detection window; probe verdicts survive restarts and new backends can start down; a full
 //! or read-only state directory refuses changes and changes nothing; a corrupt state file
 //! stops the agent (naming the file, line and field) but not the pinned datapath; a pinned
-//! link whose interface is gone is unpinned and the agent starts detached with its state.
+//! link whose interface is gone is unpinned and the agent starts detached with its state; a
+//! router that changes its MAC is followed at once.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -842,4 +843,72 @@ fn a_defunct_pinned_link_is_unpinned_and_the_agent_starts_detached() {
     assert_eq!(status["attached"], true, "{status}");
     assert!(link.exists());
     let _ = cli(bin(), &scratch.0.socket, &["detach"]);
+}
+
+/// The datapath's next-hop MAC, as `maglb status` shows it.
+fn nexthop_mac(a: &Agent) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&a.ok(&["status", "--output", "json"])).unwrap();
+    v["nexthop_mac"].as_str().map(str::to_owned)
+}
+
+/// The router's link gets a new MAC and says so with a gratuitous ARP (as a replaced router
+/// or NIC does): the balancer's kernel learns it, and the datapath follows at once (the
+/// agent listens to the kernel's neighbour notices), not at its next once-a-second look.
+/// Requests through the VIP meanwhile all succeed (one whose SYN went to the old MAC waits
+/// for its retransmission, a second later).
+#[test]
+fn a_router_with_a_new_mac_is_followed_at_once() {
+    let scratch = Scratch::new("fnh");
+    let (t, a) = operated_topology(bin(), "fnh", &scratch, 3);
+    a.ok(&["vip", "add", &vip()]);
+    for i in 0..3 {
+        a.ok(&["backend", "add", &vip(), &backend_addr(i).to_string()]);
+    }
+    a.wait_ready();
+    let old = lb_userspace::addr::fmt_mac(&t.router.mac("r1").unwrap());
+    assert_eq!(nexthop_mac(&a).as_deref(), Some(old.as_str()));
+    let stream = Requests::start(
+        &t.client,
+        vec![vip_addr(TCP_PORT)],
+        Duration::from_secs(3),
+        Duration::from_millis(10),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // The kernel sends a gratuitous ARP when an interface's address changes (arp_notify).
+    t.router.sysctl("net.ipv4.conf.r1.arp_notify=1").unwrap();
+    let new = "02:6d:61:67:00:77";
+    let changed = Instant::now();
+    t.router.ip(&["link", "set", "r1", "address", new]).unwrap();
+    let kernel = wait_for(Duration::from_secs(3), || {
+        t.lb.ip(&["neigh", "show", "10.10.2.1", "dev", "l0"])
+            .is_ok_and(|o| o.contains(new))
+    });
+    let learnt = changed.elapsed();
+    let followed = wait_for(Duration::from_secs(3), || {
+        nexthop_mac(&a).as_deref() == Some(new)
+    });
+    let took = changed.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let log = stream.stop();
+    let failed: Vec<&Request> = log.iter().filter(|r| !r.ok()).collect();
+    let slowest = log.iter().map(|r| r.end - r.start).max();
+    println!(
+        "router MAC {old} -> {new}: the balancer's kernel had it after {learnt:?}, the datapath \
+         after {took:?}; {} requests, {} failed, slowest {slowest:?}",
+        log.len(),
+        failed.len()
+    );
+    assert!(kernel, "the balancer's kernel never learnt the new MAC");
+    assert!(
+        followed,
+        "the datapath still sends to {old}: {:?}",
+        nexthop_mac(&a)
+    );
+    assert!(
+        took < learnt + Duration::from_millis(300),
+        "the datapath followed the kernel {:?} later: not at once",
+        took - learnt
+    );
+    assert!(failed.is_empty(), "{} requests failed", failed.len());
 }

@@ -1,14 +1,16 @@
 //! The datapath configuration: interface MAC, MTU, outer sources and the next hop's MAC,
 //! computed from the kernel's tables (rtnetlink) and handed to the writer when it changes.
-//! It runs every second, and at once when the state changes, so a changed neighbour entry
-//! reaches the datapath within a second. It has its own netlink connection: two dumps at
-//! once on one netlink socket fail with EBUSY.
+//! It is computed again as soon as the kernel says a link, address, route or neighbour entry
+//! changed (a router's new MAC, learnt from its gratuitous ARP, reaches the datapath within
+//! milliseconds), when the state changes, and every second in any case. It has its own
+//! netlink connections: two dumps at once on one netlink socket fail with EBUSY.
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
+use futures_util::{FutureExt as _, Stream, StreamExt as _};
 use lb_common::Config;
 use rtnetlink::Handle;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tracing::warn;
 
 use crate::{
@@ -16,6 +18,13 @@ use crate::{
     state::State,
     writer::{Command, Snapshot, WriterHandle},
 };
+
+/// After a kernel notice, how long to wait for the rest of the same change (a link coming
+/// up sends several) before looking again.
+const SETTLE: Duration = Duration::from_millis(20);
+/// The least time between two looks caused by notices: a busy neighbour table (every entry's
+/// state change is a notice) costs at most twenty looks a second.
+const MIN_GAP: Duration = Duration::from_millis(50);
 
 /// Runs until the writer goes.
 pub async fn run(writer: WriterHandle, mut snap: watch::Receiver<Arc<Snapshot>>) {
@@ -26,10 +35,13 @@ pub async fn run(writer: WriterHandle, mut snap: watch::Receiver<Arc<Snapshot>>)
             return;
         }
     };
+    let mut notices = subscribe();
     let mut last_error = String::new();
+    let mut looked = Instant::now();
     loop {
         let s = snap.borrow_and_update().clone();
         if let Some(iface) = s.state.balancer.interface.clone().filter(|_| s.attached) {
+            looked = Instant::now();
             match desired_config(&s.state, &iface, &nl).await {
                 Ok((config, nexthop)) => {
                     last_error.clear();
@@ -52,7 +64,35 @@ pub async fn run(writer: WriterHandle, mut snap: watch::Receiver<Arc<Snapshot>>)
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             r = snap.changed() => if r.is_err() { return },
+            more = notice(&mut notices) => {
+                if !more {
+                    warn!("the kernel's netlink notices stopped; looking every second, subscribing again");
+                    notices = subscribe();
+                    continue;
+                }
+                tokio::time::sleep_until((Instant::now() + SETTLE).max(looked + MIN_GAP)).await;
+                if let Some(n) = notices.as_mut() {
+                    while let Some(Some(_)) = n.next().now_or_never() {}
+                }
+            }
         }
+    }
+}
+
+/// The kernel's notices of changes, or none (then the configuration is looked at every
+/// second only).
+fn subscribe() -> Option<impl Stream + Unpin> {
+    netlink::watch()
+        .inspect_err(|e| warn!(error = %crate::error_chain(e), "no netlink notices; the next hop is looked up every second"))
+        .ok()
+}
+
+/// Waits for a notice: true when one came, false when the stream ended; forever without a
+/// stream.
+async fn notice(notices: &mut Option<impl Stream + Unpin>) -> bool {
+    match notices {
+        Some(n) => n.next().await.is_some(),
+        None => std::future::pending().await,
     }
 }
 
