@@ -36,6 +36,7 @@ pub async fn run(writer: WriterHandle, mut snap: watch::Receiver<Arc<Snapshot>>)
         }
     };
     let mut notices = subscribe();
+    let mut lost = false;
     let mut last_error = String::new();
     let mut looked = Instant::now();
     loop {
@@ -62,12 +63,19 @@ pub async fn run(writer: WriterHandle, mut snap: watch::Receiver<Arc<Snapshot>>)
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if lost {
+                    notices = subscribe();
+                    lost = notices.is_none();
+                }
+            }
             r = snap.changed() => if r.is_err() { return },
             more = notice(&mut notices) => {
                 if !more {
-                    warn!("the kernel's netlink notices stopped; looking every second, subscribing again");
-                    notices = subscribe();
+                    // The socket failed (its buffer overflowed, say): look now, and subscribe
+                    // again at the next second.
+                    warn!("the kernel's netlink notices stopped; subscribing again");
+                    (notices, lost) = (None, true);
                     continue;
                 }
                 tokio::time::sleep_until((Instant::now() + SETTLE).max(looked + MIN_GAP)).await;
