@@ -38,6 +38,15 @@ fn vip() -> String {
     format!("{VIP}:{TCP_PORT}/tcp")
 }
 
+/// The VIP with backends 0-2, forwarding.
+fn serve_vip(a: &Agent) {
+    a.ok(&["vip", "add", &vip()]);
+    for i in 0..3 {
+        a.ok(&["backend", "add", &vip(), &backend_addr(i).to_string()]);
+    }
+    a.wait_ready();
+}
+
 fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let p = dir.join(name);
@@ -110,11 +119,7 @@ fn a_vip_without_a_check_loses_a_stopped_backend_within_the_default_window() {
     const FALL: u64 = 3;
     let scratch = Scratch::new("fdh");
     let (t, a) = operated_topology(bin(), "fdh", &scratch, 3);
-    a.ok(&["vip", "add", &vip()]);
-    for i in 0..3 {
-        a.ok(&["backend", "add", &vip(), &backend_addr(i).to_string()]);
-    }
-    a.wait_ready();
+    serve_vip(&a);
     // Every backend is probed, with the default check, and found up.
     let probes: serde_json::Value =
         serde_json::from_str(&a.ok(&["health", "--output", "json"])).unwrap();
@@ -657,11 +662,7 @@ fn line_of(text: &str, needle: &str) -> usize {
 fn a_corrupt_state_file_stops_the_agent_not_the_datapath() {
     let scratch = Scratch::new("fdc");
     let (t, mut a) = operated_topology(bin(), "fdc", &scratch, 3);
-    a.ok(&["vip", "add", &vip()]);
-    for i in 0..3 {
-        a.ok(&["backend", "add", &vip(), &backend_addr(i).to_string()]);
-    }
-    a.wait_ready();
+    serve_vip(&a);
     let exported = write_file(&scratch.0.dir, "export.toml", &a.ok(&["config", "export"]));
     // Restarted once, the state file holds everything (the journal is folded at start).
     a.stop();
@@ -861,11 +862,7 @@ fn nexthop_mac(a: &Agent) -> Option<String> {
 fn a_router_with_a_new_mac_is_followed_at_once() {
     let scratch = Scratch::new("fnh");
     let (t, a) = operated_topology(bin(), "fnh", &scratch, 3);
-    a.ok(&["vip", "add", &vip()]);
-    for i in 0..3 {
-        a.ok(&["backend", "add", &vip(), &backend_addr(i).to_string()]);
-    }
-    a.wait_ready();
+    serve_vip(&a);
     let old = lb_userspace::addr::fmt_mac(&t.router.mac("r1").unwrap());
     assert_eq!(nexthop_mac(&a).as_deref(), Some(old.as_str()));
     let stream = Requests::start(
