@@ -129,6 +129,17 @@ impl Setup {
             .expect("agent")
     }
 
+    /// Prints the agent logs of balancers `which` when connections broke: what each saw
+    /// (health changes, next-hop updates) says why.
+    fn print_logs_if_broken(&self, broken: &[String], which: &[usize]) {
+        if broken.is_empty() {
+            return;
+        }
+        for i in which {
+            println!("=== lb{i}'s agent log:\n{}", self.agent(*i).log());
+        }
+    }
+
     fn wait_nexthops(&self, want: &[Ipv4Addr], limit: Duration) -> Duration {
         let t = Instant::now();
         let mut want = want.to_vec();
@@ -369,12 +380,7 @@ fn node_loss(s: &mut Setup, lost: usize, how: &str, alive: &[usize]) {
         via.len(),
         broken.len()
     );
-    if !broken.is_empty() {
-        // What each balancer saw (health changes, next-hop updates) says why.
-        for i in alive {
-            println!("=== lb{i}'s agent log:\n{}", s.agent(*i).log());
-        }
-    }
+    s.print_logs_if_broken(&broken, alive);
     assert!(broken.is_empty(), "broken connections: {broken:?}");
     assert!(
         converged <= CONVERGE,
@@ -475,12 +481,7 @@ fn planned_removal_and_a_fourth_balancer_lose_nothing() {
         [0, 2].map(|b| via.iter().filter(|v| **v == b).count()),
         broken.len()
     );
-    if !broken.is_empty() {
-        // What each balancer saw (health changes, next-hop updates) says why.
-        for i in [0, 2, 3] {
-            println!("=== lb{i}'s agent log:\n{}", s.agent(i).log());
-        }
-    }
+    s.print_logs_if_broken(&broken, &[0, 2, 3]);
     assert_eq!((failed, broken.len()), (0, 0), "{broken:?}");
     assert!(moved > 0, "the new balancer took no traffic");
 }
