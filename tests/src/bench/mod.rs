@@ -6,6 +6,7 @@ pub mod control;
 pub mod flood;
 pub mod forward;
 pub mod packet;
+mod settings;
 
 use std::fmt::Write as _;
 

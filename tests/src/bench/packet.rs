@@ -31,16 +31,21 @@ use crate::{
 };
 
 /// Runs per round and case.
-const RUNS: usize = 10_000;
-const ROUNDS: usize = 5;
+pub(super) const RUNS: usize = 10_000;
+pub(super) const ROUNDS: usize = 5;
 const BACKENDS: u32 = 100;
 const FILL: u32 = 200_000;
 
 /// Median nanoseconds of one run of `prog`, over `RUNS` runs; `frame(i)` is run `i`'s input.
-fn time(prog: &Xdp, mut frame: impl FnMut(usize) -> Vec<u8>) -> f64 {
+pub(super) fn time(prog: &Xdp, frame: impl FnMut(usize) -> Vec<u8>) -> f64 {
+    time_runs(prog, RUNS, frame)
+}
+
+/// As `time`, over `runs` runs.
+pub(super) fn time_runs(prog: &Xdp, runs: usize, mut frame: impl FnMut(usize) -> Vec<u8>) -> f64 {
     let mut out = vec![0u8; 4096];
-    let mut ns = Vec::with_capacity(RUNS);
-    for i in 0..RUNS {
+    let mut ns = Vec::with_capacity(runs);
+    for i in 0..runs {
         let f = frame(i);
         let r = prog
             .test_run(TestRunOptions {
@@ -81,16 +86,16 @@ fn once(prog: &Xdp, f: &[u8]) -> u32 {
 
 /// A stream of TCP SYNs to VIP:80, each from a (source address, port) pair used once.
 /// `space` keeps streams apart: fills, measured runs and the empty program's runs.
-struct Fresh {
+pub(super) struct Fresh {
     space: u8,
     n: u32,
 }
 
 impl Fresh {
-    fn new(space: u8) -> Self {
+    pub(super) fn new(space: u8) -> Self {
         Self { space, n: 0 }
     }
-    fn next(&mut self) -> Vec<u8> {
+    pub(super) fn next(&mut self) -> Vec<u8> {
         let n = self.n;
         self.n += 1;
         // 50,000 ports per address, 2^16 addresses per space.
@@ -118,7 +123,7 @@ fn syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
     )
 }
 
-fn ack4(sport: u16) -> Vec<u8> {
+pub(super) fn ack4(sport: u16) -> Vec<u8> {
     eth(
         IF_MAC,
         CLIENT_MAC,
@@ -373,6 +378,7 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
             memory / entries.max(1) as u64,
         )],
     );
+    super::settings::run(report, &mut bal, empty)?;
     maglev_build(report);
     flow_hash(report);
     Ok(())
