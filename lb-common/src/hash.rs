@@ -41,6 +41,14 @@ pub fn src_hash(f: &FlowKey) -> u32 {
     (h >> 32) as u32
 }
 
+/// Hash of a per-source limiter key (VIP, family, source /32 or /64): 64 bits, for the
+/// first-seen filter's slot and fingerprint (`crate::seen`).
+#[inline(always)]
+pub fn src_key_hash(k: &crate::SrcKey) -> u64 {
+    let h = round(SEED, (k.vip as u64) << 32 | k.family as u64);
+    round(h, (k.addr[0] as u64) << 32 | k.addr[1] as u64).wrapping_mul(K)
+}
+
 /// The IPv6 outer header's flow label: entropy of the inner flow for ECMP between the
 /// balancer and the backends (20 bits).
 #[inline(always)]

@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod hash;
+pub mod seen;
 
 use core::mem::size_of;
 
@@ -39,6 +40,8 @@ pub const CONNTRACK_BYTES_PER_ENTRY: u32 = 120;
 /// source /32 or /64). Sources beyond this many recently active ones start again with a
 /// full bucket.
 pub const SRC_LIMIT_ENTRIES: u32 = 1 << 17;
+/// Slots of the per-source first-seen filter in front of that LRU ([`seen`]): 2^20 (8 MiB).
+pub const SRC_SEEN_SLOTS: u32 = 1 << 20;
 /// Source-prefix entries (allow or deny, over all VIPs) per address family.
 pub const PREFIX_ENTRIES: u32 = 16_384;
 /// Default UDP destination port of GUE encapsulation (Katran's).

@@ -287,6 +287,10 @@ impl Balancer {
         self.dp.conntrack_memory()
     }
 
+    pub fn source_buckets(&self) -> usize {
+        self.dp.source_buckets()
+    }
+
     // ----- Counters -----
 
     pub fn counters(&self) -> &Counters {

@@ -294,6 +294,34 @@ fn per_source_rate_limit_drops_above_the_rate_and_counts_per_vip() {
 }
 
 #[test]
+fn a_random_source_flood_makes_no_source_buckets() {
+    let mut lab = lab();
+    let limit = RateLimit {
+        new_flows_per_s: 10,
+        burst: 2,
+    };
+    lab.bal.set_vip_source_limit(&id80(), Some(limit)).unwrap();
+    // 2000 sources, one SYN each (a spoofed flood's): all admitted, and no bucket made (an
+    // LRU insert each would cost as much as a connection-table insert).
+    for i in 0..2000u32 {
+        let src = Ipv4Addr::from(0x6440_0000 + i);
+        assert_eq!(lab.run(&tcp_frame(src, VIP, 40000, 80, SYN)).0, TX);
+    }
+    assert_eq!(lab.bal.source_buckets(), 0);
+    // A source that comes back within the interval (100 ms) gets its bucket at its second
+    // flow, judged from its first: the burst of 2, then drops.
+    let actions: Vec<u32> = (0..4)
+        .map(|i| lab.run(&tcp_frame(CLIENT, VIP, 41000 + i, 80, SYN)).0)
+        .collect();
+    assert_eq!(actions, [TX, TX, DROP, DROP]);
+    assert_eq!(lab.bal.source_buckets(), 1);
+    // Once the interval has passed, the bucket has refilled by one flow.
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(lab.run(&tcp_frame(CLIENT, VIP, 41010, 80, SYN)).0, TX);
+    assert_eq!(lab.run(&tcp_frame(CLIENT, VIP, 41011, 80, SYN)).0, DROP);
+}
+
+#[test]
 fn per_source_rate_limit_keys_ipv6_by_64() {
     let mut lab = lab();
     let id = vip(VIP6, 80, "tcp");

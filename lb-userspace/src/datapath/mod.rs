@@ -97,7 +97,7 @@ fn pin_error(dir: &Path, e: impl std::fmt::Display) -> DatapathError {
 pub const PROGRAM: &str = "maglb_balancer";
 
 /// The maps, by the names the object gives them.
-pub const MAPS: [&str; 18] = [
+pub const MAPS: [&str; 19] = [
     "VIPS",
     "VIP_ADDRS",
     "RINGS",
@@ -109,6 +109,7 @@ pub const MAPS: [&str; 18] = [
     "PREFIXES_V4",
     "PREFIXES_V6",
     "SRC_LIMIT",
+    "SRC_SEEN",
     "VIP_CAP",
     "FLOOD",
     "CLOCK",
@@ -558,6 +559,15 @@ impl Datapath {
     /// A connection-table entry, if any.
     pub fn conntrack(&self, flow: &FlowKey) -> Option<ConnEntry> {
         self.maps.conntrack.get(flow, 0).ok()
+    }
+
+    /// How many per-source token buckets (`SRC_LIMIT`) exist: sources that started a second
+    /// new flow within their VIP's interval.
+    pub fn source_buckets(&self) -> usize {
+        self.ebpf
+            .map("SRC_LIMIT")
+            .and_then(|m| HashMap::<_, lb_common::SrcKey, u64>::try_from(m).ok())
+            .map_or(0, |m| m.keys().count())
     }
 
     /// Kernel memory of the connection table in bytes (its `memlock` in fdinfo), if known.

@@ -89,23 +89,32 @@ fn once(prog: &Xdp, f: &[u8]) -> u32 {
 pub(super) struct Fresh {
     space: u8,
     n: u32,
+    /// Source ports per source address.
+    ports: u32,
 }
 
 impl Fresh {
+    /// 50,000 ports per address, 2^16 addresses per space.
     pub(super) fn new(space: u8) -> Self {
-        Self { space, n: 0 }
+        Self {
+            space,
+            n: 0,
+            ports: 50_000,
+        }
+    }
+    /// Each SYN from an address of its own (a random-source flood's), 2^16 per space.
+    pub(super) fn spoofed(space: u8) -> Self {
+        Self {
+            ports: 1,
+            ..Self::new(space)
+        }
     }
     pub(super) fn next(&mut self) -> Vec<u8> {
         let n = self.n;
         self.n += 1;
-        // 50,000 ports per address, 2^16 addresses per space.
-        let src = Ipv4Addr::new(
-            100,
-            64 + self.space,
-            ((n / 50_000) >> 8) as u8,
-            (n / 50_000) as u8,
-        );
-        let sport = 10_000 + (n % 50_000) as u16;
+        let a = n / self.ports;
+        let src = Ipv4Addr::new(100, 64 + self.space, (a >> 8) as u8, a as u8);
+        let sport = 10_000 + (n % self.ports) as u16;
         syn(src, sport)
     }
 }

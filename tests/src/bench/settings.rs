@@ -193,6 +193,15 @@ pub fn run(report: &mut Report, bal: &mut Balancer, empty: &Xdp) -> anyhow::Resu
         &mut |b, on| Ok(b.set_vip_source_limit(&id, limit(on, 1_000_000, 1_000_000))?),
         &mut || fresh.next(),
     )?);
+    // A random-source flood: every SYN's source is new, and makes its bucket.
+    let mut spoofed = Fresh::spoofed(26);
+    rows.push(toggled(
+        bal,
+        "`rate_limit`, new flow from a new source (its first)",
+        no_insert,
+        &mut |b, on| Ok(b.set_vip_source_limit(&id, limit(on, 1_000_000, 1_000_000))?),
+        &mut || spoofed.next(),
+    )?);
     rows.push(toggled(
         bal,
         "`new_flow_cap` (under it), new flow",

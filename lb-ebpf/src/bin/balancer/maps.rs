@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, BackendCounter, Config, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
     DEFAULT_RING_SIZE, FloodMeter, FlowKey, MAX_BACKENDS, MAX_VIPS, PREFIX_ENTRIES, PrefixData4,
-    PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, Settings, SrcKey, VIP_FILTER_WORDS, VipKey,
-    VipMeta, VipPolicy, stat, vip_stat,
+    PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS, Settings, SrcKey,
+    VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
 };
 
 /// VIPs by (address, port, protocol); port 0 is the port-wildcard entry.
@@ -75,6 +75,11 @@ pub static PREFIXES_V6: LpmTrie<PrefixData6, u32> = LpmTrie::with_max_entries(PR
 #[map]
 pub static SRC_LIMIT: LruHashMap<SrcKey, u64> =
     LruHashMap::with_max_entries(SRC_LIMIT_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// The per-source first-seen filter (`lb_common::seen`): a source's first new flow is noted
+/// here, and its bucket in `SRC_LIMIT` made only at its second. Written here.
+#[map]
+pub static SRC_SEEN: Array<u64> = Array::with_max_entries(SRC_SEEN_SLOTS, 0);
 
 /// Per-VIP cap on new flows, per CPU: the VIP's theoretical arrival time on this CPU
 /// (coarse ns). Written here.

@@ -5,10 +5,10 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
     FAMILY_V4, FlowKey, POLICY_F_ALLOW_ONLY, POLICY_F_PREFIXES, PREFIX_ALLOW, PREFIX_DENY,
-    PrefixData4, PrefixData6, SrcKey, VipPolicy, vip_stat,
+    PrefixData4, PrefixData6, SrcKey, VipPolicy, seen, vip_stat,
 };
 
-use crate::maps::{PREFIXES_V4, PREFIXES_V6, SRC_LIMIT, VIP_CAP, VIP_POLICY};
+use crate::maps::{PREFIXES_V4, PREFIXES_V6, SRC_LIMIT, SRC_SEEN, VIP_CAP, VIP_POLICY};
 
 /// GCRA (a token bucket counted in time): admits when the theoretical arrival time `tat` is
 /// at most `tolerance` ahead of `now`, and then moves it `interval` on.
@@ -77,9 +77,10 @@ fn prefixes(flow: &FlowKey, vip: u32, p: &VipPolicy) -> Result<(), u32> {
     }
 }
 
-/// The source's bucket (/32 for IPv4, /64 for IPv6), created full on its first new flow.
-/// Buckets are shared by the CPUs without locks: two CPUs admitting at the same instant may
-/// both pass, so a source may exceed its burst by one flow per CPU.
+/// The source's bucket (/32 for IPv4, /64 for IPv6), made at its second new flow within an
+/// interval (see [`first_flows`]). Buckets are shared by the CPUs without locks: two CPUs
+/// admitting at the same instant may both pass, so a source may exceed its burst by one flow
+/// per CPU.
 #[inline(always)]
 fn source(flow: &FlowKey, vip: u32, p: &VipPolicy, now: u64) -> Result<(), u32> {
     let key = SrcKey {
@@ -92,14 +93,35 @@ fn source(flow: &FlowKey, vip: u32, p: &VipPolicy, now: u64) -> Result<(), u32> 
         },
     };
     match SRC_LIMIT.get_ptr_mut(key) {
-        Some(tat) => {
-            if !gcra(tat, now, p.src_interval_ns, p.src_tolerance_ns) {
-                return Err(vip_stat::SRC_RATE);
-            }
+        Some(tat) if !gcra(tat, now, p.src_interval_ns, p.src_tolerance_ns) => {
+            Err(vip_stat::SRC_RATE)
         }
-        None => {
-            let _ = SRC_LIMIT.insert(key, now + p.src_interval_ns, 0);
-        }
+        Some(_) => Ok(()),
+        None => first_flows(&key, p, now),
     }
-    Ok(())
+}
+
+/// A source without a bucket. Its first flow in an interval is admitted (a bucket starts
+/// full) and noted in the first-seen filter; at its second, the bucket is made as if at the
+/// first, and judges this flow. A random-source flood (each source seen once) so costs a
+/// store per packet, not an LRU insert.
+#[inline(always)]
+fn first_flows(key: &SrcKey, p: &VipPolicy, now: u64) -> Result<(), u32> {
+    let (slot, fingerprint) = seen::slot(key);
+    let Some(note) = SRC_SEEN.get_ptr_mut(slot) else {
+        return Ok(());
+    };
+    let first = seen::noted_within(unsafe { *note }, fingerprint, now, p.src_interval_ns);
+    let Some(first) = first else {
+        unsafe { *note = seen::note(fingerprint, now) };
+        return Ok(());
+    };
+    let mut tat = first + p.src_interval_ns;
+    let admitted = gcra(&mut tat, now, p.src_interval_ns, p.src_tolerance_ns);
+    let _ = SRC_LIMIT.insert(key, tat, 0);
+    if admitted {
+        Ok(())
+    } else {
+        Err(vip_stat::SRC_RATE)
+    }
 }
