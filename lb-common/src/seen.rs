@@ -10,7 +10,8 @@
 //! Two sources sharing a slot overwrite each other's note: a source whose note was
 //! overwritten between its first two flows has its bucket made one flow later. A match needs
 //! the 24-bit fingerprint too, so one source is taken for another only when both the slot and
-//! the fingerprint collide.
+//! the fingerprint collide. The time wraps every 13 days: a note that old, never overwritten,
+//! can pass for a recent one, and makes a source's bucket one flow early.
 
 use crate::{SRC_SEEN_SLOTS, SrcKey, hash};
 
@@ -79,9 +80,9 @@ mod tests {
     }
 
     #[test]
-    fn the_time_wraps_without_false_matches() {
+    fn a_note_is_found_across_the_time_wrap() {
         let (_, fp) = slot(&key(7));
-        // Just before the time bits wrap, and just after.
+        // Noted just before the time bits wrap, looked for just after.
         let t0 = (TIME_MASK << UNIT_SHIFT) - 2048;
         let v = note(fp, t0);
         assert!(noted_within(v, fp, t0 + 4096, 1_000_000).is_some());
