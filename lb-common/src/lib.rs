@@ -460,7 +460,9 @@ pub mod stat {
     pub const DECAP_OK: u32 = 14;
     /// Decap program: packets passed untouched (not encapsulated, or not to us).
     pub const DECAP_PASS: u32 = 15;
-    /// Passed because user space has not written the config yet.
+    /// Passed because user space has not written the config yet (or has no next hop): a
+    /// packet that may be for a VIP. Untagged IPv4 to other addresses counts as `PASS_NOT_VIP`
+    /// even then: that check comes first.
     pub const PASS_NOT_READY: u32 = 16;
     /// Dropped: a new flow over its source's rate.
     pub const DROP_SRC_RATE: u32 = 17;

@@ -39,6 +39,15 @@ pub fn maglb_balancer(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<u32, ()> {
+    // Untagged IPv4 to an address that is no VIP goes to the kernel before anything else is
+    // read or parsed: the same answer (and counter) as after it, for less.
+    let plain_v4 = parse::plain_ipv4_dst(ctx);
+    if let Some(dst) = plain_v4
+        && !lookup::maybe_vip_addr(&[dst, 0, 0, 0])
+    {
+        stats::global(stat::PASS_NOT_VIP, 0);
+        return Ok(xdp_action::XDP_PASS);
+    }
     // Config and settings are read in place: a copy would cost stack, and would not protect
     // against a concurrent update any better.
     let (cfg, s) = match (maps::CONFIG.get(0), conntrack::settings()) {
@@ -48,15 +57,6 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
             return Ok(xdp_action::XDP_PASS);
         }
     };
-    // Untagged IPv4 to an address that is no VIP goes to the kernel before any parsing: the
-    // same answer (and counter) as after it, for less.
-    let plain_v4 = parse::plain_ipv4_dst(ctx);
-    if let Some(dst) = plain_v4
-        && !lookup::maybe_vip_addr(&[dst, 0, 0, 0])
-    {
-        stats::global(stat::PASS_NOT_VIP, 0);
-        return Ok(xdp_action::XDP_PASS);
-    }
     // Not zeroed: that would be a byte-by-byte memset loop on every packet (BPF has no
     // memset). `parse_into` writes it whenever it is read.
     let mut pkt = core::mem::MaybeUninit::<Packet>::uninit();
