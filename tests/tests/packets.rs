@@ -780,6 +780,16 @@ fn config_not_written_yet_passes_everything() {
     let f = to_lb(&syn4(CLIENT, VIP, 40000, 80), ETH_IP);
     let got = fixture::run(bal.program(), &f);
     assert_frame(&got, PASS, &f, "not ready");
+    // With a VIP but no config yet: its packets pass as not ready, while untagged IPv4 to
+    // other addresses is judged by the VIP bitmap first and passes as not for a VIP.
+    bal.set_vip(lb_userspace::state::VipSpec::new(vip(VIP, 80, "tcp")))
+        .unwrap();
+    let other = to_lb(&syn4(CLIENT, Ipv4Addr::new(10, 0, 0, 7), 40000, 80), ETH_IP);
+    let not_vip = bal.global_stat(stat::PASS_NOT_VIP).packets;
+    assert_frame(&fixture::run(bal.program(), &f), PASS, &f, "VIP, not ready");
+    assert_frame(&fixture::run(bal.program(), &other), PASS, &other, "no VIP");
+    assert_eq!(bal.global_stat(stat::PASS_NOT_READY).packets, 1);
+    assert_eq!(bal.global_stat(stat::PASS_NOT_VIP).packets, not_vip + 1);
 }
 
 fn decap_lab() -> Decap {
