@@ -111,8 +111,8 @@ fn dropped(
         row.with
             .push(time_runs(bal.program(), RUNS, |_| ours.next()));
     }
-    // The next source's first flow fills its bucket (a source starts with a full one): the
-    // second is checked.
+    // A source's first flow is always admitted (its bucket would start full): the next
+    // source's second is checked.
     fixture::run(bal.program(), &ours.next());
     expect(bal, &ours.next(), XDP_DROP, name)?;
     set(bal, false)?;
@@ -193,7 +193,8 @@ pub fn run(report: &mut Report, bal: &mut Balancer, empty: &Xdp) -> anyhow::Resu
         &mut |b, on| Ok(b.set_vip_source_limit(&id, limit(on, 1_000_000, 1_000_000))?),
         &mut || fresh.next(),
     )?);
-    // A random-source flood: every SYN's source is new, and makes its bucket.
+    // A random-source flood: every SYN's source is new, noted in the first-seen filter,
+    // with no bucket made.
     let mut spoofed = Fresh::spoofed(26);
     rows.push(toggled(
         bal,
@@ -236,9 +237,10 @@ pub fn run(report: &mut Report, bal: &mut Balancer, empty: &Xdp) -> anyhow::Resu
              medians; the cost is the median of the rounds' paired differences. The new-flow \
              rows keep the CPU under flood, so nothing is inserted: the insert (above) costs \
              more, and varies more from run to run, than these settings cost, and they cost \
-             the same with it. Every new flow \
-             is a SYN from a (source address, port) never sent before; a source sends 50,000 \
-             of them, so its `rate_limit` bucket exists. The dropped rows are what a flood \
+             the same with it. Every new flow is a SYN from a (source address, port) never \
+             sent before; a source sends 50,000 of them, so its `rate_limit` bucket exists, \
+             except in the new-source row, where each SYN comes from an address of its own \
+             (a random-source flood's). The dropped rows are what a flood \
              from a refused source costs per packet. The flood threshold itself (below it) \
              adds one per-CPU read and write to an insert."
         )],
