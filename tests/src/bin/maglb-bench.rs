@@ -82,7 +82,7 @@ const LIMITS: &str = "## What limits the missed targets
   the flood mode caps the insert rate that could force it. So the 300 ns target needs a \
   cheaper insert than the kernel's LRU hash gives, or fewer inserts, not a smaller table. \
   The policy settings cost a new flow 0 (the per-VIP cap, a per-CPU array), 40-80 ns (the \
-  per-source limit, a hash lookup) and 70-90 ns (a deny list of 100 prefixes, an LPM trie \
+  per-source limit, a hash lookup) and 50-90 ns (a deny list of 100 prefixes, an LPM trie \
   walk); a source's first new flow under a per-source limit adds a note in the first-seen \
   filter (a cold slot of an 8 MiB array), not an LRU insert. GUE costs an established flow \
   under 10 ns more than IP-in-IP.
