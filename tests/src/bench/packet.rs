@@ -31,13 +31,13 @@ use crate::{
 };
 
 /// Runs per round and case.
-pub(super) const RUNS: usize = 10_000;
-pub(super) const ROUNDS: usize = 5;
+const RUNS: usize = 10_000;
+const ROUNDS: usize = 5;
 const BACKENDS: u32 = 100;
 const FILL: u32 = 200_000;
 
 /// Median nanoseconds of one run of `prog`, over `RUNS` runs; `frame(i)` is run `i`'s input.
-pub(super) fn time(prog: &Xdp, frame: impl FnMut(usize) -> Vec<u8>) -> f64 {
+fn time(prog: &Xdp, frame: impl FnMut(usize) -> Vec<u8>) -> f64 {
     time_runs(prog, RUNS, frame)
 }
 
