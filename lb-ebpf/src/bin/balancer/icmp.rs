@@ -7,11 +7,11 @@
 //! as malformed, as the kernel would drop it.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Config, FAMILY_V4, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
+use lb_common::{Config, FAMILY_V4, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, stat};
 use lb_ebpf::{
     csum,
     parse::{
-        ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, Ports,
+        self, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_HLEN, IcmpHdr, Ipv4Hdr, Ipv6Hdr, Packet, Ports,
         ptr_at,
     },
 };
@@ -152,10 +152,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     }
     let end = pkt.l3_off + pkt.l3_len;
     let quote = pkt.l4_off + ICMP_HLEN;
-    let mut flow = FlowKey {
-        family: pkt.flow.family,
-        ..FlowKey::default()
-    };
+    let mut flow;
     let l4_off;
     if pkt.flow.family == FAMILY_V4 {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, quote).filter(|_| quote + IPV4_HLEN <= end) else {
@@ -166,18 +163,14 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
         if ihl < 5 {
             return Ok(crate::not_handled(ctx, pkt));
         }
-        flow.src = [ip.dst, 0, 0, 0];
-        flow.dst = [ip.src, 0, 0, 0];
-        flow.proto = ip.proto;
+        flow = parse::v4_key(ip.dst, ip.src, ip.proto);
         l4_off = quote + ihl * 4;
     } else {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, quote).filter(|_| quote + IPV6_HLEN <= end) else {
             return Ok(crate::not_handled(ctx, pkt));
         };
         let ip = unsafe { *ip };
-        flow.src = ip.dst;
-        flow.dst = ip.src;
-        flow.proto = ip.nexthdr;
+        flow = parse::v6_key(ip.dst, ip.src, ip.nexthdr);
         l4_off = quote + IPV6_HLEN;
     }
     if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
