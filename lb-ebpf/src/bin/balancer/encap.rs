@@ -100,9 +100,12 @@ pub fn grow_head(ctx: &XdpContext, bytes: usize) -> Result<(), ()> {
 /// to `gue_port` unless it is 0) and sets the MACs for the next hop. The caller checked that
 /// the families fit and the size is within the MTU.
 ///
-/// A subprogram on both the TCP/UDP and the ICMP paths: its stack counts toward the ICMP
-/// path's 512 bytes, so few values live across its helper calls (64 bytes at most).
-#[inline(never)]
+/// Inlined into each path: as a subprogram it cost a call and a return on every forwarded
+/// packet, about 10 ns of an established flow's 160 (measured on a CPU whose returns go
+/// through the kernel's safe-return thunk). Few values live across its helper calls, so it
+/// adds little to the ICMP path's stack (entry and `icmp::handle`), which must fit in 512
+/// bytes.
+#[inline(always)]
 pub fn encap(
     ctx: &XdpContext,
     pkt: &Packet,

@@ -104,9 +104,9 @@ fn balance(ctx: &XdpContext) -> Result<u32, ()> {
 const NOT_ESTABLISHED: u32 = u32::MAX;
 
 /// An established flow knows its backend and VIP: no VIP lookup. A subprogram, like
-/// `new_flow`: the entry function's stack stays small, and with it the ICMP path's (entry,
-/// `icmp::handle`, `encap::encap`), which must fit in 512 bytes. Returns the action, or
-/// `NOT_ESTABLISHED`.
+/// `new_flow`: the entry function's stack stays small, and with it the ICMP path's (entry
+/// and `icmp::handle`), which must fit in 512 bytes. (Inlined, it measured no faster.)
+/// Returns the action, or `NOT_ESTABLISHED`.
 #[inline(never)]
 fn established(ctx: &XdpContext, pkt: &Packet, cfg: &Config, s: &Settings) -> u32 {
     let Some((index, backend, vip)) = conntrack::established(&pkt.flow, s) else {
