@@ -68,7 +68,11 @@ const LIMITS: &str = "## What limits the missed targets
   backend read, its CPU's copy of the coarse clock for the idle timeout, \
   `bpf_xdp_adjust_head` and the outer \
   header, and exactly one per-CPU counter bump (its backend slot's; VIP totals, hits and \
-  misses are derived in user space). A new flow skips the lookup when it is a SYN, and adds \
+  misses are derived in user space). Calls are dear on this machine's CPU (every return \
+  goes through the kernel's safe-return thunk, its SRSO mitigation), so the outer headers \
+  are written inline, not in a subprogram; and no program calls a `memset` or `memcpy`, \
+  which BPF runs byte by byte (a test checks the objects: a flow key's zero words once \
+  became a 16-round loop on every IPv4 packet). A new flow skips the lookup when it is a SYN, and adds \
   the VIP lookup, the flow hash, the ring read, the flood meter and the insert. The insert \
   is most of it: the row under flood (no insert) costs about a third of a new flow. The \
   insert is mostly the kernel's LRU work, not the table's size: in interleaved rounds of \
