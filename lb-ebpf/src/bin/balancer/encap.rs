@@ -102,9 +102,8 @@ pub fn grow_head(ctx: &XdpContext, bytes: usize) -> Result<(), ()> {
 ///
 /// Inlined into each path: as a subprogram it cost a call and a return on every forwarded
 /// packet, about 10 ns (measured on a CPU whose returns go through the kernel's safe-return
-/// thunk). Few values live across its helper calls, so it
-/// adds little to the ICMP path's stack (entry and `icmp::handle`), which must fit in 512
-/// bytes.
+/// thunk). Few values live across its helper calls, so it adds little to the ICMP path's
+/// stack (entry and `icmp::handle`), which must fit in 512 bytes.
 #[inline(always)]
 pub fn encap(
     ctx: &XdpContext,
