@@ -7,7 +7,8 @@ pub static BALANCER: &[u8] =
 /// The backend programs (`maglb_decap`, and `maglb_pass`, which passes everything).
 pub static DECAP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/maglb-decap"));
 
-/// Benchmark tools (`maglb_gen`, `maglb_tx`, `maglb_sink`); see `lb-ebpf/src/bin/tools.rs`.
+/// Benchmark tools (`maglb_gen`, `maglb_tx`, `maglb_sink`, `maglb_calls_helper`,
+/// `maglb_calls_sub`); see `lb-ebpf/src/bin/tools.rs`.
 pub static TOOLS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/maglb-tools"));
 
 /// The balancer's egress classifier for health probes over the data path

@@ -1401,3 +1401,16 @@ fn decap_leaves_other_udp_alone() {
     );
     assert_eq!(d.decapsulated().packets, 0);
 }
+
+/// The bench's call-cost programs ("Cost of a call on this machine") pass the verifier and
+/// pass the frame unchanged: the bench runs each again and again on one frame.
+#[test]
+fn call_cost_programs_pass_the_frame_unchanged() {
+    let mut tools = aya::Ebpf::load(lb_userspace::programs::TOOLS).unwrap();
+    let f = to_lb(&syn4(CLIENT, VIP, 40000, 80), ETH_IP);
+    for name in ["maglb_calls_helper", "maglb_calls_sub"] {
+        let p: &mut aya::programs::Xdp = tools.program_mut(name).unwrap().try_into().unwrap();
+        p.load().unwrap();
+        assert_frame(&fixture::run(p, &f), PASS, &f, name);
+    }
+}

@@ -6,11 +6,14 @@
 //!   32768 flows the source address) over N flows, and sends the frame out with XDP_TX.
 //! - `maglb_tx`: a bare XDP_TX, the limit of a veth pair.
 //! - `maglb_sink`: counts and drops what comes back.
+//! - `maglb_calls_helper`, `maglb_calls_sub`: 16 helper calls, or 16 calls of a BPF
+//!   subprogram, and nothing else: what a call and its return cost on this machine.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
@@ -78,6 +81,45 @@ pub fn maglb_sink(_ctx: XdpContext) -> u32 {
         unsafe { *c += 1 };
     }
     xdp_action::XDP_DROP
+}
+
+/// Calls per run of the `maglb_calls_*` programs.
+pub const CALLS: u32 = 16;
+
+/// `CALLS` calls of the cheapest helper (the coarse clock), their results summed so none is
+/// dropped. Passes the frame unchanged, so a test run can repeat it.
+#[xdp]
+pub fn maglb_calls_helper(_ctx: XdpContext) -> u32 {
+    let mut sum = 0u64;
+    for _ in 0..CALLS {
+        sum = sum.wrapping_add(unsafe { bpf_ktime_get_coarse_ns() });
+    }
+    if sum == 1 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// One multiply and add: the body of a subprogram call that costs next to nothing.
+#[inline(never)]
+fn step(x: u64) -> u64 {
+    x.wrapping_mul(3).wrapping_add(1)
+}
+
+/// `CALLS` calls of a BPF subprogram (BPF-to-BPF calls), each on the result of the last.
+/// Passes the frame unchanged.
+#[xdp]
+pub fn maglb_calls_sub(ctx: XdpContext) -> u32 {
+    let mut x = (ctx.data_end() - ctx.data()) as u64;
+    for _ in 0..CALLS {
+        x = step(x);
+    }
+    if x == 1 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
 }
 
 #[cfg(not(test))]
