@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: every benchmark measures maglb and its baseline in the same run and
 //! reports medians and ratios; the report goes to stdout and to BENCHMARKS.md.
 
+mod calls;
 pub mod conns;
 pub mod control;
 pub mod flood;

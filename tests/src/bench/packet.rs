@@ -49,7 +49,7 @@ pub(super) fn time_runs(prog: &Xdp, runs: usize, frame: impl FnMut(usize) -> Vec
 /// Median nanoseconds per run over `calls` test-run calls of `repeat` runs each (the kernel
 /// reports a call's mean per run). `repeat` > 1 only for frames the program leaves as they
 /// are: the kernel runs it again on the frame the previous run left.
-fn time_calls(
+pub(super) fn time_calls(
     prog: &Xdp,
     calls: usize,
     repeat: u32,
@@ -424,6 +424,7 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
             RUNS / PASS_REPEAT as usize,
         )],
     );
+    super::calls::run(report, empty)?;
     super::settings::run(report, &mut bal, empty)?;
     maglev_build(report);
     flow_hash(report);

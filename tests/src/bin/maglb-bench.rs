@@ -68,11 +68,22 @@ const LIMITS: &str = "## What limits the missed targets
   backend read, its CPU's copy of the coarse clock for the idle timeout, \
   `bpf_xdp_adjust_head` and the outer \
   header, and exactly one per-CPU counter bump (its backend slot's; VIP totals, hits and \
-  misses are derived in user space). Calls are dear on this machine's CPU (every return \
-  goes through the kernel's safe-return thunk, its SRSO mitigation), so the outer headers \
-  are written inline, not in a subprogram; and no program calls a `memset` or `memcpy`, \
-  which BPF runs byte by byte (a test checks the objects: a flow key's zero words once \
-  became a 16-round loop on every IPv4 packet). A new flow skips the lookup when it is a SYN, and adds \
+  misses are derived in user space). Calls are dear on this machine's CPU: every return \
+  goes through the kernel's safe-return thunk (its SRSO mitigation), and 'Cost of a call on \
+  this machine' above measures each call and its return. An established flow's five calls \
+  (its subprogram, the table lookup and the two kernel functions that lookup calls, \
+  `bpf_xdp_adjust_head`) come to about half of its cost there, so the code between the \
+  calls is not what stands between it and 75 ns on this machine: on a CPU whose returns \
+  need no thunk, the same program would take about half the time above empty, near that \
+  target (an estimate from these figures, not a measurement). The datapath keeps other \
+  calls off the per-packet path: the outer headers are written inline, not in a \
+  subprogram; and no program calls a `memset` or `memcpy`, which BPF runs byte by byte (a \
+  test checks the objects: a flow key's zero words once became a 16-round loop on every \
+  IPv4 packet). Two changes measured no faster and were not kept: the `established` \
+  subprogram inlined into the entry (its stack and spills grew; about 7 ns slower in the \
+  mean of a million runs of one flow), and IPv4 flows in a table of their own with 16-byte \
+  keys instead of 40 (139 against 141 ns above empty in two runs of this bench, within the \
+  clock's 10 ns step). A new flow skips the lookup when it is a SYN, and adds \
   the VIP lookup, the flow hash, the ring read, the flood meter and the insert. The insert \
   is most of it: the row under flood (no insert) costs about a third of a new flow. The \
   insert is mostly the kernel's LRU work, not the table's size: in interleaved rounds of \
@@ -100,9 +111,9 @@ const LIMITS: &str = "## What limits the missed targets
   10000- and 1M-flow cases miss the most: their connection-table entries and hash buckets \
   spread over many pages (TLB misses), more so with the larger default table, and a million \
   flows (about 120 MiB of entries) outgrow every cache, so nearly every lookup is a cache \
-  and TLB miss. That is what stands between maglb and the 85% target at 10k and 1M flows: \
-  smaller entries (IPv4 keys hold 16-byte addresses) and huge pages behind the table would \
-  cut the misses. When the machine is shared, both the bare and the maglb rates drop and \
+  and TLB miss. That, and the calls above, is what stands between maglb and the 85% target \
+  at 10k and 1M flows: huge pages behind the table would cut the TLB misses (16-byte IPv4 \
+  keys, tried, did not measurably cut an established flow's cost). When the machine is shared, both the bare and the maglb rates drop and \
   vary between runs; the ratios are what compares.
 - **Connections.** maglb terminates nothing, so its rate stays near that of no balancer; \
   its p99 adds the balancer's hop, and on a shared 2-core machine a few ms of scheduling \
