@@ -123,7 +123,7 @@ pub const MAPS: [&str; 19] = [
 /// directory, so a maglb with other maps never reads them as its own. Bump it whenever a
 /// map's key, value or size changes. A newer agent that finds an older layout pinned migrates
 /// it (see [`Datapath::load_pinned`]).
-pub const LAYOUT: &str = "maps-v4";
+pub const LAYOUT: &str = "maps-v5";
 const LINK_FILE: &str = "link";
 
 /// Load-time options: fixed for the life of the maps.

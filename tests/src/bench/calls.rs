@@ -67,8 +67,8 @@ pub fn run(report: &mut Report, empty: &Xdp) -> anyhow::Result<()> {
              the `established` subprogram, the connection-table lookup (a helper, which calls \
              the key hash and the bucket walk, separate kernel functions under `perf`) and \
              `bpf_xdp_adjust_head`. At these prices that is about {:.0} ns of the \
-             established row above; a new flow makes more (the clock, the VIP lookup, the \
-             ring's inner map, the insert).",
+             established row above; a new flow makes more (the VIP lookup, the ring's inner \
+             map, `bpf_xdp_adjust_head`, the insert).",
             srso(),
             2.0 * h + 3.0 * s
         )],

@@ -65,7 +65,7 @@ const LIMITS: &str = "## What limits the missed targets
 - **Per-packet cost.** Traffic for no VIP costs one array read (a VIP-address bitmap); \
   untagged IPv4 is judged by its destination address before anything else is parsed. An \
   established flow pays one connection-table lookup (an LRU hash with per-CPU LRU lists), the \
-  backend read, its CPU's copy of the coarse clock for the idle timeout, \
+  backend read, the coarse clock for the idle timeout (a per-CPU copy taken once per jiffy), \
   `bpf_xdp_adjust_head` and the outer \
   header, and exactly one per-CPU counter bump (its backend slot's; VIP totals, hits and \
   misses are derived in user space). Calls are dear on this machine's CPU: every return \

@@ -1,6 +1,6 @@
 //! The connection table: established flows, idle timeouts, inserts and the flood mode.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, ConnEntry, FLOOD_WINDOW_SHIFT, FlowKey, PROTO_UDP,
     Settings, TCP_FIN, TCP_RST,
@@ -16,29 +16,29 @@ pub fn settings() -> Option<&'static Settings> {
     SETTINGS.get(0)
 }
 
-/// The coarse monotonic clock (ns), read with the helper; and this CPU's copy of it updated
-/// (see [`recent_ns`]). For new flows and every `CLOCK_REFRESH`-th packet.
+/// The coarse monotonic clock (ns). The coarse clock moves only at the timer tick, as the
+/// jiffies counter does, so a copy taken in the current jiffy is the clock's value: each CPU
+/// keeps one (`CLOCK`) and calls the clock helper (a call and its return: about 20 ns on a
+/// CPU whose returns go through the kernel's safe-return thunk) only in a new jiffy. The
+/// jiffies counter costs one load: the verifier inlines `bpf_jiffies64` on 64-bit machines.
+/// In the tick itself the copy may be taken between the two updates; it is then one tick
+/// behind until the next jiffy, as the clock read a moment earlier would be.
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(c) = CLOCK.get_ptr_mut(0) {
-        unsafe { *c = now };
+    // SAFETY: helpers without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(c) = CLOCK.get_ptr_mut(0) else {
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: `c` is this CPU's slot of a per-CPU array, valid for the program's run; no
+    // other context writes it meanwhile (XDP does not nest on a CPU).
+    unsafe {
+        if (*c).jiffies != jiffies {
+            (*c).ns = bpf_ktime_get_coarse_ns();
+            (*c).jiffies = jiffies;
+        }
+        (*c).ns
     }
-    now
-}
-
-/// Packets to a backend slot (per CPU) between refreshes of the CPU's clock copy: a power of
-/// two.
-pub const CLOCK_REFRESH: u64 = 256;
-
-/// This CPU's copy of the coarse clock, as of its last new flow or clock refresh: what the
-/// established path judges idle timeouts by. The clock helper costs about 25 ns (measured),
-/// a fifth of the established path; the copy costs one per-CPU read. The copy is never
-/// ahead of the clock, so it can only delay an expiry (until the CPU's next new flow or
-/// refresh), never bring one early. 0 (never set) expires nothing.
-#[inline(always)]
-pub fn recent_ns() -> u64 {
-    CLOCK.get(0).copied().unwrap_or(0)
 }
 
 /// Clock ticks (`lb_common::CLOCK_SHIFT`) of a time in ns.
@@ -49,12 +49,12 @@ pub fn ticks(ns: u64) -> u32 {
 
 /// The flow's entry while it is valid: its backend is in use with the same generation, and
 /// it has not been idle longer than its protocol's timeout. Marks it used now (a write at
-/// most once per tick). Returns (backend index, backend, VIP index). Time is this CPU's
-/// clock copy ([`recent_ns`]), read after the lookup.
+/// most once per tick). Returns (backend index, backend, VIP index). The clock is read
+/// after the lookup.
 #[inline(always)]
 pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> {
     let e = CONNTRACK.get_ptr_mut(flow)?;
-    let now = ticks(recent_ns());
+    let now = ticks(now_ns());
     let entry = unsafe { *e };
     let b = BACKENDS.get(entry.backend)?;
     if b.flags & BACKEND_F_IN_USE == 0 || b.generation != entry.generation {

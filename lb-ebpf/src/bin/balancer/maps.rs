@@ -86,11 +86,20 @@ pub static SRC_SEEN: Array<u64> = Array::with_max_entries(SRC_SEEN_SLOTS, 0);
 #[map]
 pub static VIP_CAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 
-/// Slot 0, per CPU: this CPU's copy of the coarse clock (ns), written on new flows and
-/// every `CLOCK_REFRESH`-th packet to a backend; the established path reads it instead of
-/// calling the clock helper. Written here.
+/// Slot 0, per CPU: this CPU's copy of the coarse clock and the jiffy it was taken in
+/// (`conntrack::now_ns`). Written here.
 #[map]
-pub static CLOCK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static CLOCK: PerCpuArray<ClockCopy> = PerCpuArray::with_max_entries(1, 0);
+
+/// The coarse clock as read in one jiffy.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ClockCopy {
+    /// `bpf_ktime_get_coarse_ns()`.
+    pub ns: u64,
+    /// `bpf_jiffies64()` when it was read.
+    pub jiffies: u64,
+}
 
 /// Slot 0, per CPU: the flood meter (new flows inserted in the current window, and what the
 /// flood mode did). Written here.

@@ -31,19 +31,13 @@ pub fn vip_drop(vip: u32, reason: u32, bytes: usize) {
 }
 
 /// A packet forwarded to backend slot `index`; `new_flow` when the ring chose the backend.
-/// Every `CLOCK_REFRESH`-th packet of a slot on a CPU also refreshes that CPU's clock copy
-/// (the count is at hand: no extra per-CPU state).
 #[inline(always)]
 pub fn backend(index: u32, bytes: usize, new_flow: bool) {
     if let Some(c) = BACKEND_STATS.get_ptr_mut(index) {
-        let packets = unsafe {
+        unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes as u64;
             (*c).new_flows += new_flow as u64;
-            (*c).packets
-        };
-        if packets & (crate::conntrack::CLOCK_REFRESH - 1) == 0 {
-            crate::conntrack::now_ns();
         }
     }
 }
