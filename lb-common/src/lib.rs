@@ -5,9 +5,11 @@
 //! Addresses are stored in network byte order in 16-byte fields; IPv4 uses the first 4 bytes.
 #![cfg_attr(not(test), no_std)]
 
+pub mod conntrack;
 pub mod hash;
 pub mod seen;
 
+pub use conntrack::{CONN_WAYS, ConnSet, ConnSlot, conn_check, flow_eq};
 use core::mem::size_of;
 
 /// Maximum number of VIPs (size of the VIP maps and of the ring outer map).
@@ -19,23 +21,23 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest ring a VIP may use (the datapath reduces the hash modulo the VIP's ring size).
 pub const MAX_RING_SIZE: u32 = 1_048_573;
 /// Default size of the connection table (the `conntrack_entries` setting, fixed when the
-/// maps are created): 2^21 = 2,097,152 flows.
+/// maps are created): 2^22 = 4,194,304 flows.
 ///
-/// The table is an LRU hash with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): every CPU sees
-/// every entry, but each CPU inserts into and evicts from its own share of
-/// `conntrack_entries / CPUs` entries. The default holds 1 million concurrent flows even
-/// when one CPU of two takes twice the other's share of new flows.
+/// The table is an array of sets of [`CONN_WAYS`] slots that every CPU reads and writes; a
+/// flow's hash picks its set, and a new flow in a full set takes the slot idle longest. At
+/// 1 million concurrent flows in the default table (2 per set of 8 on average), about 1 new
+/// flow in 6,800 finds its set full, and the set's flow idle longest loses its entry (it
+/// keeps its backend through the ring while the backend set is unchanged).
 ///
-/// Memory: about [`CONNTRACK_BYTES_PER_ENTRY`] bytes per entry, allocated up front
-/// (2^21 entries: 240 MiB, measured as the map's `memlock`).
-pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 21;
-/// Smallest connection table (per-CPU LRU lists need some entries per CPU).
+/// Memory: [`CONNTRACK_BYTES_PER_ENTRY`] bytes per entry, allocated up front (2^22 entries:
+/// 256 MiB).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 22;
+/// Smallest connection table.
 pub const MIN_CONNTRACK_ENTRIES: u32 = 1 << 10;
-/// Largest connection table (2^27 entries, about 16 GiB).
+/// Largest connection table (2^27 entries, 8 GiB).
 pub const MAX_CONNTRACK_ENTRIES: u32 = 1 << 27;
-/// Kernel memory per connection-table entry, measured on Linux 6.18 x86-64 (the element:
-/// hash and LRU nodes, 40-byte key, 16-byte value; and its share of the hash buckets).
-pub const CONNTRACK_BYTES_PER_ENTRY: u32 = 120;
+/// Kernel memory per connection-table entry: one [`ConnSlot`].
+pub const CONNTRACK_BYTES_PER_ENTRY: u32 = size_of::<ConnSlot>() as u32;
 /// Entries of the per-source new-flow limiter (an LRU of token buckets keyed by VIP and
 /// source /32 or /64). Sources beyond this many recently active ones start again with a
 /// full bucket.
@@ -131,8 +133,9 @@ pub const POLICY_F_PREFIXES: u32 = 1 << 0;
 /// `VipPolicy::flags`: sources that match no prefix are refused (the VIP has an allow list).
 pub const POLICY_F_ALLOW_ONLY: u32 = 1 << 1;
 
-/// Flow key: the connection-table key and the input of the flow hash.
-#[repr(C)]
+/// Flow key: the connection-table key and the input of the flow hash. 8-aligned, so that
+/// it compares as five 64-bit words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u32; 4],
@@ -204,9 +207,8 @@ pub struct Backend {
 }
 const _: () = assert!(size_of::<Backend>() == 24);
 
-/// Connection-table value. Recency for eviction is the LRU's business (every lookup marks
-/// the entry as used); `last_seen` is for the idle timeouts and is written at most once per
-/// clock tick.
+/// Connection-table value. `last_seen` serves the idle timeouts and the choice of the slot a
+/// new flow takes in a full set; it is written at most once per clock tick.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
@@ -536,6 +538,7 @@ mod pod {
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ConnEntry {}
+    unsafe impl aya::Pod for ConnSet {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for BackendCounter {}

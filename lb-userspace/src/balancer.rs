@@ -273,14 +273,15 @@ impl Balancer {
         self.dp.conntrack(flow)
     }
 
-    /// The table's size as the kernel made it.
+    /// The table's size in flows (`conntrack_entries` rounded up to whole sets, a power of
+    /// two).
     pub fn conntrack_entries(&self) -> u32 {
-        self.dp.conntrack_capacity().0
+        self.dp.conntrack_capacity()
     }
 
-    /// Flows one CPU can add before its inserts evict.
-    pub fn conntrack_capacity_per_cpu(&self) -> u32 {
-        self.dp.conntrack_capacity().1
+    /// Connection-table slots in use (reads the whole table).
+    pub fn conntrack_len(&self) -> usize {
+        self.dp.conntrack_len()
     }
 
     pub fn conntrack_memory(&self) -> Option<u64> {

@@ -86,8 +86,8 @@ impl Views {
             backends: s.slots_in_use,
             probe_tunnel: self.tunnel.borrow().interface.clone(),
             probe_tunnel_unavailable: self.tunnel.borrow().unavailable.clone(),
-            conntrack_entries: s.conntrack.0,
-            conntrack_per_cpu: s.conntrack.1,
+            conntrack_entries: s.conntrack,
+            conntrack_ways: lb_common::CONN_WAYS as u32,
             state_file: self.state_file.display().to_string(),
             bpffs: self.bpffs.display().to_string(),
         }

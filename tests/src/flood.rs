@@ -35,7 +35,7 @@ pub const SPOOFED: &str = "100.64.0.0/10";
 pub const GREEDY: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 3);
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The connection table of the lab: 1024 flows per CPU on two CPUs. A flood sends many
+/// The connection table of the lab: 2048 flows (256 sets of 8). A flood sends many
 /// times that many new flows: without the flood mode it turns the table over.
 pub const TABLE: u32 = 2048;
 /// New flows per second per CPU above which a CPU stops inserting: the legitimate clients

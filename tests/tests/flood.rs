@@ -1,11 +1,11 @@
 //! The connection table and the defences of the new-flow path, through BPF_PROG_TEST_RUN:
 //! TCP flags (SYN, RST, FIN), idle timeouts, the flood mode, per-source rate limits, the
-//! per-VIP cap, source prefix lists, the table's size setting. Needs root; no interface is
+//! per-VIP cap, source prefix lists, the table's size and its sets. Needs root; no interface is
 //! touched. Tests that depend on per-CPU state pin their thread to one CPU.
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use lb_common::{PROTO_TCP, PROTO_UDP, stat, vip_stat};
+use lb_common::{CONN_WAYS, PROTO_TCP, PROTO_UDP, hash, stat, vip_stat};
 use lb_userspace::{
     balancer::{Balancer, BalancerError, LoadOptions, Prefix, RateLimit},
     state::{BackendSpec, VipId, VipSpec},
@@ -100,6 +100,56 @@ fn a_syn_skips_the_lookup_and_is_chosen_again() {
     assert_eq!(lab.bal.global_stat(stat::CT_MISS).packets, 2);
 }
 
+/// `n` clients whose TCP flows from port 40000 to VIP:80 hash to the same connection-table
+/// set.
+fn same_set(lab: &Lab, n: usize) -> Vec<Ipv4Addr> {
+    let mask = lab.bal.conntrack_entries() / CONN_WAYS as u32 - 1;
+    let set = |c: Ipv4Addr| hash::flow_hash(&flow4(c, VIP, 40000, 80, PROTO_TCP)) & mask;
+    let client = |i: u32| Ipv4Addr::from(0x0a63_0000 + i);
+    let first = set(client(0));
+    let found: Vec<Ipv4Addr> = (0..1 << 20)
+        .map(client)
+        .filter(|&c| set(c) == first)
+        .take(n)
+        .collect();
+    assert_eq!(found.len(), n, "not enough flows for one set");
+    found
+}
+
+#[test]
+fn a_full_set_gives_the_slot_idle_longest_and_a_repeated_syn_keeps_its_slot() {
+    let mut lab = lab();
+    let clients = same_set(&lab, CONN_WAYS + 1);
+    let has = |lab: &Lab, c: Ipv4Addr| {
+        lab.bal
+            .conntrack(&flow4(c, VIP, 40000, 80, PROTO_TCP))
+            .is_some()
+    };
+    // Fill the set, one flow per clock tick or more (a tick is about 1 ms), oldest first.
+    for &c in &clients[..CONN_WAYS] {
+        lab.run(&tcp_frame(c, VIP, 40000, 80, SYN));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(clients[..CONN_WAYS].iter().all(|&c| has(&lab, c)));
+    assert_eq!(lab.bal.conntrack_len(), CONN_WAYS);
+    // The oldest flow is used again: the second oldest is now the one idle longest.
+    lab.run(&tcp_frame(clients[0], VIP, 40000, 80, ACK));
+    // A new flow in the full set takes that slot, and only that one.
+    let new = clients[CONN_WAYS];
+    lab.run(&tcp_frame(new, VIP, 40000, 80, SYN));
+    assert!(
+        !has(&lab, clients[1]),
+        "the flow idle longest kept its slot"
+    );
+    for &c in clients.iter().filter(|&&c| c != clients[1]) {
+        assert!(has(&lab, c), "the flow from {c} lost its slot");
+    }
+    // A SYN repeated (a retransmission) takes its own slot again, not a second one.
+    lab.run(&tcp_frame(new, VIP, 40000, 80, SYN));
+    assert_eq!(lab.bal.conntrack_len(), CONN_WAYS);
+    assert!(has(&lab, clients[0]) && has(&lab, clients[2]));
+}
+
 #[test]
 fn idle_timeouts_per_protocol() {
     pin_to_cpu(0).unwrap();
@@ -183,7 +233,7 @@ fn under_flood_new_flows_are_forwarded_but_not_inserted() {
 /// of the `n` flows are still in the table.
 fn survivors(threshold: Option<u32>, n: u16, flood: u32) -> usize {
     pin_to_cpu(0).unwrap();
-    // 2048 entries: 1024 per CPU on a two-CPU machine.
+    // 2048 entries: 256 sets of 8.
     let mut lab = Lab::with(&LoadOptions {
         conntrack_entries: 2048,
     })
@@ -214,7 +264,8 @@ fn survivors(threshold: Option<u32>, n: u16, flood: u32) -> usize {
 #[test]
 fn a_random_source_syn_flood_does_not_evict_established_flows() {
     // With the flood mode at 100 new flows/s per CPU (about 14 inserts per window), 20,000
-    // SYNs within a few windows insert far fewer entries than the CPU's share has room for.
+    // SYNs within a few windows insert a few dozen entries, which find free slots (200 flows
+    // in 256 sets of 8).
     assert_eq!(survivors(Some(100), 200, 20_000), 200);
     // Without it, the same flood evicts them (the test would catch a flood mode that does
     // nothing).

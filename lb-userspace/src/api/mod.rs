@@ -244,11 +244,11 @@ pub struct Status {
     /// Why probes cannot go over the tunnel now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_tunnel_unavailable: Option<String>,
-    /// Connection-table size, and each CPU's share of it.
+    /// Connection-table size in flows, and the slots of each of its sets.
     #[serde(default)]
     pub conntrack_entries: u32,
     #[serde(default)]
-    pub conntrack_per_cpu: u32,
+    pub conntrack_ways: u32,
     pub state_file: String,
     pub bpffs: String,
 }

@@ -195,8 +195,8 @@ pub fn status(out: &mut impl Write, s: &Status) -> io::Result<()> {
     writeln!(out, "backends     {}", s.backends)?;
     writeln!(
         out,
-        "conntrack    {} flows ({} per CPU)",
-        s.conntrack_entries, s.conntrack_per_cpu
+        "conntrack    {} flows (sets of {})",
+        s.conntrack_entries, s.conntrack_ways
     )?;
     writeln!(out, "state file   {}", s.state_file)?;
     writeln!(out, "bpffs        {}", s.bpffs)

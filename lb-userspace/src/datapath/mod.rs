@@ -24,8 +24,8 @@ use aya::{
     programs::{ProgramError, Xdp, xdp::XdpLinkId},
 };
 use lb_common::{
-    AddrKey, Backend, BackendCounter, Config, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
-    FlowKey, SETTINGS_VERSION, Settings, VipKey, VipMeta, vip_stat,
+    AddrKey, Backend, BackendCounter, CONN_WAYS, Config, ConnEntry, ConnSet, Counter,
+    DEFAULT_CONNTRACK_ENTRIES, FlowKey, SETTINGS_VERSION, Settings, VipKey, VipMeta, vip_stat,
 };
 use tracing::{info, warn};
 
@@ -123,7 +123,7 @@ pub const MAPS: [&str; 19] = [
 /// directory, so a maglb with other maps never reads them as its own. Bump it whenever a
 /// map's key, value or size changes. A newer agent that finds an older layout pinned migrates
 /// it (see [`Datapath::load_pinned`]).
-pub const LAYOUT: &str = "maps-v5";
+pub const LAYOUT: &str = "maps-v6";
 const LINK_FILE: &str = "link";
 
 /// Load-time options: fixed for the life of the maps.
@@ -143,8 +143,8 @@ impl Default for LoadOptions {
     }
 }
 
-/// The size of the connection table pinned under `dir` when it differs from what `opts` asks
-/// for (the kernel rounds per-CPU LRU sizes to a multiple of the CPUs).
+/// The size of the connection table pinned under `dir` (in flows) when it differs from what
+/// `opts` asks for.
 fn pinned_conntrack_size(dir: &Path, opts: &LoadOptions) -> Result<Option<u32>, DatapathError> {
     let path = dir.join("CONNTRACK");
     if !path.exists() {
@@ -152,9 +152,14 @@ fn pinned_conntrack_size(dir: &Path, opts: &LoadOptions) -> Result<Option<u32>, 
     }
     let map = MapData::from_pin(&path).map_err(map_err("CONNTRACK"))?;
     let pinned = map.info().map_err(map_err("CONNTRACK"))?.max_entries();
-    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-    let wanted = opts.conntrack_entries.div_ceil(cpus) * cpus;
-    Ok((pinned != wanted).then_some(pinned))
+    let wanted = conntrack_sets(opts.conntrack_entries);
+    Ok((pinned != wanted).then_some(pinned * CONN_WAYS as u32))
+}
+
+/// Sets of the connection table for `entries` flows: a power of two, so that the datapath
+/// picks a set with a mask.
+fn conntrack_sets(entries: u32) -> u32 {
+    entries.div_ceil(CONN_WAYS as u32).next_power_of_two()
 }
 
 /// The maps user space writes and reads.
@@ -162,7 +167,7 @@ struct Maps {
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_addrs: HashMap<MapData, AddrKey, VipMeta>,
     backends: Array<MapData, Backend>,
-    conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    conntrack: Array<MapData, ConnSet>,
     config: Array<MapData, Config>,
     settings: Array<MapData, Settings>,
     policy: policy::PolicyMaps,
@@ -258,7 +263,10 @@ impl Datapath {
 
     fn open(pin_dir: Option<&Path>, opts: &LoadOptions) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries("CONNTRACK", opts.conntrack_entries);
+        let sets = conntrack_sets(opts.conntrack_entries);
+        loader.map_max_entries("CONNTRACK", sets);
+        let mask = sets - 1;
+        loader.override_global("CONNTRACK_SET_MASK", &mask, true);
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -360,20 +368,9 @@ impl Datapath {
         self.maps.settings.set(0, s, 0).map_err(map_err("SETTINGS"))
     }
 
-    /// The connection table's size as the kernel made it, and how many flows one CPU can add
-    /// before its inserts evict (each CPU has its own share: `BPF_F_NO_COMMON_LRU`).
-    pub fn conntrack_capacity(&self) -> (u32, u32) {
-        const NO_COMMON_LRU: u32 = 1 << 1;
-        let Ok(info) = self.maps.conntrack.map().info() else {
-            return (0, 0);
-        };
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-        let per_cpu = if info.map_flags() & NO_COMMON_LRU != 0 {
-            info.max_entries() / cpus
-        } else {
-            info.max_entries()
-        };
-        (info.max_entries(), per_cpu)
+    /// The connection table's size in flows: its sets times `CONN_WAYS`.
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.maps.conntrack.len() * CONN_WAYS as u32
     }
 
     /// A handle on the counters for readers (its own file descriptors).
@@ -556,9 +553,20 @@ impl Datapath {
         )
     }
 
-    /// A connection-table entry, if any.
+    /// A connection-table entry, if any (the datapath's `conntrack::find`).
     pub fn conntrack(&self, flow: &FlowKey) -> Option<ConnEntry> {
-        self.maps.conntrack.get(flow, 0).ok()
+        let h = lb_common::hash::flow_hash(flow);
+        let set = self
+            .maps
+            .conntrack
+            .get(&(h & (self.maps.conntrack.len() - 1)), 0)
+            .ok()?;
+        set.slots
+            .iter()
+            .find(|s| {
+                s.check != 0 && s.key == *flow && s.check == lb_common::conn_check(h, &s.entry)
+            })
+            .map(|s| s.entry)
     }
 
     /// How many per-source token buckets (`SRC_LIMIT`) exist: sources that started a second
@@ -589,9 +597,14 @@ impl Datapath {
             .map_err(map_err("VIP_POLICY"))
     }
 
-    /// Number of connection-table entries (walks the table).
+    /// Number of connection-table slots in use (reads the whole table).
     pub fn conntrack_len(&self) -> usize {
-        self.maps.conntrack.keys().filter(|k| k.is_ok()).count()
+        self.maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .map(|set| set.slots.iter().filter(|s| s.check != 0).count())
+            .sum()
     }
 }
 

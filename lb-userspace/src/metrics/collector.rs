@@ -311,8 +311,8 @@ impl Scrape {
         gauges(
             enc,
             "maglb_conntrack_entries",
-            "Size of the connection table in flows (conntrack_entries, as the kernel rounded it)",
-            [(no_labels(), i64::from(s.conntrack.0))],
+            "Size of the connection table in flows (conntrack_entries, rounded up to a power of two)",
+            [(no_labels(), i64::from(s.conntrack))],
         )
     }
 

@@ -119,8 +119,8 @@ pub struct BalancerSettings {
     /// A fixed next-hop MAC instead of resolving one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nexthop_mac: Option<String>,
-    /// Size of the connection table in flows; fixed when the maps are made (default
-    /// 2,097,152, about 120 bytes each).
+    /// Size of the connection table in flows, rounded up to a power of two; fixed when the
+    /// maps are made (default 4,194,304, 64 bytes each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack_entries: Option<u32>,
     /// A TCP flow idle this long loses its connection-table entry (default 3600000, 1 h;

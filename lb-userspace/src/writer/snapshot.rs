@@ -44,8 +44,8 @@ pub struct Snapshot {
     pub slots_in_use: usize,
     /// Which VIP index each used backend slot counts for (VIP totals are their sums).
     pub owners: Arc<Owners>,
-    /// The connection table's size, and each CPU's share of it.
-    pub conntrack: (u32, u32),
+    /// The connection table's size in flows.
+    pub conntrack: u32,
 }
 
 impl Snapshot {

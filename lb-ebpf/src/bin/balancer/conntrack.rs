@@ -1,12 +1,16 @@
 //! The connection table: established flows, idle timeouts, inserts and the flood mode.
+//!
+//! The table is an array of sets (`lb_common::conntrack`): the flow hash picks a set, a
+//! lookup compares its slots, an insert takes the flow's own slot, an empty one or the one
+//! idle longest. No helper call: the verifier inlines an array lookup.
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, ConnEntry, FLOOD_WINDOW_SHIFT, FlowKey, PROTO_UDP,
-    Settings, TCP_FIN, TCP_RST,
+    BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, CONN_WAYS, ConnEntry, ConnSet, ConnSlot,
+    FLOOD_WINDOW_SHIFT, FlowKey, PROTO_UDP, Settings, TCP_FIN, TCP_RST, conn_check, flow_eq, hash,
 };
 
-use crate::maps::{BACKENDS, CLOCK, CONNTRACK, FLOOD, SETTINGS};
+use crate::maps::{BACKENDS, CLOCK, CONNTRACK, FLOOD, SETTINGS, conntrack_set_mask};
 
 /// The runtime settings, read in place (all zero, i.e. no timeouts, no flood threshold,
 /// IP-in-IP, until user space writes them). `None` never happens (slot 0 of a one-slot
@@ -47,15 +51,37 @@ pub fn ticks(ns: u64) -> u32 {
     (ns >> CLOCK_SHIFT) as u32
 }
 
+/// The slot of `flow` (hash `h`) in its set, if the set holds it whole.
+#[inline(always)]
+fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
+    let mut w = 0;
+    while w < CONN_WAYS {
+        // SAFETY: `set` is a map value, valid for the program's run; `w` is in bounds.
+        let slot = unsafe { core::ptr::addr_of_mut!((*set).slots[w]) };
+        let check = unsafe { (*slot).check };
+        if check != 0
+            && flow_eq(unsafe { &(*slot).key }, flow)
+            && check == conn_check(h, unsafe { &(*slot).entry })
+        {
+            return Some(slot);
+        }
+        w += 1;
+    }
+    None
+}
+
 /// The flow's entry while it is valid: its backend is in use with the same generation, and
 /// it has not been idle longer than its protocol's timeout. Marks it used now (a write at
 /// most once per tick). Returns (backend index, backend, VIP index). The clock is read
 /// after the lookup.
 #[inline(always)]
 pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> {
-    let e = CONNTRACK.get_ptr_mut(flow)?;
+    let h = hash::flow_hash(flow);
+    let set = CONNTRACK.get_ptr_mut(h & conntrack_set_mask())?;
+    let e = find(set, flow, h)?;
     let now = ticks(now_ns());
-    let entry = unsafe { *e };
+    // SAFETY: `e` points into a map value, valid for the program's run.
+    let entry = unsafe { (*e).entry };
     let b = BACKENDS.get(entry.backend)?;
     if b.flags & BACKEND_F_IN_USE == 0 || b.generation != entry.generation {
         return None;
@@ -71,9 +97,18 @@ pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> 
         if idle != 0 && age as u32 > idle {
             return None;
         }
-        unsafe { (*e).last_seen = now };
+        // SAFETY: as above; a racing writer's slot fails its check, whatever this stamps.
+        unsafe { (*e).entry.last_seen = now };
     }
     Some((entry.backend, *b, entry.vip))
+}
+
+/// `established`'s backend index, or `u32::MAX`. A subprogram for the ICMP error path:
+/// inlined there, the table lookup's stack would take that path (the entry, `icmp::handle`
+/// and its callees) past the verifier's 512 bytes.
+#[inline(never)]
+pub fn established_index(flow: &FlowKey, s: &Settings) -> u32 {
+    established(flow, s).map_or(u32::MAX, |(i, _, _)| i)
 }
 
 /// Remembers a new flow's backend, unless the packet ends the flow (RST, or FIN) or this CPU
@@ -94,15 +129,53 @@ pub fn remember(
     if !flood_allows_insert(s, now_ns) {
         return;
     }
+    let h = hash::flow_hash(flow);
+    let Some(set) = CONNTRACK.get_ptr_mut(h & conntrack_set_mask()) else {
+        return;
+    };
+    let now = ticks(now_ns);
+    let w = victim(set, flow, now);
     let entry = ConnEntry {
         backend: index,
         generation: b.generation,
         vip,
-        last_seen: ticks(now_ns),
+        last_seen: now,
     };
-    // A full share evicts this CPU's least recently used entry; a failed insert only costs
-    // the flow its stickiness, so the result is not checked.
-    let _ = CONNTRACK.insert(flow, entry, 0);
+    // SAFETY: `set` is a map value; `w` < CONN_WAYS. The check word is cleared first and
+    // written last: a reader that sees a slot half written finds the check wrong and
+    // treats the flow as new (the ring chooses again).
+    unsafe {
+        let slot = core::ptr::addr_of_mut!((*set).slots[w & (CONN_WAYS - 1)]);
+        (*slot).check = 0;
+        (*slot).key = *flow;
+        (*slot).entry = entry;
+        (*slot).check = conn_check(h, &entry);
+    }
+}
+
+/// The way a new flow takes in its set: its own slot if the set holds it, else an empty one,
+/// else the one idle longest (the first of them). Slots fill in order and never empty again,
+/// so an empty slot comes after every slot in use.
+#[inline(always)]
+fn victim(set: *mut ConnSet, flow: &FlowKey, now: u32) -> usize {
+    let mut best = 0;
+    let mut best_age = -1i32;
+    let mut w = 0;
+    while w < CONN_WAYS {
+        // SAFETY: as in `find`.
+        let slot = unsafe { &*core::ptr::addr_of!((*set).slots[w]) };
+        if slot.check == 0 || flow_eq(&slot.key, flow) {
+            return w;
+        }
+        // Signed, as in `established`: another CPU may have stamped the slot a tick ahead.
+        let age = (now.wrapping_sub(slot.entry.last_seen) as i32).max(0);
+        if age > best_age {
+            best_age = age;
+            best = w;
+        }
+        w += 1;
+    }
+    best
 }
 
 /// The flood meter: counts this CPU's inserts per window and says whether one more is

@@ -71,10 +71,11 @@ pub fn maybe_vip_addr(addr: &[u32; 4]) -> bool {
 /// carries the drop reason (`vip_stat`). Also returns whether the ring chose.
 #[inline(always)]
 pub fn backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, bool), u32> {
-    if let Some(s) = conntrack::settings()
-        && let Some((index, b, _)) = conntrack::established(flow, s)
-    {
-        return Ok((index, b, false));
+    if let Some(s) = conntrack::settings() {
+        let index = conntrack::established_index(flow, s);
+        if let Some(b) = BACKENDS.get(index) {
+            return Ok((index, *b, false));
+        }
     }
     choose(flow, vip).map(|(i, b)| (i, b, true))
 }

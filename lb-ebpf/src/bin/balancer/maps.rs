@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, BackendCounter, Config, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_RING_SIZE, FloodMeter, FlowKey, MAX_BACKENDS, MAX_VIPS, PREFIX_ENTRIES, PrefixData4,
-    PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS, Settings, SrcKey,
-    VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
+    AddrKey, Backend, BackendCounter, CONN_WAYS, Config, ConnSet, Counter,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FloodMeter, MAX_BACKENDS, MAX_VIPS,
+    PREFIX_ENTRIES, PrefixData4, PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS,
+    Settings, SrcKey, VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
 };
 
 /// VIPs by (address, port, protocol); port 0 is the port-wildcard entry.
@@ -43,13 +43,26 @@ pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0)
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Connection table: flow -> backend, VIP, last use. Written here for new flows, read on
-/// every packet that is not a SYN. One hash table that every CPU reads, with per-CPU LRU
-/// lists (`BPF_F_NO_COMMON_LRU`): a CPU inserts into and evicts from its own share, with no
-/// lock shared between CPUs. User space sets the size at load time (`conntrack_entries`).
+/// Connection table: flow -> backend, VIP, last use, in sets of `CONN_WAYS` slots; the flow
+/// hash picks the set (`hash & CONNTRACK_SET_MASK`). Written here for new flows, read on
+/// every packet that is not a SYN, by every CPU. An array: the verifier inlines its lookup
+/// (no helper call), and an insert is a few stores into one slot (`conntrack::remember`).
+/// User space sets the number of sets (a power of two) at load time (`conntrack_entries`).
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: Array<ConnSet> =
+    Array::with_max_entries(DEFAULT_CONNTRACK_ENTRIES / CONN_WAYS as u32, 0);
+
+/// Sets in `CONNTRACK` minus one, set by the loader with the map's size. A read-only global:
+/// the verifier knows its value.
+#[unsafe(no_mangle)]
+static CONNTRACK_SET_MASK: u32 = 0;
+
+/// `CONNTRACK_SET_MASK` as loaded.
+#[inline(always)]
+pub fn conntrack_set_mask() -> u32 {
+    // SAFETY: a read-only global, set before load.
+    unsafe { core::ptr::read_volatile(&CONNTRACK_SET_MASK) }
+}
 
 /// Slot 0: the balancer's configuration. Written by user space.
 #[map]

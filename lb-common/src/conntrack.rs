@@ -1,0 +1,126 @@
+//! The connection table's slots: sets of [`CONN_WAYS`] slots that the datapath writes
+//! without a lock, and the check word that lets readers tell a whole slot from a torn one.
+
+use crate::{ConnEntry, FlowKey};
+
+/// Ways per set of the connection table: a flow lives in one of the `CONN_WAYS` slots of the
+/// set its flow hash picks (`flow_hash & (sets - 1)`). 8: a set is 512 bytes, eight cache
+/// lines, and with 4 ways the default table would leave about 1 flow in 230 without an entry
+/// at 1 million flows, not 1 in 6,800.
+pub const CONN_WAYS: usize = 8;
+
+/// One slot of the connection table: the flow, its entry, and a check word that ties them
+/// together (`conn_check`; 0: the slot is empty). CPUs write slots without a lock: a writer
+/// clears the check word, writes the key and entry, then the check word, so a reader that
+/// meets a slot half written (or two writes mixed) finds the check wrong and treats the flow
+/// as unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnSlot {
+    pub key: FlowKey,
+    pub entry: ConnEntry,
+    pub check: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConnSlot>() == 64);
+
+/// One set of the connection table (one array element).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnSet {
+    pub slots: [ConnSlot; CONN_WAYS],
+}
+
+/// The check word of a slot holding a flow of hash `h` with entry `e` (never 0). It leaves
+/// out `last_seen`, which readers stamp in place.
+#[inline(always)]
+pub fn conn_check(h: u32, e: &ConnEntry) -> u32 {
+    let a = ((h as u64) << 32 | e.backend as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let b = a ^ ((e.generation as u64) << 32 | e.vip as u64);
+    (b.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) >> 32) as u32 | 1
+}
+
+/// Whether two flow keys are equal, word by word (a derived `==` may become a `bcmp` call,
+/// which BPF has not).
+#[inline(always)]
+pub fn flow_eq(a: &FlowKey, b: &FlowKey) -> bool {
+    // SAFETY: FlowKey is 40 bytes of plain data, 8-aligned.
+    let (a, b) = unsafe {
+        (
+            &*(a as *const FlowKey as *const [u64; 5]),
+            &*(b as *const FlowKey as *const [u64; 5]),
+        )
+    };
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> FlowKey {
+        FlowKey {
+            src: [1, 2, 3, 4],
+            dst: [5, 6, 7, 8],
+            sport: 9,
+            dport: 10,
+            proto: 6,
+            family: 2,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn flow_eq_sees_every_field() {
+        let a = flow();
+        assert!(flow_eq(&a, &a));
+        let changes: [fn(&mut FlowKey); 6] = [
+            |f| f.src[3] ^= 1,
+            |f| f.dst[0] ^= 1 << 31,
+            |f| f.sport ^= 1,
+            |f| f.dport ^= 1 << 15,
+            |f| f.proto ^= 1,
+            |f| f.family ^= 1,
+        ];
+        for change in changes {
+            let mut b = a;
+            change(&mut b);
+            assert!(!flow_eq(&a, &b), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn the_check_word_is_never_empty_and_ties_flow_to_entry() {
+        let e = ConnEntry {
+            backend: 7,
+            generation: 3,
+            vip: 2,
+            last_seen: 100,
+        };
+        for h in [0, 1, u32::MAX] {
+            assert_ne!(conn_check(h, &e), 0);
+        }
+        let check = conn_check(0x1234_5678, &e);
+        // A slot mixing two writes: another flow's hash, or another entry's fields.
+        assert_ne!(conn_check(0x1234_5679, &e), check);
+        for other in [
+            ConnEntry { backend: 8, ..e },
+            ConnEntry { generation: 4, ..e },
+            ConnEntry { vip: 3, ..e },
+        ] {
+            assert_ne!(conn_check(0x1234_5678, &other), check, "{other:?}");
+        }
+        // Readers stamp last_seen in place: it is not part of the check.
+        assert_eq!(
+            conn_check(0x1234_5678, &ConnEntry { last_seen: 5, ..e }),
+            check
+        );
+    }
+
+    #[test]
+    fn a_slot_is_one_cache_line() {
+        assert_eq!(size_of::<ConnSlot>(), 64);
+        assert_eq!(size_of::<ConnSet>(), 64 * CONN_WAYS);
+        assert_eq!(align_of::<FlowKey>(), 8);
+    }
+}
