@@ -64,57 +64,56 @@ const LIMITS: &str = "## What limits the missed targets
 
 - **Per-packet cost.** Traffic for no VIP costs one array read (a VIP-address bitmap); \
   untagged IPv4 is judged by its destination address before anything else is parsed. An \
-  established flow pays one connection-table lookup (an LRU hash with per-CPU LRU lists), the \
-  backend read, the coarse clock for the idle timeout (a per-CPU copy taken once per jiffy), \
-  `bpf_xdp_adjust_head` and the outer \
-  header, and exactly one per-CPU counter bump (its backend slot's; VIP totals, hits and \
-  misses are derived in user space). Calls are dear on this machine's CPU: every return \
+  established flow pays the flow hash (three multiply rounds), one read of its \
+  connection-table set (an array lookup, which the verifier inlines: no call) and the \
+  comparison of its slots (five 64-bit words each), the backend read, the coarse clock for \
+  the idle timeout (a per-CPU copy taken once per jiffy), `bpf_xdp_adjust_head` and the \
+  outer header, and exactly one per-CPU counter bump (its backend slot's; VIP totals, hits \
+  and misses are derived in user space). Calls are dear on this machine's CPU: every return \
   goes through the kernel's safe-return thunk (its SRSO mitigation), and 'Cost of a call on \
-  this machine' above measures each call and its return. An established flow's five calls \
-  (its subprogram, the table lookup and the two kernel functions that lookup calls, \
-  `bpf_xdp_adjust_head`) come to about half of its cost there, so the code between the \
-  calls is not what stands between it and 75 ns on this machine: on a CPU whose returns \
-  need no thunk, the same program would take about half the time above empty, near that \
-  target (an estimate from these figures, not a measurement). The datapath keeps other \
+  this machine' above measures each call and its return. Until layout maps-v6 the table \
+  was the kernel's LRU hash (with per-CPU LRU lists): its lookup was a helper call that \
+  called the key hash and the bucket walk, and its insert was most of a new flow, mostly the \
+  kernel's LRU work (a table of 2^14 or 2^17 entries cost only 8-17% less than 2^21). The \
+  array of sets took an established flow from 141 to about 90 ns above empty and a new flow \
+  from about 580 to 390-440 ns in this bench (one run each way), and a new flow into a full \
+  table from 760 to about 520. An established flow now makes two calls, its subprogram and \
+  `bpf_xdp_adjust_head` (about 30 ns at this machine's prices); what remains above 75 ns is \
+  the set's cache lines and the outer header's writes. Two changes measured no faster \
+  with the LRU table and were not kept: the `established` subprogram inlined into the \
+  entry (its stack and spills grew; about 7 ns slower in the mean of a million runs of one \
+  flow), and IPv4 flows in a table of their own with 16-byte keys instead of 40 (139 \
+  against 141 ns above empty, within the clock's 10 ns step). The datapath keeps other \
   calls off the per-packet path: the outer headers are written inline, not in a \
   subprogram; and no program calls a `memset` or `memcpy`, which BPF runs byte by byte (a \
-  test checks the objects: a flow key's zero words once became a 16-round loop on every \
-  IPv4 packet). Two changes measured no faster and were not kept: the `established` \
-  subprogram inlined into the entry (its stack and spills grew; about 7 ns slower in the \
-  mean of a million runs of one flow), and IPv4 flows in a table of their own with 16-byte \
-  keys instead of 40 (139 against 141 ns above empty in two runs of this bench, within the \
-  clock's 10 ns step). A new flow skips the lookup when it is a SYN, and adds \
-  the VIP lookup, the flow hash, the ring read, the flood meter and the insert. The insert \
-  is most of it: the row under flood (no insert) costs about a third of a new flow. The \
-  insert is mostly the kernel's LRU work, not the table's size: in interleaved rounds of \
-  one run (separate from this one), new flows cost only 8-17% less on a table of 2^17 \
-  entries (16 MiB, within the L3 cache) or of 2^14 (2 MiB, every insert evicting) than on \
-  the default 2^21; a plain hash table (no LRU, which cannot evict) \
-  measured about half to three quarters of the LRU insert in separate runs. The cost stays \
-  about flat from an empty table to 200k flows (within run-to-run noise), and rises once \
-  every insert evicts (the evicted entry and its bucket are touched too). The default \
-  table (2^21 entries, 240 MiB) keeps that regime away until a CPU holds a million flows; \
-  the flood mode caps the insert rate that could force it. So the 300 ns target needs a \
-  cheaper insert than the kernel's LRU hash gives, or fewer inserts, not a smaller table. \
-  The policy settings cost a new flow 0 (the per-VIP cap, a per-CPU array), 40-80 ns (the \
-  per-source limit, a hash lookup) and 50-90 ns (a deny list of 100 prefixes, an LPM trie \
-  walk); a source's first new flow under a per-source limit adds a note in the first-seen \
-  filter (a cold slot of an 8 MiB array), not an LRU insert. GUE costs an established flow \
-  under 10 ns more than IP-in-IP.
+  test checks the objects). A new flow skips the lookup when it is a SYN, and adds the VIP \
+  lookup (a hash-map helper call, with the kernel's hash and bucket walk), the flow hash, \
+  the ring read (the inner map's lookup is a helper call), the flood meter and the insert: \
+  a scan of its set's eight slots (512 bytes, cold in a 256 MiB table) for its own, an \
+  empty or the idle-longest slot, and the stores. The row under flood (no insert) shows \
+  the rest. Sets of 4 slots measured a new flow at 391 ns against 441 for 8 in one run each, \
+  within the run-to-run spread of the no-insert row (201 and 241 in the same two runs); 8 \
+  were kept because 4 would leave about 1 flow in 230 without an entry at 1 million \
+  concurrent flows in the default table, against 1 in 6,800. What would bring a new flow \
+  to 300 ns: the VIP looked up without a hash-map helper (an array indexed like the VIP \
+  bitmap), and fewer cold lines per insert (a per-set summary of tags and ages in one \
+  line). The policy settings cost a new flow 0 (the per-VIP cap, a per-CPU array), 40-80 ns \
+  (the per-source limit, a hash lookup) and 50-90 ns (a deny list of 100 prefixes, an LPM \
+  trie walk); a source's first new flow under a per-source limit adds a note in the \
+  first-seen filter (a cold slot of an 8 MiB array), not an LRU insert. GUE costs an \
+  established flow under 10 ns more than IP-in-IP.
 - **Forwarding rate.** On one veth queue the generator, both sides' XDP and the sink share \
   one core; with two queues and a generator per core, each core carries its own frames. \
   maglb's per-packet work (above) shows directly as a lower share of bare XDP_TX. At 85% \
   of bare XDP_TX, maglb may add only 18% of bare's time per packet: at about 8 Mpps on the \
-  two cores (about 245 ns per packet on each), that is about 43 ns, less than the \
-  connection-table lookup alone (under `perf`, about a third of an established flow's \
-  cost: the kernel's hash of the 40-byte key and its bucket walk). The \
-  10000- and 1M-flow cases miss the most: their connection-table entries and hash buckets \
-  spread over many pages (TLB misses), more so with the larger default table, and a million \
-  flows (about 120 MiB of entries) outgrow every cache, so nearly every lookup is a cache \
-  and TLB miss. That, and the calls above, is what stands between maglb and the 85% target \
-  at 10k and 1M flows: huge pages behind the table would cut the TLB misses (16-byte IPv4 \
-  keys, tried, did not measurably cut an established flow's cost). When the machine is shared, both the bare and the maglb rates drop and \
-  vary between runs; the ratios are what compares.
+  two cores (about 245 ns per packet on each), that is about 43 ns, less than the two calls \
+  and the connection-table read of an established flow. The 10000- and 1M-flow cases miss \
+  the most: their connection-table sets spread over many pages of the 256 MiB table (TLB \
+  misses), and a million flows outgrow every cache, so nearly every lookup is a cache and \
+  TLB miss. That, and the calls above, is what stands between maglb and the 85% target at \
+  10k and 1M flows: huge pages behind the table would cut the TLB misses. When the machine \
+  is shared, both the bare and the maglb rates drop and vary between runs; the ratios are \
+  what compares.
 - **Connections.** maglb terminates nothing, so its rate stays near that of no balancer; \
   its p99 adds the balancer's hop, and on a shared 2-core machine a few ms of scheduling \
   noise decide the 1.3x p99 target. HAProxy's rate falls from round to round here (its \
@@ -133,7 +132,7 @@ const LIMITS: &str = "## What limits the missed targets
 
 ## Design measurements (separate runs, while choosing the connection table)
 
-Four connection-table designs in one experimental build, each behind its own balancer, \
+Before layout maps-v6 (an array of sets, above), four connection-table designs in one experimental build, each behind its own balancer, \
 measured in alternating chunks of 2000 new-flow SYNs (fresh 5-tuples, 65537-slot ring, 100 \
 backends), so that all four saw the same machine load; 2^21 entries in all (1M per CPU for \
 the per-CPU designs), one CPU pinned. Nanoseconds per run with the kernel's test-run \
@@ -144,7 +143,7 @@ machine was shared (load average 5 to 7): differences under about 50 ns are nois
 | connection table | empty | 200k flows | full (every insert evicts) | both CPUs inserting |
 |---|---|---|---|---|
 | LRU hash, common LRU (before) | 651 | 651 | 991 | 1112 |
-| LRU hash, `BPF_F_NO_COMMON_LRU` (chosen) | 671 | 751 | 951 | 1082 |
+| LRU hash, `BPF_F_NO_COMMON_LRU` (chosen until maps-v6) | 671 | 751 | 951 | 1082 |
 | `LRU_PERCPU_HASH` | 691 | 681 | 1002 | 1072 |
 | array of per-CPU LRU hashes (Katran) | 611 | 581 | 891 | 946 |
 
@@ -156,5 +155,8 @@ and drained flows would break. `LRU_PERCPU_HASH` has the same problem (per-CPU v
 `BPF_F_NO_COMMON_LRU` keeps one table that every CPU reads, with per-CPU LRU lists: no LRU \
 lock shared by the CPUs, and a flood on one CPU evicts only that CPU's entries. On this \
 2-core machine it measured no cheaper than the common LRU (whose per-CPU free lists take \
-the global lock only about every 128 inserts); its benefit grows with the core count.
+the global lock only about every 128 inserts). The array of sets that replaced it is also \
+one table that every CPU reads, without the LRU's locks or calls; what it gives up is that \
+a flood on one CPU can evict any CPU's flows (the flood mode still caps every CPU's \
+inserts), and that a set can fill before the table does.
 ";

@@ -142,14 +142,15 @@ pub fn remember(
         last_seen: now,
     };
     // SAFETY: `set` is a map value; `w` < CONN_WAYS. The check word is cleared first and
-    // written last: a reader that sees a slot half written finds the check wrong and
-    // treats the flow as new (the ring chooses again).
+    // written last, all volatile so that the compiler keeps the order (the CPU keeps it on
+    // x86): a reader that sees a slot half written finds the check wrong and treats the
+    // flow as new (the ring chooses again).
     unsafe {
         let slot = core::ptr::addr_of_mut!((*set).slots[w & (CONN_WAYS - 1)]);
-        (*slot).check = 0;
-        (*slot).key = *flow;
-        (*slot).entry = entry;
-        (*slot).check = conn_check(h, &entry);
+        core::ptr::write_volatile(&mut (*slot).check, 0);
+        core::ptr::write_volatile(&mut (*slot).key, *flow);
+        core::ptr::write_volatile(&mut (*slot).entry, entry);
+        core::ptr::write_volatile(&mut (*slot).check, conn_check(h, &entry));
     }
 }
 
