@@ -9,6 +9,15 @@ use crate::{ConnEntry, FlowKey};
 /// at 1 million flows, not 1 in 6,800.
 pub const CONN_WAYS: usize = 8;
 
+/// The way at which a flow of hash `h` starts its scan of the set (its top bits; the set
+/// comes from the low ones). Each flow scans from its own way, wrapping around: were every
+/// scan to start at way 0, the busiest slots would all sit at the start of their 512-byte
+/// sets, and so in one eighth of the CPU caches' sets.
+#[inline(always)]
+pub fn conn_home(h: u32) -> usize {
+    (h >> (32 - CONN_WAYS.trailing_zeros())) as usize
+}
+
 /// One slot of the connection table: the flow, its entry, and a check word that ties them
 /// together (`conn_check`; 0: the slot is empty). CPUs write slots without a lock: a writer
 /// clears the check word, writes the key and entry, then the check word, so a reader that
@@ -115,6 +124,17 @@ mod tests {
             conn_check(0x1234_5678, &ConnEntry { last_seen: 5, ..e }),
             check
         );
+    }
+
+    #[test]
+    fn home_ways_cover_the_set() {
+        let mut seen = [false; CONN_WAYS];
+        for i in 0..1000u32 {
+            let w = conn_home(i.wrapping_mul(0x9e37_79b1));
+            seen[w] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+        assert_eq!(conn_home(u32::MAX), CONN_WAYS - 1);
     }
 
     #[test]

@@ -90,7 +90,11 @@ const LIMITS: &str = "## What limits the missed targets
   lookup (a hash-map helper call, with the kernel's hash and bucket walk), the flow hash, \
   the ring read (the inner map's lookup is a helper call), the flood meter and the insert: \
   a scan of its set's eight slots (512 bytes, cold in a 256 MiB table) for its own, an \
-  empty or the idle-longest slot, and the stores. The row under flood (no insert) shows \
+  empty or the idle-longest slot, and the stores. Each flow scans its set from a home way \
+  of its own (top bits of its hash): with every scan starting at way 0, the busiest slots \
+  all sat at the start of their 512-byte sets, in an eighth of the caches' sets, and 10000 \
+  flows on one queue forwarded at 43-63% of bare XDP_TX in two runs, against 61-68% with \
+  home ways. The row under flood (no insert) shows \
   the rest. Sets of 4 slots measured a new flow at 391 ns against 441 for 8 in one run each, \
   within the run-to-run spread of the no-insert row (201 and 241 in the same two runs); 8 \
   were kept because 4 would leave about 1 flow in 230 without an entry at 1 million \
@@ -110,7 +114,11 @@ const LIMITS: &str = "## What limits the missed targets
   and the connection-table read of an established flow. The 10000- and 1M-flow cases miss \
   the most: their connection-table sets spread over many pages of the 256 MiB table (TLB \
   misses), and a million flows outgrow every cache, so nearly every lookup is a cache and \
-  TLB miss. That, and the calls above, is what stands between maglb and the 85% target at \
+  TLB miss. Against the LRU table (before maps-v6) the array of sets forwards more with \
+  few flows and with 10000 or 1M flows on two queues, and less with 10000 flows on one \
+  queue (61-68% against 72-77% in earlier runs): most likely the TLB, as 10000 flows touch \
+  about 10000 pages of the array, where one CPU's LRU entries came from its own contiguous \
+  free list (not measured further). That, and the calls above, is what stands between maglb and the 85% target at \
   10k and 1M flows: huge pages behind the table would cut the TLB misses. When the machine \
   is shared, both the bare and the maglb rates drop and vary between runs; the ratios are \
   what compares.

@@ -7,7 +7,8 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, CONN_WAYS, ConnEntry, ConnSet, ConnSlot,
-    FLOOD_WINDOW_SHIFT, FlowKey, PROTO_UDP, Settings, TCP_FIN, TCP_RST, conn_check, flow_eq, hash,
+    FLOOD_WINDOW_SHIFT, FlowKey, PROTO_UDP, Settings, TCP_FIN, TCP_RST, conn_check, conn_home,
+    flow_eq, hash,
 };
 
 use crate::maps::{BACKENDS, CLOCK, CONNTRACK, FLOOD, SETTINGS, conntrack_set_mask};
@@ -54,8 +55,10 @@ pub fn ticks(ns: u64) -> u32 {
 /// The slot of `flow` (hash `h`) in its set, if the set holds it whole.
 #[inline(always)]
 fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
-    let mut w = 0;
-    while w < CONN_WAYS {
+    let home = conn_home(h);
+    let mut i = 0;
+    while i < CONN_WAYS {
+        let w = (home + i) & (CONN_WAYS - 1);
         // SAFETY: `set` is a map value, valid for the program's run; `w` is in bounds.
         let slot = unsafe { core::ptr::addr_of_mut!((*set).slots[w]) };
         let check = unsafe { (*slot).check };
@@ -65,7 +68,7 @@ fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
         {
             return Some(slot);
         }
-        w += 1;
+        i += 1;
     }
     None
 }
@@ -134,7 +137,7 @@ pub fn remember(
         return;
     };
     let now = ticks(now_ns);
-    let w = victim(set, flow, now);
+    let w = victim(set, flow, h, now);
     let entry = ConnEntry {
         backend: index,
         generation: b.generation,
@@ -154,15 +157,18 @@ pub fn remember(
     }
 }
 
-/// The way a new flow takes in its set: its own slot if the set holds it, else an empty one,
-/// else the one idle longest (the first of them). Slots fill in order and never empty again,
-/// so an empty slot comes after every slot in use.
+/// The way a new flow takes in its set, scanning from its home way (`conn_home`): its own
+/// slot if the set holds it, else an empty one, else the one idle longest (the first of
+/// them). Slots never empty again, so every slot before a flow's own in its scan was in use
+/// when it was inserted: the first empty slot comes after it.
 #[inline(always)]
-fn victim(set: *mut ConnSet, flow: &FlowKey, now: u32) -> usize {
-    let mut best = 0;
+fn victim(set: *mut ConnSet, flow: &FlowKey, h: u32, now: u32) -> usize {
+    let home = conn_home(h);
+    let mut best = home;
     let mut best_age = -1i32;
-    let mut w = 0;
-    while w < CONN_WAYS {
+    let mut i = 0;
+    while i < CONN_WAYS {
+        let w = (home + i) & (CONN_WAYS - 1);
         // SAFETY: as in `find`.
         let slot = unsafe { &*core::ptr::addr_of!((*set).slots[w]) };
         if slot.check == 0 || flow_eq(&slot.key, flow) {
@@ -174,7 +180,7 @@ fn victim(set: *mut ConnSet, flow: &FlowKey, now: u32) -> usize {
             best_age = age;
             best = w;
         }
-        w += 1;
+        i += 1;
     }
     best
 }
