@@ -75,9 +75,10 @@ const LIMITS: &str = "## What limits the missed targets
   was the kernel's LRU hash (with per-CPU LRU lists): its lookup was a helper call that \
   called the key hash and the bucket walk, and its insert was most of a new flow, mostly the \
   kernel's LRU work (a table of 2^14 or 2^17 entries cost only 8-17% less than 2^21). The \
-  array of sets took an established flow from 141 to about 90 ns above empty and a new flow \
-  from about 580 to 390-440 ns in this bench (one run each way), and a new flow into a full \
-  table from 760 to about 520. An established flow now makes two calls, its subprogram and \
+  array of sets took an established flow from 141 to 80-90 ns above empty and a new flow \
+  from about 580 to 390-510 ns in this bench (two runs of the LRU table, four of the sets, \
+  on a machine whose no-insert row moved by 60 ns between runs), and a new flow into a full \
+  table from 760 to 510-560. An established flow now makes two calls, its subprogram and \
   `bpf_xdp_adjust_head` (about 30 ns at this machine's prices); what remains above 75 ns is \
   the set's cache lines and the outer header's writes. Two changes measured no faster \
   with the LRU table and were not kept: the `established` subprogram inlined into the \
@@ -93,7 +94,7 @@ const LIMITS: &str = "## What limits the missed targets
   empty or the idle-longest slot, and the stores. Each flow scans its set from a home way \
   of its own (top bits of its hash): with every scan starting at way 0, the busiest slots \
   all sat at the start of their 512-byte sets, in an eighth of the caches' sets, and 10000 \
-  flows on one queue forwarded at 43-63% of bare XDP_TX in two runs, against 61-68% with \
+  flows on one queue forwarded at 43-63% of bare XDP_TX in two runs, against 58-71% with \
   home ways. The row under flood (no insert) shows \
   the rest. Sets of 4 slots measured a new flow at 391 ns against 441 for 8 in one run each, \
   within the run-to-run spread of the no-insert row (201 and 241 in the same two runs); 8 \
@@ -115,13 +116,13 @@ const LIMITS: &str = "## What limits the missed targets
   the most: their connection-table sets spread over many pages of the 256 MiB table (TLB \
   misses), and a million flows outgrow every cache, so nearly every lookup is a cache and \
   TLB miss. Against the LRU table (before maps-v6) the array of sets forwards more with \
-  few flows and with 10000 or 1M flows on two queues, and less with 10000 flows on one \
-  queue (61-68% against 72-77% in earlier runs): most likely the TLB, as 10000 flows touch \
-  about 10000 pages of the array, where one CPU's LRU entries came from its own contiguous \
-  free list (not measured further). That, and the calls above, is what stands between maglb and the 85% target at \
-  10k and 1M flows: huge pages behind the table would cut the TLB misses. When the machine \
-  is shared, both the bare and the maglb rates drop and vary between runs; the ratios are \
-  what compares.
+  few flows and with 1M flows on two queues, as much with 10000 flows on two queues, and \
+  less with 10000 flows on one queue (58-71% against 72-77% in earlier runs): most likely \
+  the TLB, as 10000 flows touch about 10000 pages of the array, where one CPU's LRU entries \
+  came from its own contiguous free list (not measured further). That, and the calls above, \
+  is what stands between maglb and the 85% target at 10k and 1M flows: huge pages behind \
+  the table would cut the TLB misses. When the machine is shared, both the bare and the \
+  maglb rates drop and vary between runs; the ratios are what compares.
 - **Connections.** maglb terminates nothing, so its rate stays near that of no balancer; \
   its p99 adds the balancer's hop, and on a shared 2-core machine a few ms of scheduling \
   noise decide the 1.3x p99 target. HAProxy's rate falls from round to round here (its \
