@@ -382,8 +382,8 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
             }));
     }
     rows.push(row);
-    // Full: twice the table's size inserted, so all but about 1% of its sets are full and
-    // nearly every insert evicts.
+    // Full: twice the table's size inserted, so nearly all its sets are full (the row says
+    // how many slots are in use) and nearly every insert evicts.
     fill_to(&mut bal, 2 * capacity);
     let in_use = bal.conntrack_len();
     rows.push(new_at(
