@@ -33,6 +33,15 @@ pub struct ConnSlot {
 }
 const _: () = assert!(size_of::<ConnSlot>() == 64);
 
+impl ConnSlot {
+    /// Whether the slot holds `flow` (of hash `h`) whole: in use, the same key, and a check
+    /// word that matches the key's hash and the entry.
+    #[inline(always)]
+    pub fn holds(&self, flow: &FlowKey, h: u32) -> bool {
+        self.check != 0 && flow_eq(&self.key, flow) && self.check == conn_check(h, &self.entry)
+    }
+}
+
 /// One set of the connection table (one array element).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

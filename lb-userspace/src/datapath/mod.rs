@@ -561,12 +561,7 @@ impl Datapath {
             .conntrack
             .get(&(h & (self.maps.conntrack.len() - 1)), 0)
             .ok()?;
-        set.slots
-            .iter()
-            .find(|s| {
-                s.check != 0 && s.key == *flow && s.check == lb_common::conn_check(h, &s.entry)
-            })
-            .map(|s| s.entry)
+        set.slots.iter().find(|s| s.holds(flow, h)).map(|s| s.entry)
     }
 
     /// How many per-source token buckets (`SRC_LIMIT`) exist: sources that started a second

@@ -61,11 +61,7 @@ fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
         let w = (home + i) & (CONN_WAYS - 1);
         // SAFETY: `set` is a map value, valid for the program's run; `w` is in bounds.
         let slot = unsafe { core::ptr::addr_of_mut!((*set).slots[w]) };
-        let check = unsafe { (*slot).check };
-        if check != 0
-            && flow_eq(unsafe { &(*slot).key }, flow)
-            && check == conn_check(h, unsafe { &(*slot).entry })
-        {
+        if unsafe { (*slot).holds(flow, h) } {
             return Some(slot);
         }
         i += 1;
