@@ -116,6 +116,42 @@ fn same_set(lab: &Lab, n: usize) -> Vec<Ipv4Addr> {
     found
 }
 
+/// Reads `CLOCK_MONOTONIC_COARSE`, the datapath's clock: (now, resolution) in ns.
+fn coarse_clock() -> (u64, u64) {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let mut res = now;
+    // SAFETY: valid out-pointers.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now);
+        libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res);
+    }
+    let ns = |t: libc::timespec| t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+    (ns(now), ns(res))
+}
+
+/// Waits (at most 1 s) until a stamp taken now in the datapath is later than `stamp` (clock
+/// ticks, `lb_common::CLOCK_SHIFT`). The coarse clock moves in jiffies, sometimes several at
+/// once after a late timer tick, and a CPU's copy of it may lag by a jiffy: so a fixed sleep
+/// does not make two stamps differ, and this waits for two jiffies past `stamp`.
+fn wait_past(stamp: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let (now, res) = coarse_clock();
+        let ticks = |ns: u64| (ns >> lb_common::CLOCK_SHIFT) as u32;
+        if ticks(now).wrapping_sub(stamp) as i32 > ticks(2 * res) as i32 + 1 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coarse clock did not move"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn a_full_set_gives_the_slot_idle_longest_and_a_repeated_syn_keeps_its_slot() {
     let mut lab = lab();
@@ -125,10 +161,14 @@ fn a_full_set_gives_the_slot_idle_longest_and_a_repeated_syn_keeps_its_slot() {
             .conntrack(&flow4(c, VIP, 40000, 80, PROTO_TCP))
             .is_some()
     };
-    // Fill the set, one flow per clock tick or more (a tick is about 1 ms), oldest first.
+    let stamp = |lab: &Lab, c: Ipv4Addr| {
+        let e = lab.bal.conntrack(&flow4(c, VIP, 40000, 80, PROTO_TCP));
+        e.expect("flow in the table").last_seen
+    };
+    // Fill the set, oldest first, each flow stamped later than the one before.
     for &c in &clients[..CONN_WAYS] {
         lab.run(&tcp_frame(c, VIP, 40000, 80, SYN));
-        std::thread::sleep(Duration::from_millis(5));
+        wait_past(stamp(&lab, c));
     }
     assert!(clients[..CONN_WAYS].iter().all(|&c| has(&lab, c)));
     assert_eq!(lab.bal.conntrack_len(), CONN_WAYS);
