@@ -4,10 +4,17 @@
 use crate::{ConnEntry, FlowKey};
 
 /// Ways per set of the connection table: a flow lives in one of the `CONN_WAYS` slots of the
-/// set its flow hash picks (`flow_hash & (sets - 1)`). 8: a set is 512 bytes, eight cache
+/// set its flow hash picks (`conn_set`). 8: a set is 512 bytes, eight cache
 /// lines, and with 4 ways the default table would leave about 1 flow in 230 without an entry
 /// at 1 million flows, not 1 in 6,800.
 pub const CONN_WAYS: usize = 8;
+
+/// The set of a flow of hash `h` in a table of `mask + 1` sets (a power of two): the hash's
+/// low bits. The datapath and user space's reader both find a flow's set with it.
+#[inline(always)]
+pub fn conn_set(h: u32, mask: u32) -> u32 {
+    h & mask
+}
 
 /// The way at which a flow of hash `h` starts its scan of the set (its top bits; the set
 /// comes from the low ones). Each flow scans from its own way, wrapping around: were every

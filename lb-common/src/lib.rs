@@ -9,7 +9,7 @@ pub mod conntrack;
 pub mod hash;
 pub mod seen;
 
-pub use conntrack::{CONN_WAYS, ConnSet, ConnSlot, conn_check, conn_home, flow_eq};
+pub use conntrack::{CONN_WAYS, ConnSet, ConnSlot, conn_check, conn_home, conn_set, flow_eq};
 use core::mem::size_of;
 
 /// Maximum number of VIPs (size of the VIP maps and of the ring outer map).

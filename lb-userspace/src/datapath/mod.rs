@@ -25,7 +25,8 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, BackendCounter, CONN_WAYS, Config, ConnEntry, ConnSet, Counter,
-    DEFAULT_CONNTRACK_ENTRIES, FlowKey, SETTINGS_VERSION, Settings, VipKey, VipMeta, vip_stat,
+    DEFAULT_CONNTRACK_ENTRIES, FlowKey, SETTINGS_VERSION, Settings, VipKey, VipMeta, conn_set,
+    vip_stat,
 };
 use tracing::{info, warn};
 
@@ -129,8 +130,8 @@ const LINK_FILE: &str = "link";
 /// Load-time options: fixed for the life of the maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Size of the connection table in flows (`conntrack_entries`). The kernel rounds it up
-    /// to a multiple of the CPUs; each CPU inserts into its own share. About
+    /// Size of the connection table in flows (`conntrack_entries`), rounded up to a power of
+    /// two sets of `CONN_WAYS` (`conntrack_sets`); all CPUs share the table. About
     /// [`lb_common::CONNTRACK_BYTES_PER_ENTRY`] bytes of kernel memory each.
     pub conntrack_entries: u32,
 }
@@ -559,7 +560,7 @@ impl Datapath {
         let set = self
             .maps
             .conntrack
-            .get(&(h & (self.maps.conntrack.len() - 1)), 0)
+            .get(&conn_set(h, self.maps.conntrack.len() - 1), 0)
             .ok()?;
         set.slots.iter().find(|s| s.holds(flow, h)).map(|s| s.entry)
     }

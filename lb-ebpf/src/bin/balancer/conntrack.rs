@@ -8,7 +8,7 @@ use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, CONN_WAYS, ConnEntry, ConnSet, ConnSlot,
     FLOOD_WINDOW_SHIFT, FlowKey, PROTO_UDP, Settings, TCP_FIN, TCP_RST, conn_check, conn_home,
-    flow_eq, hash,
+    conn_set, flow_eq, hash,
 };
 
 use crate::maps::{BACKENDS, CLOCK, CONNTRACK, FLOOD, SETTINGS, conntrack_set_mask};
@@ -52,6 +52,13 @@ pub fn ticks(ns: u64) -> u32 {
     (ns >> CLOCK_SHIFT) as u32
 }
 
+/// The set of the flow of hash `h`. `None` never happens (the mask keeps the index in the
+/// map), but the verifier wants the check.
+#[inline(always)]
+fn set_of(h: u32) -> Option<*mut ConnSet> {
+    CONNTRACK.get_ptr_mut(conn_set(h, conntrack_set_mask()))
+}
+
 /// The slot of `flow` (hash `h`) in its set, if the set holds it whole.
 #[inline(always)]
 fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
@@ -76,8 +83,7 @@ fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
 #[inline(always)]
 pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> {
     let h = hash::flow_hash(flow);
-    let set = CONNTRACK.get_ptr_mut(h & conntrack_set_mask())?;
-    let e = find(set, flow, h)?;
+    let e = find(set_of(h)?, flow, h)?;
     let now = ticks(now_ns());
     // SAFETY: `e` points into a map value, valid for the program's run.
     let entry = unsafe { (*e).entry };
@@ -129,7 +135,7 @@ pub fn remember(
         return;
     }
     let h = hash::flow_hash(flow);
-    let Some(set) = CONNTRACK.get_ptr_mut(h & conntrack_set_mask()) else {
+    let Some(set) = set_of(h) else {
         return;
     };
     let now = ticks(now_ns);
