@@ -18,7 +18,7 @@ use std::{
 
 use aya::{TestRun, TestRunOptions, programs::Xdp};
 use lb_userspace::{
-    balancer::Balancer,
+    balancer::{Balancer, LoadOptions},
     datapath::decap::{self, Decap},
     maglev,
     state::{BackendSpec, VipSpec},
@@ -35,6 +35,11 @@ const RUNS: usize = 10_000;
 const ROUNDS: usize = 5;
 const BACKENDS: u32 = 100;
 const FILL: u32 = 200_000;
+/// A connection table that fits this CPU's last-level cache (16 MiB), for the row that shows
+/// what the default table's size costs a new flow.
+const SMALL_TABLE: u32 = 1 << 18;
+/// Flows in the small table before its row (a quarter of it).
+const SMALL_FILL: u32 = SMALL_TABLE / 4;
 
 /// Median nanoseconds of one run of `prog`, over `RUNS` runs; `frame(i)` is run `i`'s input.
 fn time(prog: &Xdp, frame: impl FnMut(usize) -> Vec<u8>) -> f64 {
@@ -207,9 +212,9 @@ fn pass() -> Vec<u8> {
 }
 
 /// The balancer with VIP:80/tcp, VIP:53/udp and VIP6:80/tcp, each on 100 backends with a
-/// 65537-slot ring.
-fn balancer() -> anyhow::Result<Balancer> {
-    let mut bal = Balancer::load()?;
+/// 65537-slot ring, and a connection table of `conntrack_entries`.
+fn balancer(conntrack_entries: u32) -> anyhow::Result<Balancer> {
+    let mut bal = Balancer::load_with(&LoadOptions { conntrack_entries })?;
     bal.set_config(&fixture::config())?;
     let v4: Vec<BackendSpec> = (0..BACKENDS)
         .map(|i| BackendSpec::new(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8 + 1).into(), 1))
@@ -268,7 +273,7 @@ impl Row {
 /// Per-packet costs and Maglev build times.
 pub fn run(report: &mut Report) -> anyhow::Result<()> {
     let cpu = fixture::pin_to_last_cpu()?;
-    let mut bal = balancer()?;
+    let mut bal = balancer(lb_common::DEFAULT_CONNTRACK_ENTRIES)?;
     // The bench inserts far faster than any flood threshold: measure inserts, not the flood
     // mode (which has its own row).
     bal.set_flood_threshold(None)?;
@@ -339,6 +344,27 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
                 .push(time_both_cpus(bal.program(), &mut for_maglb));
         }
         rows.insert(1, row);
+    }
+    // The same on a table that fits the cache: a new flow of the default table writes a line
+    // of a random set of hundreds of MiB, which no cache holds.
+    {
+        let mut small = balancer(SMALL_TABLE)?;
+        small.set_flood_threshold(None)?;
+        let mut fill = Fresh::new(8);
+        for _ in 0..SMALL_FILL {
+            assert_eq!(
+                once(small.program(), &fill.next()),
+                3,
+                "fill SYN not forwarded"
+            );
+        }
+        let entries = small.conntrack_entries();
+        let memory = small.conntrack_memory().unwrap_or(0) >> 20;
+        rows.push(new_at(
+            &mut small,
+            &format!("new TCP flow (SYN), {entries}-entry table ({memory} MiB)"),
+            format!("table {SMALL_FILL} -> {}", SMALL_FILL + grow),
+        ));
     }
     // Under flood: the ring still chooses, nothing is inserted.
     bal.set_flood_threshold(Some(1))?;
@@ -415,7 +441,10 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
              port) never sent before, so it never hits the connection table; the table's \
              fill is shown before -> after the measured runs. The table has {entries} entries \
              (the default `conntrack_entries`) in sets of {}; its kernel memory is {} MiB, {} \
-             bytes per entry. The flood threshold is off except in its own row. The \
+             bytes per entry. One row loads a second balancer with a {SMALL_TABLE}-entry \
+             table, which fits this CPU's last-level cache: its difference to the rows above \
+             is what the default table's size costs a new flow (the line of a random set, in \
+             no cache). The flood threshold is off except in its own row. The \
              last pass row makes {} calls of {PASS_REPEAT} runs each: the kernel runs the \
              program again on the frame it left unchanged and reports the mean per run, so \
              its clock's steps (about 10 ns) and the per-call overhead are spread over the \

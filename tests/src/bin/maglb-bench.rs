@@ -99,10 +99,25 @@ const LIMITS: &str = "## What limits the missed targets
   the rest. Sets of 4 slots measured a new flow at 391 ns against 441 for 8 in one run each, \
   within the run-to-run spread of the no-insert row (201 and 241 in the same two runs); 8 \
   were kept because 4 would leave about 1 flow in 230 without an entry at 1 million \
-  concurrent flows in the default table, against 1 in 6,800. What would bring a new flow \
-  to 300 ns: the VIP looked up without a hash-map helper (an array indexed like the VIP \
-  bitmap), and fewer cold lines per insert (a per-set summary of tags and ages in one \
-  line). The policy settings cost a new flow 0 (the per-VIP cap, a per-CPU array), 40-80 ns \
+  concurrent flows in the default table, against 1 in 6,800. What stands between a new \
+  flow and 300 ns is mostly memory: its insert writes a line of a random set of the 256 MiB \
+  table, which no cache holds; the row with a 262144-entry table (16 MiB, within the CPU's \
+  32 MiB last-level cache) runs the same path about 180 ns cheaper (321 against 502 ns in \
+  the run that added it). At 200k flows most sets hold a flow or two, so the scan nearly \
+  always stops at its first line: fewer lines per insert would not help. Two ways of \
+  hiding that miss measured no gain and were not kept: loading the set's line at the start \
+  of the new-flow path, before the VIP lookup and the ring (BPF has no prefetch \
+  instruction; the plain load stalled the path instead: 581 against 511 ns, and 551 \
+  against 261 under flood, where the line is not needed), and the table split into 16384 \
+  inner maps of 16 KiB each (kmalloc'd: in the kernel's direct map with its 1 GiB pages, \
+  not vmalloc's 4 KiB pages; 450, 511 and 600 ns for the 200k, empty and full rows against \
+  511, 501 and 551, within the noise). On this virtual machine a miss also costs the \
+  host's side of the page walk, which no layout in the guest avoids. Without the insert \
+  (the row under flood) a new flow still costs 210-260 ns: two helper calls with the \
+  kernel's work behind them (the VIP's hash lookup and the ring's inner-map lookup) and \
+  the ring slot, a random line of the VIP's 512 KiB ring; the VIP looked up in an array \
+  (indexed like the VIP bitmap) would save one call and the kernel's hash, about 25-40 \
+  ns. The policy settings cost a new flow 0 (the per-VIP cap, a per-CPU array), 40-80 ns \
   (the per-source limit, a hash lookup) and 50-90 ns (a deny list of 100 prefixes, an LPM \
   trie walk); a source's first new flow under a per-source limit adds a note in the \
   first-seen filter (a cold slot of an 8 MiB array), not an LRU insert. GUE costs an \
@@ -120,8 +135,12 @@ const LIMITS: &str = "## What limits the missed targets
   less with 10000 flows on one queue (58-71% against 72-77% in earlier runs): most likely \
   the TLB, as 10000 flows touch about 10000 pages of the array, where one CPU's LRU entries \
   came from its own contiguous free list (not measured further). That, and the calls above, \
-  is what stands between maglb and the 85% target at 10k and 1M flows: huge pages behind \
-  the table would cut the TLB misses. When the machine is shared, both the bare and the \
+  is what stands between maglb and the 85% target at 10k and 1M flows. The table in the \
+  direct map (1 GiB pages, through 16 KiB inner maps; see above) was tried for the TLB \
+  misses: 77% and 68% (64 and 512 B frames) with 10000 flows on one queue against 50% and \
+  56% with the table as it is, run back to back, but 47% and 59% against 68% and 66% on two \
+  queues, while bare XDP_TX itself moved from 8.0 to 6.1-7.8 Mpps between the two runs: no \
+  clear gain, not kept. When the machine is shared, both the bare and the \
   maglb rates drop and vary between runs; the ratios are what compares.
 - **Connections.** maglb terminates nothing, so its rate stays near that of no balancer; \
   its p99 adds the balancer's hop, and on a shared 2-core machine a few ms of scheduling \
