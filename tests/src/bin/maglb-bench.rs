@@ -134,7 +134,7 @@ const LIMITS: &str = "## What limits the missed targets
   few flows and with 1M flows on two queues, as much with 10000 flows on two queues, and \
   less with 10000 flows on one queue (58-71% against 72-77% in earlier runs): most likely \
   the TLB, as 10000 flows touch about 10000 pages of the array, where one CPU's LRU entries \
-  came from its own contiguous free list (not measured further). That, and the calls above, \
+  came from its own contiguous free list (a trial follows). That, and the calls above, \
   is what stands between maglb and the 85% target at 10k and 1M flows. The table in the \
   direct map (1 GiB pages, through 16 KiB inner maps; see above) was tried for the TLB \
   misses: 77% and 68% (64 and 512 B frames) with 10000 flows on one queue against 50% and \
