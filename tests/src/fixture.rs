@@ -182,8 +182,8 @@ pub fn run(prog: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
 }
 
 /// Pins the calling thread to one CPU, so that BPF_PROG_TEST_RUN always runs the program
-/// on that CPU and its per-CPU state (counters, the flood meter, this CPU's share of the
-/// connection table) is the same from run to run. Returns the CPU.
+/// on that CPU and its per-CPU state (counters, the flood meter, its copy of the clock) is the
+/// same from run to run. Returns the CPU.
 pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<usize> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read it.
     unsafe {
@@ -201,6 +201,22 @@ pub fn pin_to_last_cpu() -> anyhow::Result<usize> {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
     pin_to_cpu(n - 1)
+}
+
+/// `CLOCK_MONOTONIC_COARSE`, the datapath's clock: (now, resolution) in ns.
+pub fn coarse_clock() -> (u64, u64) {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let mut res = now;
+    // SAFETY: valid out-pointers; both calls only write them.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now);
+        libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res);
+    }
+    let ns = |t: libc::timespec| t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
+    (ns(now), ns(res))
 }
 
 /// A frame from the router to the balancer carrying `l3` (an IP packet).

@@ -116,22 +116,6 @@ fn same_set(lab: &Lab, n: usize) -> Vec<Ipv4Addr> {
     found
 }
 
-/// Reads `CLOCK_MONOTONIC_COARSE`, the datapath's clock: (now, resolution) in ns.
-fn coarse_clock() -> (u64, u64) {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    let mut res = now;
-    // SAFETY: valid out-pointers.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now);
-        libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res);
-    }
-    let ns = |t: libc::timespec| t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64;
-    (ns(now), ns(res))
-}
-
 /// Waits (at most 1 s) until a stamp taken now in the datapath is later than `stamp` (clock
 /// ticks, `lb_common::CLOCK_SHIFT`). The coarse clock moves in jiffies, sometimes several at
 /// once after a late timer tick, and a CPU's copy of it may lag by a jiffy: so a fixed sleep
