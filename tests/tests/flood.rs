@@ -5,7 +5,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use lb_common::{CONN_WAYS, PROTO_TCP, PROTO_UDP, hash, stat, vip_stat};
+use lb_common::{CONN_WAYS, PROTO_TCP, PROTO_UDP, conn_set, hash, stat, vip_stat};
 use lb_userspace::{
     balancer::{Balancer, BalancerError, LoadOptions, Prefix, RateLimit},
     state::{BackendSpec, VipId, VipSpec},
@@ -100,11 +100,15 @@ fn a_syn_skips_the_lookup_and_is_chosen_again() {
     assert_eq!(lab.bal.global_stat(stat::CT_MISS).packets, 2);
 }
 
-/// `n` clients whose TCP flows from port 40000 to VIP:80 hash to the same connection-table
-/// set.
+/// Client `c`'s TCP flow from port 40000 to VIP:80.
+fn flow_from(c: Ipv4Addr) -> lb_common::FlowKey {
+    flow4(c, VIP, 40000, 80, PROTO_TCP)
+}
+
+/// `n` clients whose flows (`flow_from`) hash to the same connection-table set.
 fn same_set(lab: &Lab, n: usize) -> Vec<Ipv4Addr> {
     let mask = lab.bal.conntrack_entries() / CONN_WAYS as u32 - 1;
-    let set = |c: Ipv4Addr| hash::flow_hash(&flow4(c, VIP, 40000, 80, PROTO_TCP)) & mask;
+    let set = |c: Ipv4Addr| conn_set(hash::flow_hash(&flow_from(c)), mask);
     let client = |i: u32| Ipv4Addr::from(0x0a63_0000 + i);
     let first = set(client(0));
     let found: Vec<Ipv4Addr> = (0..1 << 20)
@@ -140,13 +144,9 @@ fn wait_past(stamp: u32) {
 fn a_full_set_gives_the_slot_idle_longest_and_a_repeated_syn_keeps_its_slot() {
     let mut lab = lab();
     let clients = same_set(&lab, CONN_WAYS + 1);
-    let has = |lab: &Lab, c: Ipv4Addr| {
-        lab.bal
-            .conntrack(&flow4(c, VIP, 40000, 80, PROTO_TCP))
-            .is_some()
-    };
+    let has = |lab: &Lab, c: Ipv4Addr| lab.bal.conntrack(&flow_from(c)).is_some();
     let stamp = |lab: &Lab, c: Ipv4Addr| {
-        let e = lab.bal.conntrack(&flow4(c, VIP, 40000, 80, PROTO_TCP));
+        let e = lab.bal.conntrack(&flow_from(c));
         e.expect("flow in the table").last_seen
     };
     // Fill the set, oldest first, each flow stamped later than the one before.

@@ -107,6 +107,13 @@ fn once(prog: &Xdp, f: &[u8]) -> u32 {
     fixture::run(prog, f).0
 }
 
+/// Sends `n` SYNs of `stream` through `prog`, each inserted as a new flow.
+fn insert(prog: &Xdp, stream: &mut Fresh, n: u32) {
+    for _ in 0..n {
+        assert_eq!(once(prog, &stream.next()), 3, "fill SYN not forwarded");
+    }
+}
+
 /// A stream of TCP SYNs to VIP:80, each from a (source address, port) pair used once.
 /// `space` keeps streams apart: fills, measured runs and the empty program's runs.
 pub(super) struct Fresh {
@@ -286,11 +293,8 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
     let mut fresh_empty = Fresh::new(2);
     let mut filled = 0u32;
     let mut fill_to = |bal: &mut Balancer, n: u32| -> u32 {
-        while filled < n {
-            let f = fill.next();
-            assert_eq!(once(bal.program(), &f), 3, "fill SYN not forwarded");
-            filled += 1;
-        }
+        insert(bal.program(), &mut fill, n.saturating_sub(filled));
+        filled = filled.max(n);
         filled
     };
 
@@ -350,14 +354,7 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
     {
         let mut small = balancer(SMALL_TABLE)?;
         small.set_flood_threshold(None)?;
-        let mut fill = Fresh::new(8);
-        for _ in 0..SMALL_FILL {
-            assert_eq!(
-                once(small.program(), &fill.next()),
-                3,
-                "fill SYN not forwarded"
-            );
-        }
+        insert(small.program(), &mut Fresh::new(8), SMALL_FILL);
         let entries = small.conntrack_entries();
         let memory = small.conntrack_memory().unwrap_or(0) >> 20;
         rows.push(new_at(
