@@ -16,6 +16,12 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median of the paired differences `with[i] - base[i]`: rounds measured a moment apart,
+/// so that a change in the machine's load between rounds cancels out of each pair.
+pub fn paired_cost(with: &[f64], base: &[f64]) -> f64 {
+    median(with.iter().zip(base).map(|(w, b)| w - b).collect())
+}
+
 /// A markdown report, one section per benchmark.
 #[derive(Default)]
 pub struct Report(pub String);

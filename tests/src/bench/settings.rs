@@ -18,6 +18,7 @@ use lb_userspace::{
 use super::{
     Report, median,
     packet::{Fresh, ack4, time_runs},
+    paired_cost,
 };
 use crate::fixture::{self, VIP, vip};
 
@@ -44,13 +45,7 @@ struct Row {
 impl Row {
     /// The cost is the median of the rounds' paired differences.
     fn cells(self) -> Vec<String> {
-        let cost = median(
-            self.with
-                .iter()
-                .zip(&self.base)
-                .map(|(w, b)| w - b)
-                .collect(),
-        );
+        let cost = paired_cost(&self.with, &self.base);
         vec![
             self.name,
             format!("{:.0}", median(self.with)),
