@@ -8,12 +8,12 @@
 use crate::FlowKey;
 
 const SEED: u64 = 0x6d61_676c_6232_3031; // "maglb201"
-const K: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(crate) const K: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// One multiply-and-fold round: spreads every input bit over the high half, then folds the
 /// high half into the low one.
 #[inline(always)]
-fn round(h: u64, x: u64) -> u64 {
+pub(crate) fn round(h: u64, x: u64) -> u64 {
     let m = (h ^ x).wrapping_mul(K);
     m ^ (m >> 32)
 }

@@ -8,6 +8,7 @@
 pub mod conntrack;
 pub mod hash;
 pub mod seen;
+pub mod vip_table;
 
 pub use conntrack::{CONN_WAYS, ConnSet, ConnSlot, conn_check, conn_home, conn_set, flow_eq};
 use core::mem::size_of;
@@ -548,4 +549,5 @@ mod pod {
     unsafe impl aya::Pod for PrefixData4 {}
     unsafe impl aya::Pod for PrefixData6 {}
     unsafe impl aya::Pod for FloodMeter {}
+    unsafe impl aya::Pod for crate::vip_table::VipBucket {}
 }

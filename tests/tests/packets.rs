@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::stat;
+use lb_common::{
+    stat,
+    vip_table::{VIP_WAYS, VipBucket, vip_bucket},
+};
 use lb_userspace::datapath::decap::{self, Decap};
 use maglb_tests::{
     fixture::{self, *},
@@ -1413,4 +1416,203 @@ fn call_cost_programs_pass_the_frame_unchanged() {
         p.load().unwrap();
         assert_frame(&fixture::run(p, &f), PASS, &f, name);
     }
+}
+
+/// New-flow frames to every VIP of the lab: `n` flows each (a port-wildcard VIP on `n` ports).
+fn flows_to_every_vip(n: u16) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for v in &LAYOUT {
+        for i in 0..n {
+            let (sport, dport) = (30_000 + i, if v.port == 0 { 1_000 + i } else { v.port });
+            let frame = match (v.addr, v.proto) {
+                (IpAddr::V4(a), 6) => to_lb(&syn4(CLIENT, a, sport, dport), ETH_IP),
+                (IpAddr::V4(a), _) => to_lb(
+                    &ipv4(
+                        V4::new(CLIENT, a, UDP),
+                        &[],
+                        &udp4(CLIENT, a, sport, dport, b"q"),
+                    ),
+                    ETH_IP,
+                ),
+                (IpAddr::V6(a), proto) => {
+                    let l4 = if proto == 6 {
+                        tcp6(CLIENT6, a, sport, dport, SYN, &[])
+                    } else {
+                        udp6(CLIENT6, a, sport, dport, b"q")
+                    };
+                    to_lb(&ipv6(CLIENT6, a, proto, 0, 0, &l4), ETH_IPV6)
+                }
+            };
+            out.push(frame);
+        }
+    }
+    out
+}
+
+/// A new flow to a VIP that the VIP table does not show (its bucket full, its slot being
+/// rewritten) is found in the VIP map: with the table emptied, every VIP of the lab gives
+/// every flow the same answer, byte for byte, as with the table; a VIP changed afterwards is
+/// shown again; a deleted VIP is forwarded by neither; and the table never shows what the VIP
+/// map does not hold.
+#[test]
+fn a_vip_the_table_does_not_show_is_found_in_the_vip_map() {
+    let frames = flows_to_every_vip(20);
+    let (mut shown, mut hidden) = (lab(), lab());
+    let table = |lab: &Lab| lab.bal.dp.observe().unwrap().vip_table;
+    assert_eq!(table(&shown).len(), LAYOUT.len());
+    hidden.bal.dp.use_vip_table(false).unwrap();
+    assert!(table(&hidden).is_empty());
+    let answers = |lab: &mut Lab| frames.iter().map(|f| lab.run(f)).collect::<Vec<_>>();
+    let with_table = answers(&mut shown);
+    // Every flow finds its VIP (forwarded, or dropped by the VIP without backends).
+    assert!(with_table.iter().all(|(action, _)| *action != PASS));
+    assert_eq!(with_table, answers(&mut hidden), "the table emptied");
+    // Ports and protocols of VIP addresses that carry no VIP: no VIP either way.
+    let none = [
+        to_lb(&syn4(CLIENT, VIP, 40_000, 9_999), ETH_IP),
+        to_lb(
+            &ipv4(
+                V4::new(CLIENT, VIP_ANY, UDP),
+                &[],
+                &udp4(CLIENT, VIP_ANY, 1, 2, b"q"),
+            ),
+            ETH_IP,
+        ),
+    ];
+    for f in &none {
+        assert_eq!(shown.run(f).0, PASS);
+        assert_eq!(hidden.run(f).0, PASS);
+    }
+
+    let id = vip(VIP, 80, "tcp");
+    for lab in [&mut shown, &mut hidden] {
+        lab.bal.set_backends(&id, drain_b1_add_b2()).unwrap();
+    }
+    let index = hidden.bal.vip_index(&id).unwrap();
+    let again = table(&hidden);
+    assert!(again.len() == 1 && again[0].1.index == index, "{again:?}");
+    hidden.bal.dp.use_vip_table(false).unwrap();
+    assert_eq!(
+        answers(&mut shown),
+        answers(&mut hidden),
+        "after a backend change"
+    );
+
+    for lab in [&mut shown, &mut hidden] {
+        lab.bal.del_vip(&id).unwrap();
+        let obs = lab.bal.dp.observe().unwrap();
+        assert!(
+            obs.vip_table.iter().all(|s| obs.vips.contains(s)),
+            "{obs:?}"
+        );
+        assert!(!obs.vip_table.iter().any(|(_, m)| m.index == index));
+        let syn = to_lb(&syn4(CLIENT, VIP, 40_001, 80), ETH_IP);
+        assert_eq!(lab.run(&syn).0, PASS, "a SYN to the deleted VIP");
+    }
+}
+
+/// The balancer's VIP table map (found through the program's maps: other tests load
+/// balancers of their own meanwhile).
+fn vip_table_map(lab: &mut Lab) -> aya::maps::Array<aya::maps::MapData, VipBucket> {
+    let ids = lab
+        .bal
+        .program()
+        .info()
+        .unwrap()
+        .map_ids()
+        .unwrap()
+        .unwrap();
+    let data = ids
+        .into_iter()
+        .filter_map(|id| aya::maps::MapData::from_id(id).ok())
+        .find(|m| {
+            m.info()
+                .ok()
+                .and_then(|i| i.name_as_str().map(|n| n == "VIP_TABLE"))
+                == Some(true)
+        })
+        .expect("the program's VIP_TABLE map");
+    aya::maps::Map::from_map_data(data)
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+/// The datapath takes a VIP from the table when a slot holds its key with a matching check
+/// word: VIP:443 (no backends: its SYNs are dropped) is forwarded like VIP:80 once its slot
+/// carries VIP:80's meta, while the VIP map still holds its own.
+#[test]
+fn the_datapath_reads_the_vip_table() {
+    let mut lab = lab();
+    let syn = syn4(CLIENT, VIP, 40_000, 443);
+    assert_eq!(lab.run(&to_lb(&syn, ETH_IP)).0, DROP);
+    let obs = lab.bal.dp.observe().unwrap();
+    let meta_of = |id| {
+        let index = lab.bal.vip_index(&id).unwrap();
+        *obs.vips.iter().find(|(_, m)| m.index == index).unwrap()
+    };
+    let (key, _) = meta_of(vip(VIP, 443, "tcp"));
+    let (_, meta80) = meta_of(vip(VIP, 80, "tcp"));
+    let mut map = vip_table_map(&mut lab);
+    let i = vip_bucket(&key);
+    let mut bucket = map.get(&i, 0).unwrap();
+    assert!(bucket.set(key, meta80));
+    map.set(i, bucket, 0).unwrap();
+    let got = lab.run(&to_lb(&syn, ETH_IP));
+    assert_frame(
+        &got,
+        TX,
+        &expect_4in4(&syn, B1),
+        "SYN to VIP:443 with VIP:80's meta",
+    );
+    // A slot whose check word does not match is passed over: the VIP map decides again.
+    bucket.slots.iter_mut().for_each(|s| s.check ^= 2);
+    map.set(i, bucket, 0).unwrap();
+    assert_eq!(lab.run(&to_lb(&syn, ETH_IP)).0, DROP);
+}
+
+/// A VIP that did not fit its table bucket is found in the VIP map, and a miss in that
+/// (spilled) bucket is not taken for "no VIP": of five VIPs on port 80 whose keys share a
+/// bucket, the fifth is left out; its address also has a port-wildcard VIP, to another
+/// backend; SYNs to port 80 still reach each VIP's own backend, and other ports the
+/// wildcard's.
+#[test]
+fn a_vip_of_a_spilled_bucket_is_found_in_the_vip_map() {
+    use lb_userspace::{reconcile::vip_key, state::VipSpec};
+    let key = |a: Ipv4Addr, port| vip_key(&vip(a, port, "tcp"));
+    let first = Ipv4Addr::new(10, 77, 0, 0);
+    let bucket = vip_bucket(&key(first, 80));
+    let same: Vec<Ipv4Addr> = (0..1u32 << 16)
+        .map(|i| Ipv4Addr::from(u32::from(first) + i))
+        .filter(|a| vip_bucket(&key(*a, 80)) == bucket)
+        .take(VIP_WAYS + 1)
+        .collect();
+    assert_eq!(same.len(), VIP_WAYS + 1);
+    let last = same[VIP_WAYS];
+    let mut lab = lab();
+    let mut add = |addr: Ipv4Addr, port, backend: Ipv4Addr| {
+        let mut spec = VipSpec::new(vip(addr, port, "tcp"));
+        spec.ring_size = 251;
+        spec.backends = backends(&[backend.into()]);
+        lab.bal.set_vip(spec).unwrap();
+    };
+    for a in &same {
+        add(*a, 80, B1);
+    }
+    add(last, 0, B2);
+    let obs = lab.bal.dp.observe().unwrap();
+    assert!(obs.vips.iter().any(|(k, _)| *k == key(last, 80)));
+    assert!(
+        !obs.vip_table.iter().any(|(k, _)| *k == key(last, 80)),
+        "the fifth fits"
+    );
+    assert!(obs.vip_table_hides.is_empty(), "{:?}", obs.vip_table_hides);
+    for a in &same {
+        let syn = syn4(CLIENT, *a, 40_000, 80);
+        let got = lab.run(&to_lb(&syn, ETH_IP));
+        assert_frame(&got, TX, &expect_4in4(&syn, B1), &format!("SYN to {a}:80"));
+    }
+    let syn = syn4(CLIENT, last, 40_000, 81);
+    let got = lab.run(&to_lb(&syn, ETH_IP));
+    assert_frame(&got, TX, &expect_4in4(&syn, B2), "SYN to the wildcard VIP");
 }

@@ -12,6 +12,7 @@ mod observe;
 mod policy;
 pub mod probe_encap;
 mod rings;
+mod vip_table;
 
 use std::{
     io,
@@ -30,12 +31,12 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use self::rings::Rings;
 pub use self::{
     counters::{Counters, FloodStats, Owners, Reading},
     link::{Mode, attach_xdp, pin_link},
     observe::observe_pinned,
 };
+use self::{rings::Rings, vip_table::VipTable};
 use crate::{
     programs,
     reconcile::{Observed, Op},
@@ -98,8 +99,9 @@ fn pin_error(dir: &Path, e: impl std::fmt::Display) -> DatapathError {
 pub const PROGRAM: &str = "maglb_balancer";
 
 /// The maps, by the names the object gives them.
-pub const MAPS: [&str; 19] = [
+pub const MAPS: [&str; 20] = [
     "VIPS",
+    "VIP_TABLE",
     "VIP_ADDRS",
     "RINGS",
     "BACKENDS",
@@ -124,7 +126,7 @@ pub const MAPS: [&str; 19] = [
 /// directory, so a maglb with other maps never reads them as its own. Bump it whenever a
 /// map's key, value or size changes. A newer agent that finds an older layout pinned migrates
 /// it (see [`Datapath::load_pinned`]).
-pub const LAYOUT: &str = "maps-v6";
+pub const LAYOUT: &str = "maps-v7";
 const LINK_FILE: &str = "link";
 
 /// Load-time options: fixed for the life of the maps.
@@ -166,6 +168,7 @@ fn conntrack_sets(entries: u32) -> u32 {
 /// The maps user space writes and reads.
 struct Maps {
     vips: HashMap<MapData, VipKey, VipMeta>,
+    vip_table: VipTable,
     vip_addrs: HashMap<MapData, AddrKey, VipMeta>,
     backends: Array<MapData, Backend>,
     conntrack: Array<MapData, ConnSet>,
@@ -308,8 +311,11 @@ impl Datapath {
         let outer: ArrayOfMaps<MapData, Array<MapData, u32>> =
             rings.try_into().map_err(map_err("RINGS"))?;
         let global_stats: PerCpuArray<MapData, Counter> = take!("GLOBAL_STATS");
+        let vips: HashMap<MapData, VipKey, VipMeta> = take!("VIPS");
+        let vip_table = VipTable::open(take!("VIP_TABLE"), vips.iter().filter_map(Result::ok))?;
         let maps = Maps {
-            vips: take!("VIPS"),
+            vips,
+            vip_table,
             vip_addrs: take!("VIP_ADDRS"),
             backends: take!("BACKENDS"),
             conntrack: take!("CONNTRACK"),
@@ -521,8 +527,12 @@ impl Datapath {
             Op::NewRing { .. } | Op::WriteTable { .. } | Op::InstallRing { .. } => {
                 unreachable!("batched by apply")
             }
-            Op::SetVip { key, meta } => m.vips.insert(key, meta, 0).map_err(map_err("VIPS")),
+            Op::SetVip { key, meta } => {
+                m.vips.insert(key, meta, 0).map_err(map_err("VIPS"))?;
+                m.vip_table.set(key, meta)
+            }
             Op::DelVip { key } => {
+                m.vip_table.remove(&key)?;
                 // The ring map stays installed at its index for a later VIP to reuse; this
                 // process lets go of its handle, so its open files follow the live VIPs.
                 if let Ok(meta) = m.vips.get(&key, 0) {
@@ -547,6 +557,7 @@ impl Datapath {
         let m = &self.maps;
         observe::observe(
             &m.vips,
+            m.vip_table.map(),
             &m.vip_addrs,
             &m.backends,
             &m.vip_filter,
@@ -591,6 +602,20 @@ impl Datapath {
             .vip_policy
             .get(&index, 0)
             .map_err(map_err("VIP_POLICY"))
+    }
+
+    /// With `false`, empties the VIP table and marks every bucket spilled, so that the
+    /// datapath finds every VIP in the `VIPS` hash map (as it does a key of a bucket that
+    /// spilled): for benches and tests of that path. A VIP that changes is shown again;
+    /// `true`, or the next open of the maps, shows them all again. The marks stay, so a
+    /// lookup of a key that is no VIP keeps asking `VIPS` until new maps are made.
+    pub fn use_vip_table(&mut self, on: bool) -> Result<(), DatapathError> {
+        let m = &mut self.maps;
+        if on {
+            m.vip_table.fill(m.vips.iter().filter_map(Result::ok))
+        } else {
+            m.vip_table.spill_all()
+        }
     }
 
     /// Number of connection-table slots in use (reads the whole table).

@@ -4,13 +4,17 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData};
-use lb_common::{AddrKey, Backend, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_WORDS, VipKey, VipMeta};
+use lb_common::{
+    AddrKey, Backend, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_WORDS, VipKey, VipMeta,
+    vip_table::VipBucket,
+};
 
-use super::{DatapathError, LAYOUT, map_err, rings::Rings};
+use super::{DatapathError, LAYOUT, map_err, rings::Rings, vip_table};
 use crate::reconcile::Observed;
 
 pub(super) fn observe(
     vips: &HashMap<MapData, VipKey, VipMeta>,
+    table: &Array<MapData, VipBucket>,
     addrs: &HashMap<MapData, AddrKey, VipMeta>,
     backends: &Array<MapData, Backend>,
     filter: &Array<MapData, u64>,
@@ -29,8 +33,11 @@ pub(super) fn observe(
             tables.insert(meta.index, t);
         }
     }
+    let (vip_table, vip_table_hides) = vip_table::shown(table, &vips);
     Ok(Observed {
         vips,
+        vip_table,
+        vip_table_hides,
         slots,
         rings: sizes,
         tables,
@@ -51,6 +58,7 @@ fn pinned(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
 pub fn observe_pinned(bpffs: &Path) -> Result<Observed, DatapathError> {
     let dir = bpffs.join(LAYOUT);
     let vips = HashMap::try_from(pinned(&dir, "VIPS")?).map_err(map_err("VIPS"))?;
+    let table = Array::try_from(pinned(&dir, "VIP_TABLE")?).map_err(map_err("VIP_TABLE"))?;
     let addrs = HashMap::try_from(pinned(&dir, "VIP_ADDRS")?).map_err(map_err("VIP_ADDRS"))?;
     let backends = Array::try_from(pinned(&dir, "BACKENDS")?).map_err(map_err("BACKENDS"))?;
     let filter = Array::try_from(pinned(&dir, "VIP_FILTER")?).map_err(map_err("VIP_FILTER"))?;
@@ -63,6 +71,7 @@ pub fn observe_pinned(bpffs: &Path) -> Result<Observed, DatapathError> {
         outer.try_into().map_err(map_err("RINGS"))?;
     observe(
         &vips,
+        &table,
         &addrs,
         &backends,
         &filter,

@@ -16,6 +16,11 @@ use crate::{addr, state::VipId};
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
     pub vips: Vec<(VipKey, VipMeta)>,
+    /// What the VIP table shows (`lb_common::vip_table`): a copy of `vips`, but for keys of
+    /// spilled buckets.
+    pub vip_table: Vec<(VipKey, VipMeta)>,
+    /// Keys of `vips` that the VIP table says are no VIP.
+    pub vip_table_hides: Vec<VipKey>,
     /// Every backend slot ever used (generation other than 0), by index.
     pub slots: Vec<(u32, Backend)>,
     /// The table size of the ring map in each outer slot that has one (half the map).

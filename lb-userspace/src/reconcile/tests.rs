@@ -88,6 +88,8 @@ impl Fake {
             .collect();
         Observed {
             vips: self.vips.clone(),
+            vip_table: self.vips.clone(),
+            vip_table_hides: Vec::new(),
             slots: self
                 .backends
                 .iter()

@@ -53,7 +53,25 @@ pub fn verify(obs: &Observed, desired: &[VipSpec]) -> Vec<String> {
         }
     }
     check_addrs(obs, &by_id, &mut out);
+    check_vip_table(obs, &mut out);
     out
+}
+
+/// The VIP table shows only what `VIPS` holds, with the same meta, and hides none of it (it
+/// may leave a key of a spilled bucket out: the datapath then asks `VIPS`).
+fn check_vip_table(obs: &Observed, out: &mut Vec<String>) {
+    for (key, meta) in &obs.vip_table {
+        if !obs.vips.iter().any(|(k, m)| k == key && m == meta) {
+            out.push(format!(
+                "the VIP table shows {key:?} as {meta:?}, which the VIP map does not hold"
+            ));
+        }
+    }
+    for key in &obs.vip_table_hides {
+        out.push(format!(
+            "the VIP table says {key:?} is no VIP, which the VIP map holds"
+        ));
+    }
 }
 
 fn check_vip(

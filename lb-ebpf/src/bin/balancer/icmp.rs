@@ -181,7 +181,7 @@ fn error(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<u32, ()> {
     };
     flow.sport = unsafe { (*ports).dst };
     flow.dport = unsafe { (*ports).src };
-    let Some(vip) = lookup::vip(&flow) else {
+    let Some(vip) = lookup::map_vip(&flow) else {
         return Ok(crate::not_handled(ctx, pkt));
     };
     stats::global(stat::ICMP_ERROR_FWD, pkt.l3_len);

@@ -1,14 +1,17 @@
 //! Classify (is this for a VIP?) and choose (which backend, from the VIP's Maglev ring?).
 
+use core::ptr::{addr_of, read_volatile};
+
 use lb_common::{
     AddrKey, BACKEND_F_IN_USE, Backend, FlowKey, NO_BACKEND, VIP_F_AFFINITY_SRC_IP, VipKey,
     VipMeta, vip_filter_bit, vip_stat,
+    vip_table::{Lookup, VIP_WAYS, vip_bucket, vip_check, vip_key_tail},
 };
 use lb_ebpf::hash;
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, RINGS, VIP_ADDRS, VIP_FILTER, VIPS},
+    maps::{BACKENDS, RINGS, VIP_ADDRS, VIP_FILTER, VIP_TABLE, VIPS},
 };
 
 /// Whether the flow's destination address carries any VIP.
@@ -23,20 +26,99 @@ pub fn is_vip_addr(flow: &FlowKey) -> bool {
     unsafe { VIP_ADDRS.get(key) }.is_some()
 }
 
-/// The VIP of a TCP/UDP flow: (address, port, protocol), then the port-wildcard entry.
+/// The VIP of a new TCP/UDP flow: (address, port, protocol), then the port-wildcard entry.
+/// The VIP table answers, unless it is unsure (a slot being rewritten, a spilled bucket):
+/// then the `VIPS` hash map does.
 #[inline(always)]
 pub fn vip(flow: &FlowKey) -> Option<VipMeta> {
-    let mut key = VipKey {
+    let mut key = vip_key(flow);
+    match table_vip(&key) {
+        Lookup::Found(m) => return Some(m),
+        Lookup::Absent => {
+            key.port = 0;
+            match table_vip(&key) {
+                Lookup::Found(m) => return Some(m),
+                Lookup::Absent => return None,
+                Lookup::Unsure => key.port = flow.dport,
+            }
+        }
+        Lookup::Unsure => {}
+    }
+    in_map(&mut key)
+}
+
+/// As [`vip`], in the `VIPS` hash map alone: for the ICMP error path, which is rare and whose
+/// stack has no room for the table's scan.
+#[inline(always)]
+pub fn map_vip(flow: &FlowKey) -> Option<VipMeta> {
+    in_map(&mut vip_key(flow))
+}
+
+#[inline(always)]
+fn vip_key(flow: &FlowKey) -> VipKey {
+    VipKey {
         addr: flow.dst,
         port: flow.dport,
         proto: flow.proto,
         family: flow.family,
-    };
-    if let Some(m) = unsafe { VIPS.get(key) } {
+    }
+}
+
+/// `key` in `VIPS`, then its port-wildcard entry.
+#[inline(always)]
+fn in_map(key: &mut VipKey) -> Option<VipMeta> {
+    if let Some(m) = unsafe { VIPS.get(&*key) } {
         return Some(*m);
     }
     key.port = 0;
-    unsafe { VIPS.get(key) }.copied()
+    unsafe { VIPS.get(&*key) }.copied()
+}
+
+/// What the VIP table says of `key` (`lb_common::vip_table::VipBucket::lookup`). Each word
+/// is read once (volatile), so the meta returned is the one checked, whatever user space
+/// writes meanwhile; the key's words are compared as they are read, so that no copy of the
+/// slot takes stack (the new-flow path has none to spare).
+#[inline(always)]
+fn table_vip(key: &VipKey) -> Lookup {
+    let Some(bucket) = VIP_TABLE.get_ptr(vip_bucket(key)) else {
+        return Lookup::Unsure;
+    };
+    let tail = vip_key_tail(key);
+    let mut i = 0;
+    while i < VIP_WAYS {
+        // SAFETY: `bucket` is a map value, valid for the program's run; `i` is in bounds, and
+        // every pointer below is a field of its slot (`VipKey`'s tail is 4-aligned).
+        unsafe {
+            let slot = addr_of!((*bucket).slots[i]);
+            let check = read_volatile(addr_of!((*slot).check));
+            let k = addr_of!((*slot).key);
+            if check != 0
+                && read_volatile(addr_of!((*k).addr[0])) == key.addr[0]
+                && read_volatile(addr_of!((*k).addr[1])) == key.addr[1]
+                && read_volatile(addr_of!((*k).addr[2])) == key.addr[2]
+                && read_volatile(addr_of!((*k).addr[3])) == key.addr[3]
+                && read_volatile(addr_of!((*k).port).cast::<u32>()) == tail
+            {
+                let m = addr_of!((*slot).meta);
+                let meta = VipMeta {
+                    index: read_volatile(addr_of!((*m).index)),
+                    flags: read_volatile(addr_of!((*m).flags)),
+                    ring_size: read_volatile(addr_of!((*m).ring_size)),
+                    ring_off: read_volatile(addr_of!((*m).ring_off)),
+                };
+                if vip_check(key, &meta) == check {
+                    return Lookup::Found(meta);
+                }
+                return Lookup::Unsure;
+            }
+        }
+        i += 1;
+    }
+    // SAFETY: as above.
+    if unsafe { read_volatile(addr_of!((*bucket).spilled)) } != 0 {
+        return Lookup::Unsure;
+    }
+    Lookup::Absent
 }
 
 /// The VIP that takes IPv4 fragments for the flow's address and protocol.

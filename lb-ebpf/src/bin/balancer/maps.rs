@@ -12,12 +12,19 @@ use lb_common::{
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FloodMeter, MAX_BACKENDS, MAX_VIPS,
     PREFIX_ENTRIES, PrefixData4, PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS,
     Settings, SrcKey, VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
+    vip_table::{VIP_BUCKETS, VipBucket},
 };
 
 /// VIPs by (address, port, protocol); port 0 is the port-wildcard entry.
 /// Written by user space, read here.
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The VIPs again, in an array of buckets that this program reads without a call
+/// (`lb_common::vip_table`); a VIP it does not show is looked up in `VIPS`. Written by user
+/// space.
+#[map]
+pub static VIP_TABLE: Array<VipBucket> = Array::with_max_entries(VIP_BUCKETS, 0);
 
 /// Per address: `proto` 0 says "this address is a VIP" (ICMP echo); `proto` TCP/UDP names the
 /// VIP whose backends take that protocol's IPv4 fragments. Written by user space.
