@@ -35,6 +35,15 @@ fn syn4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     )
 }
 
+/// A UDP datagram from `src` to `dst`.
+fn udp4_ip(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    ipv4(
+        V4::new(src, dst, UDP),
+        &[],
+        &udp4(src, dst, sport, dport, payload),
+    )
+}
+
 /// A TCP ACK: a packet of an established flow (a SYN would be chosen from the ring again).
 fn ack4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     ipv4(
@@ -118,11 +127,7 @@ fn tcp_syn_ipv4_is_encapsulated_4in4() {
 #[test]
 fn udp_ipv4_is_encapsulated_and_padding_trimmed() {
     let mut lab = lab();
-    let inner = ipv4(
-        V4::new(CLIENT, VIP, UDP),
-        &[],
-        &udp4(CLIENT, VIP, 5353, 53, b"q"),
-    );
+    let inner = udp4_ip(CLIENT, VIP, 5353, 53, b"q");
     let mut frame = to_lb(&inner, ETH_IP);
     assert!(frame.len() < 60);
     frame.resize(60, 0); // Ethernet minimum frame: padding after the IP packet
@@ -194,14 +199,7 @@ fn not_for_a_vip_passes_untouched() {
         // A VIP address, but a port no VIP has.
         to_lb(&syn4(CLIENT, VIP, 40000, 81), ETH_IP),
         // A VIP port, but UDP.
-        to_lb(
-            &ipv4(
-                V4::new(CLIENT, VIP, UDP),
-                &[],
-                &udp4(CLIENT, VIP, 1, 80, b"x"),
-            ),
-            ETH_IP,
-        ),
+        to_lb(&udp4_ip(CLIENT, VIP, 1, 80, b"x"), ETH_IP),
         to_lb(
             &ipv6(
                 CLIENT6,
@@ -1426,14 +1424,7 @@ fn flows_to_every_vip(n: u16) -> Vec<Vec<u8>> {
             let (sport, dport) = (30_000 + i, if v.port == 0 { 1_000 + i } else { v.port });
             let frame = match (v.addr, v.proto) {
                 (IpAddr::V4(a), 6) => to_lb(&syn4(CLIENT, a, sport, dport), ETH_IP),
-                (IpAddr::V4(a), _) => to_lb(
-                    &ipv4(
-                        V4::new(CLIENT, a, UDP),
-                        &[],
-                        &udp4(CLIENT, a, sport, dport, b"q"),
-                    ),
-                    ETH_IP,
-                ),
+                (IpAddr::V4(a), _) => to_lb(&udp4_ip(CLIENT, a, sport, dport, b"q"), ETH_IP),
                 (IpAddr::V6(a), proto) => {
                     let l4 = if proto == 6 {
                         tcp6(CLIENT6, a, sport, dport, SYN, &[])
@@ -1470,14 +1461,7 @@ fn a_vip_the_table_does_not_show_is_found_in_the_vip_map() {
     // Ports and protocols of VIP addresses that carry no VIP: no VIP either way.
     let none = [
         to_lb(&syn4(CLIENT, VIP, 40_000, 9_999), ETH_IP),
-        to_lb(
-            &ipv4(
-                V4::new(CLIENT, VIP_ANY, UDP),
-                &[],
-                &udp4(CLIENT, VIP_ANY, 1, 2, b"q"),
-            ),
-            ETH_IP,
-        ),
+        to_lb(&udp4_ip(CLIENT, VIP_ANY, 1, 2, b"q"), ETH_IP),
     ];
     for f in &none {
         assert_eq!(shown.run(f).0, PASS);
