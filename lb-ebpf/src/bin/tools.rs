@@ -3,7 +3,9 @@
 //! - `maglb_gen`: a packet generator for `BPF_PROG_RUN` in live-frames mode. It writes the
 //!   frame's headers from a template on every run (live frames are reused buffers, and what
 //!   they carried last time may have been rewritten), varies the UDP source port (and beyond
-//!   32768 flows the source address) over N flows, and sends the frame out with XDP_TX.
+//!   32768 flows the source address) over N flows, and sends the frame out with XDP_TX. With
+//!   G generators (one per CPU), each sends its own N / G of the flows, as a NIC's RSS
+//!   would steer each flow to one queue and CPU.
 //! - `maglb_tx`: a bare XDP_TX, the limit of a veth pair.
 //! - `maglb_sink`: counts and drops what comes back.
 //! - `maglb_calls_helper`, `maglb_calls_sub`: 16 helper calls, or 16 calls of a BPF
@@ -13,7 +15,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
@@ -26,9 +28,10 @@ const HEADER: usize = 42;
 /// Slot 0: the header template. Written by user space.
 #[map]
 static GEN_TEMPLATE: Array<[u8; 64]> = Array::with_max_entries(1, 0);
-/// Slot 0: the number of flows. Written by user space.
+/// Slot 0: the number of flows; slot 1: the number of generators (CPUs 0..G, one each).
+/// Written by user space.
 #[map]
-static GEN_FLOWS: Array<u32> = Array::with_max_entries(1, 0);
+static GEN_FLOWS: Array<u32> = Array::with_max_entries(2, 0);
 /// Per-CPU frame sequence. Written here.
 #[map]
 static GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
@@ -43,6 +46,10 @@ pub fn maglb_gen(ctx: XdpContext) -> u32 {
     };
     unsafe { core::ptr::copy_nonoverlapping(t.as_ptr(), p as *mut u8, HEADER) };
     let flows = GEN_FLOWS.get(0).copied().unwrap_or(1).max(1);
+    let gens = GEN_FLOWS.get(1).copied().unwrap_or(1).max(1);
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() } % gens;
+    let share = flows / gens;
     let Some(seq) = GEN_SEQ.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -50,7 +57,12 @@ pub fn maglb_gen(ctx: XdpContext) -> u32 {
         *seq = (*seq).wrapping_add(1);
         *seq
     };
-    let k = n % flows;
+    // Fewer flows than generators (one flow): all send the same.
+    let k = if share == 0 {
+        n % flows
+    } else {
+        cpu * share + n % share
+    };
     if let Some(port) = ptr_at::<u16>(&ctx, 34) {
         unsafe { *port = ((1024 + (k & 0x7fff)) as u16).to_be() };
     }

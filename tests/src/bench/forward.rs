@@ -64,7 +64,9 @@ fn measure(
         template[..frame.len().min(64)].copy_from_slice(&frame[..frame.len().min(64)]);
         Array::<_, [u8; 64]>::try_from(tools.map_mut("GEN_TEMPLATE").unwrap())?
             .set(0, template, 0)?;
-        Array::<_, u32>::try_from(tools.map_mut("GEN_FLOWS").unwrap())?.set(0, flows, 0)?;
+        let mut gen_flows = Array::<_, u32>::try_from(tools.map_mut("GEN_FLOWS").unwrap())?;
+        gen_flows.set(0, flows, 0)?;
+        gen_flows.set(1, cores as u32, 0)?;
         // The context says on which interface the frames arrive (and leave with XDP_TX).
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
@@ -298,7 +300,9 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
             format!(
                 "A generator namespace injects UDP frames to the VIP with BPF_PROG_RUN in \
                  live-frames mode (maglb_gen, XDP_TX out of g0; flows differ in source port, \
-                 and beyond 32768 flows in source address too); the balancer's side (l0, native \
+                 and beyond 32768 flows in source address too; with two generators each sends \
+                 its own half of the flows, as a NIC's RSS steers each flow to one queue, so no \
+                 flow's connection-table line moves between the cores); the balancer's side (l0, native \
                  XDP) runs a bare XDP_TX or maglb (Maglev, connection table of the default size, \
                  flood threshold off, IP-in-IP, XDP_TX back); a sink on g0 counts the returned \
                  frames. Medians of {ROUNDS} windows of {} ms; with {WARM_FLOWS} flows or more, \

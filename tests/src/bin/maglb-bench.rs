@@ -142,8 +142,20 @@ const LIMITS: &str = "## What limits the missed targets
   misses: 77% and 68% (64 and 512 B frames) with 10000 flows on one queue against 50% and \
   56% with the table as it is, run back to back, but 47% and 59% against 68% and 66% on two \
   queues, while bare XDP_TX itself moved from 8.0 to 6.1-7.8 Mpps between the two runs: no \
-  clear gain, not kept. When the machine is shared, both the bare and the \
-  maglb rates drop and vary between runs; the ratios are what compares.
+  clear gain, not kept (both generators then sent every flow; see below). What decides \
+  the 10000-flow rows is the TLB's reach, not the cache: with 10000 flows on one queue a \
+  16384-entry table (1 MiB, 256 pages) forwarded 76-77% of bare XDP_TX, a 262144-entry one \
+  (16 MiB, which the cache holds) 59-63%, the default (256 MiB) 55-56%, in runs back to \
+  back. This CPU's second-level TLB holds about 3000 pages (12 MiB of 4 KiB pages): any \
+  table larger spreads 10000 flows over more pages than it holds, so a smaller \
+  `conntrack_entries` would not help unless it is tiny. The way out is a table in larger \
+  pages; the inner-map trial above is the one a BPF map allows (vmalloc'd maps get 4 KiB \
+  pages), at the cost of thousands of maps to create, pin and read. Until this run both \
+  generators sent all the flows, so every flow's set line moved between the two cores \
+  with its idle stamp; each now sends its own half, as a NIC's RSS sends each flow to one \
+  queue: in runs back to back, 50-57% against 39-46% with 10000 flows on two queues, and \
+  42-48% against 33-43% with 1M. When the machine is shared, both the bare and the maglb \
+  rates drop and vary between runs; the ratios are what compares.
 - **Connections.** maglb terminates nothing, so its rate stays near that of no balancer; \
   its p99 adds the balancer's hop, and on a shared 2-core machine a few ms of scheduling \
   noise decide the 1.3x p99 target. HAProxy's rate falls from round to round here (its \
