@@ -148,9 +148,14 @@ const LIMITS: &str = "## What limits the missed targets
   (16 MiB, which the cache holds) 59-63%, the default (256 MiB) 55-56%, in runs back to \
   back. This CPU's second-level TLB holds about 3000 pages (12 MiB of 4 KiB pages): any \
   table larger spreads 10000 flows over more pages than it holds, so a smaller \
-  `conntrack_entries` would not help unless it is tiny. The way out is a table in larger \
-  pages; the inner-map trial above is the one a BPF map allows (vmalloc'd maps get 4 KiB \
-  pages), at the cost of thousands of maps to create, pin and read. Until this run both \
+  `conntrack_entries` would not help unless it is tiny. Larger pages in the guest do not \
+  help either: the table as 8323 inner maps of 63 sets (32 KiB each, the most the kernel \
+  takes from kmalloc: none showed in /proc/vmallocinfo, so all sat in the guest's direct map \
+  with its 1 GiB pages; both lookups inlined) forwarded 53-55% with 10000 flows on one \
+  queue, 59-62% on two and 40-41% with 1M, the same as the table as it is, and took far \
+  longer to load (a grace period per inner map). On this virtual machine a TLB entry covers \
+  no more than the host's page behind the guest's, and the host's pages are what a spread \
+  table misses; not kept. Until this run both \
   generators sent all the flows, so every flow's set line moved between the two cores \
   with its idle stamp; each now sends its own half, as a NIC's RSS sends each flow to one \
   queue: in runs back to back, 50-57% against 39-46% with 10000 flows on two queues, and \
