@@ -249,6 +249,35 @@ fn balancer(conntrack_entries: u32) -> anyhow::Result<Balancer> {
     Ok(bal)
 }
 
+/// Loads of the program in the row that measures one established flow on each.
+const LOADS: usize = 5;
+
+/// One established flow on `LOADS` balancers loaded one after another (small tables: the
+/// flow's line is cached either way), `ROUNDS / LOADS` paired rounds each: a program loaded
+/// anew lands elsewhere in memory, and the same code has measured tens of ns apart in runs
+/// back to back. The note gives each load's paired cost.
+fn established_over_loads(empty: &Xdp, ack: &[u8]) -> anyhow::Result<Row> {
+    let mut row = Row::new(
+        &format!("established TCP flow, {LOADS} loads of the program"),
+        String::new(),
+    );
+    let mut each = Vec::new();
+    for _ in 0..LOADS {
+        let mut bal = balancer(SMALL_TABLE)?;
+        once(bal.program(), ack);
+        let (mut maglb, mut base) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS / LOADS {
+            base.push(time(empty, |_| ack.to_vec()));
+            maglb.push(time(bal.program(), |_| ack.to_vec()));
+        }
+        each.push(format!("{:.0}", paired_cost(&maglb, &base)));
+        row.maglb.extend(maglb);
+        row.empty.extend(base);
+    }
+    row.note = format!("ns per load: {}", each.join(", "));
+    Ok(row)
+}
+
 /// One row: maglb and the empty program, `ROUNDS` alternating rounds of `RUNS` runs.
 struct Row {
     name: String,
@@ -396,6 +425,7 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
+    rows.push(established_over_loads(empty, &ack)?);
     let mut row = Row::new(
         &format!("not for a VIP (pass), {PASS_REPEAT} runs per call"),
         format!("table {}", in_table + 3 * grow),
@@ -447,8 +477,10 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
              bytes per entry. One row loads a second balancer with a {SMALL_TABLE}-entry \
              table, which fits this CPU's last-level cache: its difference to the rows above \
              is what the default table's size costs a new flow (the line of a random set, in \
-             no cache). The flood threshold is off except in its own row. The \
-             last pass row makes {} calls of {PASS_REPEAT} runs each: the kernel runs the \
+             no cache). The flood threshold is off except in its own row. The row over \
+             {LOADS} loads runs the established flow on {LOADS} balancers loaded one after \
+             another, {} paired rounds each: a program loaded anew lands elsewhere in memory, \
+             and the note gives each load's cost. The last pass row makes {} calls of {PASS_REPEAT} runs each: the kernel runs the \
              program again on the frame it left unchanged and reports the mean per run, so \
              its clock's steps (about 10 ns) and the per-call overhead are spread over the \
              runs (hence the lower empty column).",
@@ -456,6 +488,7 @@ pub fn run(report: &mut Report) -> anyhow::Result<()> {
             lb_common::CONN_WAYS,
             memory >> 20,
             memory / entries.max(1) as u64,
+            ROUNDS / LOADS,
             RUNS / PASS_REPEAT as usize,
         )],
     );
