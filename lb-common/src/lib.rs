@@ -104,8 +104,19 @@ pub const PROTO_ICMPV6: u8 = 58;
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// `BPF_F_MMAPABLE`: user space writes ring maps through a memory mapping.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
-/// Flags of every ring map (the outer map's template and the maps user space creates).
+/// Flags of the ring maps of other sizes than the default (`RINGS`: the outer map's template
+/// and the maps user space creates).
 pub const RING_MAP_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+/// Flags of the ring maps of VIPs with the default ring size (`RINGS_FIXED`): all of one
+/// size, without `BPF_F_INNER_MAP`, so the verifier inlines their lookup (no helper call).
+pub const FIXED_RING_MAP_FLAGS: u32 = BPF_F_MMAPABLE;
+
+/// Whether a VIP's ring of `ring_size` slots lives in `RINGS_FIXED` (the default size), not
+/// in `RINGS`. The datapath and user space both decide with it.
+#[inline(always)]
+pub fn ring_is_fixed(ring_size: u32) -> bool {
+    ring_size == DEFAULT_RING_SIZE
+}
 
 /// VIP flag: hash on the client (source) address only, so a client sticks to one backend.
 pub const VIP_F_AFFINITY_SRC_IP: u32 = 1 << 0;

@@ -231,3 +231,44 @@ mod tests {
         assert_eq!(hop_limit(&c[..10]), None);
     }
 }
+
+/// Deletes element `key` of the BPF map `fd` whose keys are `u32` (`BPF_MAP_DELETE_ELEM`;
+/// aya has no delete for arrays of maps). `Ok(false)` if there was none.
+pub fn bpf_map_delete_u32(fd: BorrowedFd<'_>, key: u32) -> io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    /// The head of `union bpf_attr` for the `BPF_MAP_*_ELEM` commands.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(&key) as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` head for BPF_MAP_DELETE_ELEM with its size; the
+    // kernel reads 4 bytes of key from `&key`, which lives across the call, and writes
+    // nothing back.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            std::ptr::from_ref(&attr),
+            size_of::<ElemAttr>() as u32,
+        )
+    };
+    match r {
+        0 => Ok(true),
+        _ => match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            e => Err(e),
+        },
+    }
+}

@@ -1498,6 +1498,11 @@ fn a_vip_the_table_does_not_show_is_found_in_the_vip_map() {
 /// The balancer's VIP table map (found through the program's maps: other tests load
 /// balancers of their own meanwhile).
 fn vip_table_map(lab: &mut Lab) -> aya::maps::Array<aya::maps::MapData, VipBucket> {
+    program_map(lab, "VIP_TABLE").try_into().unwrap()
+}
+
+/// The balancer's map named `name`, found through the program's maps.
+fn program_map(lab: &mut Lab, name: &str) -> aya::maps::Map {
     let ids = lab
         .bal
         .program()
@@ -1512,14 +1517,91 @@ fn vip_table_map(lab: &mut Lab) -> aya::maps::Array<aya::maps::MapData, VipBucke
         .find(|m| {
             m.info()
                 .ok()
-                .and_then(|i| i.name_as_str().map(|n| n == "VIP_TABLE"))
+                .and_then(|i| i.name_as_str().map(|n| n == name))
                 == Some(true)
         })
-        .expect("the program's VIP_TABLE map");
-    aya::maps::Map::from_map_data(data)
-        .unwrap()
-        .try_into()
-        .unwrap()
+        .expect("the program's map");
+    aya::maps::Map::from_map_data(data).unwrap()
+}
+
+type RingOuter =
+    aya::maps::ArrayOfMaps<aya::maps::MapData, aya::maps::Array<aya::maps::MapData, u32>>;
+
+/// A VIP with the default ring size has its ring in `RINGS_FIXED` (whose lookup the verifier
+/// inlines), not in `RINGS`, and the datapath reads it there: a ring map swapped in that
+/// sends every slot to VIP:80's B1 takes the VIP's SYNs to B1. When the VIP is deleted and
+/// its index goes to a VIP of another ring size, the index holds a ring in `RINGS` only.
+#[test]
+fn a_vip_of_the_default_ring_size_reads_its_ring_from_the_fixed_map() {
+    use lb_common::{DEFAULT_RING_SIZE, FIXED_RING_MAP_FLAGS};
+    use lb_userspace::state::VipSpec;
+    let mut lab = lab();
+    let id = vip(VIP, 8080, "tcp");
+    let mut spec = VipSpec::new(id.clone());
+    spec.ring_size = DEFAULT_RING_SIZE;
+    spec.backends = backends(&[B2.into()]);
+    lab.bal.set_vip(spec).unwrap();
+    let syn = syn4(CLIENT, VIP, 40_000, 8080);
+    let got = lab.run(&to_lb(&syn, ETH_IP));
+    assert_frame(
+        &got,
+        TX,
+        &expect_4in4(&syn, B2),
+        "SYN to the VIP of the default ring size",
+    );
+    let index = lab.bal.vip_index(&id).unwrap();
+    let any: RingOuter = program_map(&mut lab, "RINGS").try_into().unwrap();
+    let mut fixed: RingOuter = program_map(&mut lab, "RINGS_FIXED").try_into().unwrap();
+    assert!(fixed.get(&index, 0).is_ok(), "no ring in RINGS_FIXED");
+    assert!(any.get(&index, 0).is_err(), "a ring in RINGS too");
+    // Every slot of a swapped-in ring names B1 (VIP:80's backend slot).
+    let b1 = lab
+        .bal
+        .backend_index(&vip(VIP, 80, "tcp"), &B1.into())
+        .unwrap();
+    let mut ring =
+        aya::maps::Array::<_, u32>::create(2 * DEFAULT_RING_SIZE, FIXED_RING_MAP_FLAGS).unwrap();
+    for slot in 0..2 * DEFAULT_RING_SIZE {
+        ring.set(slot, b1, 0).unwrap();
+    }
+    fixed.set(index, &ring, 0).unwrap();
+    let got = lab.run(&to_lb(&syn4(CLIENT, VIP, 40_001, 8080), ETH_IP));
+    assert_frame(
+        &got,
+        TX,
+        &expect_4in4(&syn4(CLIENT, VIP, 40_001, 8080), B1),
+        "SYN through the swapped-in ring",
+    );
+    // The index, freed, goes to a VIP with a ring of another size (indices are handed out
+    // oldest-freed first: VIPs come and go until one gets it).
+    lab.bal.del_vip(&id).unwrap();
+    let port = (9000..9000 + lb_common::MAX_VIPS as u16)
+        .find(|port| {
+            let other = vip(VIP, *port, "tcp");
+            let mut spec = VipSpec::new(other.clone());
+            spec.ring_size = 251;
+            spec.backends = backends(&[B2.into()]);
+            lab.bal.set_vip(spec).unwrap();
+            let got = lab.bal.vip_index(&other) == Some(index);
+            if !got {
+                lab.bal.del_vip(&other).unwrap();
+            }
+            got
+        })
+        .expect("the index handed out again");
+    assert!(
+        fixed.get(&index, 0).is_err(),
+        "the old ring left in RINGS_FIXED"
+    );
+    assert!(any.get(&index, 0).is_ok(), "no ring in RINGS");
+    let syn = syn4(CLIENT, VIP, 40_002, port);
+    let got = lab.run(&to_lb(&syn, ETH_IP));
+    assert_frame(
+        &got,
+        TX,
+        &expect_4in4(&syn, B2),
+        "SYN to the VIP of ring size 251",
+    );
 }
 
 /// The datapath takes a VIP from the table when a slot holds its key with a matching check

@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, xdp::XdpLinkId},
 };
 use lb_common::{
@@ -99,11 +99,12 @@ fn pin_error(dir: &Path, e: impl std::fmt::Display) -> DatapathError {
 pub const PROGRAM: &str = "maglb_balancer";
 
 /// The maps, by the names the object gives them.
-pub const MAPS: [&str; 20] = [
+pub const MAPS: [&str; 21] = [
     "VIPS",
     "VIP_TABLE",
     "VIP_ADDRS",
     "RINGS",
+    "RINGS_FIXED",
     "BACKENDS",
     "CONNTRACK",
     "CONFIG",
@@ -126,7 +127,7 @@ pub const MAPS: [&str; 20] = [
 /// directory, so a maglb with other maps never reads them as its own. Bump it whenever a
 /// map's key, value or size changes. A newer agent that finds an older layout pinned migrates
 /// it (see [`Datapath::load_pinned`]).
-pub const LAYOUT: &str = "maps-v7";
+pub const LAYOUT: &str = "maps-v8";
 const LINK_FILE: &str = "link";
 
 /// Load-time options: fixed for the life of the maps.
@@ -301,15 +302,10 @@ impl Datapath {
                 map.try_into().map_err(map_err($name))?
             }};
         }
-        let rings = ebpf
-            .take_map("RINGS")
-            .ok_or(DatapathError::Missing("map RINGS"))?;
-        let outer_id = match &rings {
-            aya::maps::Map::ArrayOfMaps(m) => m.info().map_err(map_err("RINGS"))?.id(),
-            _ => return Err(DatapathError::Missing("map RINGS (an array of maps)")),
-        };
-        let outer: ArrayOfMaps<MapData, Array<MapData, u32>> =
-            rings.try_into().map_err(map_err("RINGS"))?;
+        let rings = Rings::open(|name| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::Missing("map RINGS or RINGS_FIXED"))
+        })?;
         let global_stats: PerCpuArray<MapData, Counter> = take!("GLOBAL_STATS");
         let vips: HashMap<MapData, VipKey, VipMeta> = take!("VIPS");
         let vip_table = VipTable::open(take!("VIP_TABLE"), vips.iter().filter_map(Result::ok))?;
@@ -350,7 +346,7 @@ impl Datapath {
             link: None,
             pin_dir: pin_dir.map(Path::to_owned),
             maps,
-            rings: Rings::new(outer, outer_id),
+            rings,
             migrating_from: None,
             defunct: None,
             counters,

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
     AddrKey, Backend, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_WORDS, VipKey, VipMeta,
     vip_table::VipBucket,
@@ -62,19 +62,6 @@ pub fn observe_pinned(bpffs: &Path) -> Result<Observed, DatapathError> {
     let addrs = HashMap::try_from(pinned(&dir, "VIP_ADDRS")?).map_err(map_err("VIP_ADDRS"))?;
     let backends = Array::try_from(pinned(&dir, "BACKENDS")?).map_err(map_err("BACKENDS"))?;
     let filter = Array::try_from(pinned(&dir, "VIP_FILTER")?).map_err(map_err("VIP_FILTER"))?;
-    let outer = pinned(&dir, "RINGS")?;
-    let outer_id = match &outer {
-        Map::ArrayOfMaps(m) => m.info().map_err(map_err("RINGS"))?.id(),
-        _ => return Err(DatapathError::Missing("map RINGS (an array of maps)")),
-    };
-    let outer: ArrayOfMaps<MapData, Array<MapData, u32>> =
-        outer.try_into().map_err(map_err("RINGS"))?;
-    observe(
-        &vips,
-        &table,
-        &addrs,
-        &backends,
-        &filter,
-        &Rings::new(outer, outer_id),
-    )
+    let rings = Rings::open(|name| pinned(&dir, name))?;
+    observe(&vips, &table, &addrs, &backends, &filter, &rings)
 }

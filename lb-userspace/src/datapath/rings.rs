@@ -1,8 +1,10 @@
-//! The VIPs' ring maps: one inner map per VIP index in the `RINGS` array of maps, holding two
-//! Maglev tables. Tables are written through a memory mapping (one store per slot, no syscall
-//! per slot); the mapping lasts only for the write, so the agent's memory does not grow with
-//! the tables. A new ring map is filled before it is installed in the outer map, and
-//! installing several at once overlaps their RCU grace periods.
+//! The VIPs' ring maps: one inner map per VIP index, holding two Maglev tables, in one of two
+//! arrays of maps: `RINGS_FIXED` for rings of the default size (all maps of one size, whose
+//! lookup the verifier inlines), `RINGS` for the others (`lb_common::ring_is_fixed`). Tables
+//! are written through a memory mapping (one store per slot, no syscall per slot); the
+//! mapping lasts only for the write, so the agent's memory does not grow with the tables. A
+//! new ring map is filled before it is installed in its outer map, and installing several at
+//! once overlaps their RCU grace periods.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,16 +12,29 @@ use std::{
 };
 
 use aya::maps::{Array, ArrayOfMaps, IterableMap as _, Map, MapData};
-use lb_common::RING_MAP_FLAGS;
+use lb_common::{FIXED_RING_MAP_FLAGS, RING_MAP_FLAGS, ring_is_fixed};
 
 use super::{DatapathError, map_err};
-use crate::{maglev, sys::MappedArray};
+use crate::{
+    maglev,
+    sys::{MappedArray, bpf_map_delete_u32},
+};
 
-/// The outer map and the ring maps this process has handles on.
+type Outer = ArrayOfMaps<MapData, Array<MapData, u32>>;
+
+/// The two outer maps, by class: `RINGS` (any size), `RINGS_FIXED` (the default size).
+pub const OUTERS: [&str; 2] = ["RINGS", "RINGS_FIXED"];
+
+/// The class (index into [`OUTERS`]) of a ring of `ring_size` slots.
+fn class(ring_size: u32) -> usize {
+    usize::from(ring_is_fixed(ring_size))
+}
+
+/// The outer maps and the ring maps this process has handles on.
 pub struct Rings {
-    outer: ArrayOfMaps<MapData, Array<MapData, u32>>,
-    /// The outer map's id, for more handles on it.
-    outer_id: u32,
+    outers: [Outer; 2],
+    /// The outer maps' ids, for more handles on them.
+    outer_ids: [u32; 2],
     /// Ring maps by VIP index: installed, or made and waiting for `install`.
     maps: BTreeMap<u32, Array<MapData, u32>>,
     pending: BTreeSet<u32>,
@@ -30,19 +45,38 @@ fn ring_err(index: u32) -> impl FnOnce(std::io::Error) -> DatapathError {
 }
 
 impl Rings {
-    pub fn new(outer: ArrayOfMaps<MapData, Array<MapData, u32>>, outer_id: u32) -> Self {
-        Self {
-            outer,
-            outer_id,
+    /// Takes the two outer maps ([`OUTERS`]) from `get` (the loaded object's, or the pins).
+    pub fn open(
+        mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
+    ) -> Result<Self, DatapathError> {
+        let mut take = |c: usize| -> Result<(Outer, u32), DatapathError> {
+            let name = OUTERS[c];
+            let map = get(name)?;
+            let id = match &map {
+                Map::ArrayOfMaps(m) => m.info().map_err(map_err(name))?.id(),
+                _ => {
+                    return Err(DatapathError::Missing(
+                        "map RINGS or RINGS_FIXED (an array of maps)",
+                    ));
+                }
+            };
+            Ok((map.try_into().map_err(map_err(name))?, id))
+        };
+        let ((any, any_id), (fixed, fixed_id)) = (take(0)?, take(1)?);
+        Ok(Self {
+            outers: [any, fixed],
+            outer_ids: [any_id, fixed_id],
             maps: BTreeMap::new(),
             pending: BTreeSet::new(),
-        }
+        })
     }
 
-    /// The ring map of VIP index `index`: ours, or the one installed (adopted maps).
-    fn map(&mut self, index: u32) -> Result<&Array<MapData, u32>, DatapathError> {
-        if !self.maps.contains_key(&index) {
-            let m = self.outer.get(&index, 0).map_err(map_err("RINGS"))?;
+    /// The ring map of VIP index `index` for a ring of `size` slots: ours, or the one
+    /// installed in that size's outer map (adopted maps).
+    fn map(&mut self, index: u32, size: u32) -> Result<&Array<MapData, u32>, DatapathError> {
+        if self.maps.get(&index).is_none_or(|m| m.len() != 2 * size) {
+            let c = class(size);
+            let m = self.outers[c].get(&index, 0).map_err(map_err(OUTERS[c]))?;
             self.maps.insert(index, m);
         }
         Ok(&self.maps[&index])
@@ -50,7 +84,12 @@ impl Rings {
 
     /// Makes a new ring map for VIP index `index` (not yet installed).
     pub fn create(&mut self, index: u32, ring_size: u32) -> Result<(), DatapathError> {
-        let m = Array::create(2 * ring_size, RING_MAP_FLAGS).map_err(map_err("ring"))?;
+        let flags = if ring_is_fixed(ring_size) {
+            FIXED_RING_MAP_FLAGS
+        } else {
+            RING_MAP_FLAGS
+        };
+        let m = Array::create(2 * ring_size, flags).map_err(map_err("ring"))?;
         self.maps.insert(index, m);
         self.pending.insert(index);
         Ok(())
@@ -70,8 +109,8 @@ impl Rings {
         &mut self,
         items: Vec<(u32, u32, maglev::Job)>,
     ) -> Result<(), DatapathError> {
-        for (index, _, _) in &items {
-            self.map(*index)?;
+        for (index, _, job) in &items {
+            self.map(*index, job.size)?;
         }
         let maps = &self.maps;
         let write = |(index, offset, job): &(u32, u32, maglev::Job)| -> Result<(), DatapathError> {
@@ -114,9 +153,10 @@ impl Rings {
 
     /// Reads the table of `size` slots at `offset` of VIP index `index`'s ring map.
     pub fn read(&self, index: u32, offset: u32, size: u32) -> Result<Vec<u32>, DatapathError> {
+        let c = class(size);
         let m = match self.maps.get(&index) {
-            Some(m) => m,
-            None => &self.outer.get(&index, 0).map_err(map_err("RINGS"))?,
+            Some(m) if m.len() == 2 * size => m,
+            _ => &self.outers[c].get(&index, 0).map_err(map_err(OUTERS[c]))?,
         };
         let len = m.len() as usize;
         if (offset + size) as usize > len {
@@ -126,33 +166,27 @@ impl Rings {
         Ok(mapped.read(offset as usize, size as usize))
     }
 
-    /// Installs the pending ring maps of `indices` in the outer map. Each update waits for an
-    /// RCU grace period (the kernel's rule for maps of maps); done from several threads at
+    /// Installs the pending ring maps of `indices` in their outer maps. Each update waits for
+    /// an RCU grace period (the kernel's rule for maps of maps); done from several threads at
     /// once, the waits overlap.
     pub fn install(&mut self, indices: &[u32]) -> Result<(), DatapathError> {
         match indices {
             [] => return Ok(()),
             [one] => {
-                self.outer
-                    .set(*one, &self.maps[one], 0)
-                    .map_err(map_err("RINGS"))?;
+                let ids = self.outer_ids;
+                install_one(&mut open_outers(ids)?, ids, *one, &self.maps[one])?;
             }
             many => {
-                let id = self.outer_id;
+                let ids = self.outer_ids;
                 let maps = &self.maps;
                 std::thread::scope(|s| -> Result<(), DatapathError> {
                     let workers: Vec<_> = many
                         .chunks(many.len().div_ceil(16))
                         .map(|part| {
                             s.spawn(move || -> Result<(), DatapathError> {
-                                let data = MapData::from_id(id).map_err(map_err("RINGS"))?;
-                                let mut outer: ArrayOfMaps<MapData, Array<MapData, u32>> =
-                                    ArrayOfMaps::try_from(
-                                        Map::from_map_data(data).map_err(map_err("RINGS"))?,
-                                    )
-                                    .map_err(map_err("RINGS"))?;
+                                let mut outers = open_outers(ids)?;
                                 for i in part {
-                                    outer.set(*i, &maps[i], 0).map_err(map_err("RINGS"))?;
+                                    install_one(&mut outers, ids, *i, &maps[i])?;
                                 }
                                 Ok(())
                             })
@@ -171,13 +205,41 @@ impl Rings {
         Ok(())
     }
 
-    /// The table size (half the map) of the ring map in each outer slot below `limit`.
+    /// The table size (half the map) of the ring map at each index below `limit`, from both
+    /// outer maps (an index is in one of them: `install` empties the other).
     pub fn observe(&self, limit: u32) -> BTreeMap<u32, u32> {
         (0..limit)
             .filter_map(|i| {
-                let m = self.outer.get(&i, 0).ok()?;
+                let m = self.outers.iter().find_map(|o| o.get(&i, 0).ok())?;
                 Some((i, m.len() / 2))
             })
             .collect()
     }
+}
+
+/// New handles on the two outer maps (one per installing thread).
+fn open_outers(ids: [u32; 2]) -> Result<[Outer; 2], DatapathError> {
+    let open = |c: usize| -> Result<Outer, DatapathError> {
+        let data = MapData::from_id(ids[c]).map_err(map_err(OUTERS[c]))?;
+        Outer::try_from(Map::from_map_data(data).map_err(map_err(OUTERS[c]))?)
+            .map_err(map_err(OUTERS[c]))
+    };
+    Ok([open(0)?, open(1)?])
+}
+
+/// Installs ring map `m` at `index` of its size's outer map, after emptying that index in the
+/// other one: no live VIP uses the index with a ring of the other class (a VIP whose ring
+/// size changes moves to a new index), and an index is then never in both outer maps, even
+/// after a crash between the two steps.
+fn install_one(
+    outers: &mut [Outer; 2],
+    ids: [u32; 2],
+    index: u32,
+    m: &Array<MapData, u32>,
+) -> Result<(), DatapathError> {
+    let c = class(m.len() / 2);
+    // `ArrayOfMaps` has no delete, nor lends its file descriptor: a handle by id.
+    let other = MapData::from_id(ids[1 - c]).map_err(map_err(OUTERS[1 - c]))?;
+    bpf_map_delete_u32(other.fd().as_fd(), index).map_err(ring_err(index))?;
+    outers[c].set(index, m, 0).map_err(map_err(OUTERS[c]))
 }

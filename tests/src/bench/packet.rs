@@ -222,12 +222,17 @@ fn pass() -> Vec<u8> {
 
 /// The balancer with VIP:80/tcp, VIP:53/udp and VIP6:80/tcp, each on 100 backends with a
 /// 65537-slot ring, and a connection table of `conntrack_entries`.
+/// The IPv4 VIPs' backends.
+pub(super) fn v4_backends() -> Vec<BackendSpec> {
+    (0..BACKENDS)
+        .map(|i| BackendSpec::new(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8 + 1).into(), 1))
+        .collect()
+}
+
 fn balancer(conntrack_entries: u32) -> anyhow::Result<Balancer> {
     let mut bal = Balancer::load_with(&LoadOptions { conntrack_entries })?;
     bal.set_config(&fixture::config())?;
-    let v4: Vec<BackendSpec> = (0..BACKENDS)
-        .map(|i| BackendSpec::new(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8 + 1).into(), 1))
-        .collect();
+    let v4 = v4_backends();
     let v6: Vec<BackendSpec> = (0..BACKENDS)
         .map(|i| {
             BackendSpec::new(

@@ -10,14 +10,15 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::Xdp;
+use lb_common::DEFAULT_RING_SIZE;
 use lb_userspace::{
     balancer::Balancer,
-    state::{Encap, Prefix, RateLimit, VipId},
+    state::{Encap, Prefix, RateLimit, VipId, VipSpec},
 };
 
 use super::{
     Report, median,
-    packet::{Fresh, ack4, time_runs},
+    packet::{Fresh, ack4, time_runs, v4_backends},
     paired_cost,
 };
 use crate::fixture::{self, VIP, vip};
@@ -114,6 +115,18 @@ fn dropped(
     Ok(row)
 }
 
+/// A ring size of the other class than the default's (`lb_common::ring_is_fixed`): prime,
+/// near the default.
+const OTHER_RING: u32 = 65521;
+
+/// Gives VIP `id` (the bench's VIP:80, its backends unchanged) a ring of `size` slots.
+fn ring_size(b: &mut Balancer, id: &VipId, size: u32) -> anyhow::Result<()> {
+    let mut spec = VipSpec::new(id.clone());
+    spec.ring_size = size;
+    spec.backends = v4_backends();
+    Ok(b.set_vip(spec)?)
+}
+
 const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
 
@@ -183,6 +196,14 @@ pub fn run(report: &mut Report, bal: &mut Balancer, empty: &Xdp) -> anyhow::Resu
     )?);
     rows.push(toggled(
         bal,
+        "a ring of the default size (no call), new flow",
+        &format!("the same new flows, the VIP's ring of {OTHER_RING} slots (`RINGS`: a call)"),
+        &mut |b, on| ring_size(b, &id, if on { DEFAULT_RING_SIZE } else { OTHER_RING }),
+        &mut || fresh.next(),
+    )?);
+    ring_size(bal, &id, DEFAULT_RING_SIZE)?;
+    rows.push(toggled(
+        bal,
         &format!("`deny` ({PREFIXES} prefixes, none matching), new flow"),
         no_insert,
         &mut |b, on| Ok(b.set_vip_prefixes(&id, &[], &deny(on, false))?),
@@ -247,7 +268,9 @@ pub fn run(report: &mut Report, bal: &mut Balancer, empty: &Xdp) -> anyhow::Resu
              adds one per-CPU read and write to an insert. The VIP-table row is not a setting \
              but the datapath's own VIP lookup: its baseline empties the table, so that every \
              new flow finds its VIP in the hash map (as a VIP whose bucket is full does); a \
-             negative cost is what the table saves."
+             negative cost is what the table saves. The ring row is the datapath's own too: \
+             its baseline gives VIP:80 a ring of {OTHER_RING} slots, which lives in `RINGS` \
+             (rings of any size, whose lookup is a helper call) instead of `RINGS_FIXED`."
         )],
     );
     Ok(())

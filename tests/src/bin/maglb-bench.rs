@@ -92,7 +92,8 @@ const LIMITS: &str = "## What limits the missed targets
   test checks the objects). A new flow skips the lookup when it is a SYN, and adds the VIP \
   lookup (the VIP table, an array the verifier inlines; the hash map when the table does \
   not show the VIP), the flow hash, \
-  the ring read (the inner map's lookup is a helper call), the flood meter and the insert: \
+  the ring read (its inner map's lookup inlined for a ring of the default size, a helper \
+  call for other sizes), the flood meter and the insert: \
   a scan of its set's eight slots (512 bytes, cold in a 256 MiB table) for its own, an \
   empty or the idle-longest slot, and the stores. Each flow scans its set from a home way \
   of its own (top bits of its hash): with every scan starting at way 0, the busiest slots \
@@ -116,9 +117,12 @@ const LIMITS: &str = "## What limits the missed targets
   not vmalloc's 4 KiB pages; 450, 511 and 600 ns for the 200k, empty and full rows against \
   511, 501 and 551, within the noise). On this virtual machine a miss also costs the \
   host's side of the page walk, which no layout in the guest avoids. Without the insert \
-  (the row under flood) a new flow still costs 210-300 ns: the ring's inner-map lookup (a \
-  helper call: each VIP's ring map has its own size) and the ring slot, a random line of \
-  the VIP's 512 KiB ring, the policy and the flow hash. Until maps-v7 the VIP was looked \
+  (the row under flood) a new flow still costs 190-300 ns: the ring slot, a random line of \
+  the VIP's 512 KiB ring, the policy and the flow hash. Until maps-v8 the ring's inner-map \
+  lookup was a helper call for every VIP (each VIP's ring map has its own size, so the \
+  outer map took inner maps of any size); a ring of the default size now sits in \
+  `RINGS_FIXED`, whose inner maps all have that size, and its lookup is inlined: the ring \
+  row in 'Per-packet cost of each setting' shows what that saves. Until maps-v7 the VIP was looked \
   up in the hash map, a call with the kernel's key hash and key compare behind it; the VIP \
   table (an array of buckets, inlined) saves a new flow what its row in 'Per-packet cost \
   of each setting' shows (51 ns in the run that added it: 391 against 431 ns per run). The policy settings cost a new flow 0 (the per-VIP cap, a per-CPU array), 40-80 ns \

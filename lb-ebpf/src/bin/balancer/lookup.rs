@@ -4,14 +4,14 @@ use core::ptr::{addr_of, read_volatile};
 
 use lb_common::{
     AddrKey, BACKEND_F_IN_USE, Backend, FlowKey, NO_BACKEND, VIP_F_AFFINITY_SRC_IP, VipKey,
-    VipMeta, vip_filter_bit, vip_stat,
+    VipMeta, ring_is_fixed, vip_filter_bit, vip_stat,
     vip_table::{Lookup, VIP_WAYS, vip_bucket, vip_check, vip_key_tail},
 };
 use lb_ebpf::hash;
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, RINGS, VIP_ADDRS, VIP_FILTER, VIP_TABLE, VIPS},
+    maps::{BACKENDS, RINGS, RINGS_FIXED, VIP_ADDRS, VIP_FILTER, VIP_TABLE, VIPS},
 };
 
 /// Whether the flow's destination address carries any VIP.
@@ -174,10 +174,12 @@ pub fn choose(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), u32> {
         return Err(vip_stat::NO_BACKEND);
     }
     let slot = vip.ring_off + h % vip.ring_size;
-    let Some(ring) = RINGS.get(vip.index) else {
-        return Err(vip_stat::NO_BACKEND);
+    let entry = if ring_is_fixed(vip.ring_size) {
+        RINGS_FIXED.get(vip.index).and_then(|r| r.get(slot))
+    } else {
+        RINGS.get(vip.index).and_then(|r| r.get(slot))
     };
-    let index = match ring.get(slot) {
+    let index = match entry {
         Some(&i) if i != NO_BACKEND => i,
         _ => return Err(vip_stat::NO_BACKEND),
     };

@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, BackendCounter, CONN_WAYS, Config, ConnSet, Counter,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FloodMeter, MAX_BACKENDS, MAX_VIPS,
-    PREFIX_ENTRIES, PrefixData4, PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS,
-    Settings, SrcKey, VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FIXED_RING_MAP_FLAGS, FloodMeter, MAX_BACKENDS,
+    MAX_VIPS, PREFIX_ENTRIES, PrefixData4, PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES,
+    SRC_SEEN_SLOTS, Settings, SrcKey, VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
     vip_table::{VIP_BUCKETS, VipBucket},
 };
 
@@ -39,6 +39,15 @@ pub static VIP_ADDRS: HashMap<AddrKey, VipMeta> = HashMap::with_max_entries(MAX_
 #[btf_map]
 pub static RINGS: btf_maps::ArrayOfMaps<
     btf_maps::Array<u32, { 2 * DEFAULT_RING_SIZE as usize }, { RING_MAP_FLAGS as usize }>,
+    { MAX_VIPS as usize },
+> = btf_maps::ArrayOfMaps::new();
+
+/// As `RINGS`, for the VIPs whose ring has the default size (`lb_common::ring_is_fixed`):
+/// every inner map has the same size and no `BPF_F_INNER_MAP`, so the verifier inlines the
+/// lookup, which for `RINGS` is a helper call. Written by user space.
+#[btf_map]
+pub static RINGS_FIXED: btf_maps::ArrayOfMaps<
+    btf_maps::Array<u32, { 2 * DEFAULT_RING_SIZE as usize }, { FIXED_RING_MAP_FLAGS as usize }>,
     { MAX_VIPS as usize },
 > = btf_maps::ArrayOfMaps::new();
 
