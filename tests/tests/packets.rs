@@ -1682,3 +1682,75 @@ fn a_vip_of_a_spilled_bucket_is_found_in_the_vip_map() {
     let got = lab.run(&to_lb(&syn, ETH_IP));
     assert_frame(&got, TX, &expect_4in4(&syn, B2), "SYN to the wildcard VIP");
 }
+
+/// The loaded balancer's instructions as the verifier left them (`xlated_prog_insns` of
+/// `BPF_OBJ_GET_INFO_BY_FD`): inlined map lookups appear there as instructions, not calls.
+fn xlated(lab: &mut Lab) -> Vec<[u8; 8]> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // The head of `struct bpf_prog_info` up to the xlated instructions' pointer.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Info {
+        prog_type: u32,
+        id: u32,
+        tag: [u8; 8],
+        jited_len: u32,
+        xlated_len: u32,
+        jited_insns: u64,
+        xlated_insns: u64,
+    }
+    #[repr(C)]
+    struct Attr {
+        fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let fd = lab.bal.program().fd().unwrap().as_fd().as_raw_fd() as u32;
+    let get = |info: &mut Info| {
+        let attr = Attr {
+            fd,
+            info_len: size_of::<Info>() as u32,
+            info: std::ptr::from_mut(info) as u64,
+        };
+        // SAFETY: `attr` is a valid bpf_attr for the command; the kernel writes at most
+        // `info_len` bytes into `info`, and the instructions into the buffer `info` names,
+        // whose length it was told.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                std::ptr::from_ref(&attr),
+                size_of::<Attr>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "prog info: {}", std::io::Error::last_os_error());
+    };
+    let mut info = Info::default();
+    get(&mut info);
+    let mut insns = vec![[0u8; 8]; info.xlated_len as usize / 8];
+    let len = info.xlated_len;
+    info = Info {
+        xlated_len: len,
+        xlated_insns: insns.as_mut_ptr() as u64,
+        ..Info::default()
+    };
+    get(&mut info);
+    insns
+}
+
+/// The ring lookup of a VIP with the default ring size is inlined: the verifier's inlined
+/// array lookup bounds the index by the inner map's size (`if r0 >= 131074`), which no other
+/// instruction compares with. It is not when LLVM merges that lookup with the `RINGS` one
+/// (one call for two maps: the verifier then inlines neither), which this test caught.
+#[test]
+fn the_verifier_inlines_the_default_size_ring_lookup() {
+    let mut lab = lab();
+    let bound = (2 * lb_common::DEFAULT_RING_SIZE).to_le_bytes();
+    // BPF_JMP | BPF_JGE | BPF_K, destination r0 (the lookup's result register).
+    let inlined = xlated(&mut lab)
+        .iter()
+        .filter(|i| i[0] == 0x35 && i[1] & 0x0f == 0 && i[4..8] == bound)
+        .count();
+    assert!(inlined > 0, "no inlined lookup of a RINGS_FIXED inner map");
+}

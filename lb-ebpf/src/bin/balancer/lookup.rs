@@ -162,6 +162,16 @@ pub fn backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, bool), u3
     choose(flow, vip).map(|(i, b)| (i, b, true))
 }
 
+/// Slot `slot` of VIP index `index`'s ring in `RINGS_FIXED`. Read with a volatile load, unlike
+/// the `RINGS` path's plain one: with the two paths alike, LLVM merges their inner-map
+/// lookups into one call whose map the verifier cannot know, and then inlines neither.
+#[inline(always)]
+fn fixed_ring_slot(index: u32, slot: u32) -> Option<u32> {
+    let p = RINGS_FIXED.get(index)?.get_ptr(slot)?;
+    // SAFETY: a map value, valid for the program's run.
+    Some(unsafe { read_volatile(p) })
+}
+
 /// A new flow: the VIP's Maglev ring decides. `Err` carries the drop reason (`vip_stat`).
 #[inline(always)]
 pub fn choose(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), u32> {
@@ -175,12 +185,12 @@ pub fn choose(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), u32> {
     }
     let slot = vip.ring_off + h % vip.ring_size;
     let entry = if ring_is_fixed(vip.ring_size) {
-        RINGS_FIXED.get(vip.index).and_then(|r| r.get(slot))
+        fixed_ring_slot(vip.index, slot)
     } else {
-        RINGS.get(vip.index).and_then(|r| r.get(slot))
+        RINGS.get(vip.index).and_then(|r| r.get(slot)).copied()
     };
     let index = match entry {
-        Some(&i) if i != NO_BACKEND => i,
+        Some(i) if i != NO_BACKEND => i,
         _ => return Err(vip_stat::NO_BACKEND),
     };
     let Some(b) = BACKENDS.get(index) else {
