@@ -81,8 +81,8 @@ const LIMITS: &str = "## What limits the missed targets
   table from 760 to 510-560. An established flow now makes two calls, its subprogram and \
   `bpf_xdp_adjust_head` (about 30 ns at this machine's prices); what remains above 75 ns is \
   the set's cache lines and the outer header's writes. The same flow measured 80 to 121 ns \
-  on five loads of the same program in one run (the row over 5 loads): where a load lands \
-  in memory moves it by more than the target's margin. Two changes measured no faster \
+  on five loads of the same program in one run and 61 to 99 in another (the row over 5 \
+  loads): where a load lands in memory moves it by more than the target's margin. Two changes measured no faster \
   with the LRU table and were not kept: the `established` subprogram inlined into the \
   entry (its stack and spills grew; about 7 ns slower in the mean of a million runs of one \
   flow), and IPv4 flows in a table of their own with 16-byte keys instead of 40 (139 \
