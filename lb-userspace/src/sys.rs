@@ -200,38 +200,6 @@ fn hop_limit(control: &[u8]) -> Option<u8> {
     None
 }
 
-#[cfg(test)]
-mod tests {
-    use super::hop_limit;
-
-    fn cmsg(level: i32, kind: i32, value: i32) -> Vec<u8> {
-        let header = std::mem::size_of::<libc::cmsghdr>();
-        let mut b = Vec::new();
-        b.extend_from_slice(&(header + 4).to_ne_bytes());
-        b.extend_from_slice(&level.to_ne_bytes());
-        b.extend_from_slice(&kind.to_ne_bytes());
-        b.resize(header, 0);
-        b.extend_from_slice(&value.to_ne_bytes());
-        b.resize((header + 4).div_ceil(8) * 8, 0);
-        b
-    }
-
-    #[test]
-    fn the_hop_limit_is_found_among_control_messages() {
-        let mut c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7);
-        c.extend(cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 255));
-        assert_eq!(hop_limit(&c), Some(255));
-        assert_eq!(
-            hop_limit(&cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7)),
-            None
-        );
-        assert_eq!(hop_limit(&[]), None);
-        // A truncated buffer is not read past its end.
-        let c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 64);
-        assert_eq!(hop_limit(&c[..10]), None);
-    }
-}
-
 /// Deletes element `key` of the BPF map `fd` whose keys are `u32` (`BPF_MAP_DELETE_ELEM`;
 /// aya has no delete for arrays of maps). `Ok(false)` if there was none.
 pub fn bpf_map_delete_u32(fd: BorrowedFd<'_>, key: u32) -> io::Result<bool> {
@@ -270,5 +238,37 @@ pub fn bpf_map_delete_u32(fd: BorrowedFd<'_>, key: u32) -> io::Result<bool> {
             e if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             e => Err(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hop_limit;
+
+    fn cmsg(level: i32, kind: i32, value: i32) -> Vec<u8> {
+        let header = std::mem::size_of::<libc::cmsghdr>();
+        let mut b = Vec::new();
+        b.extend_from_slice(&(header + 4).to_ne_bytes());
+        b.extend_from_slice(&level.to_ne_bytes());
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.resize(header, 0);
+        b.extend_from_slice(&value.to_ne_bytes());
+        b.resize((header + 4).div_ceil(8) * 8, 0);
+        b
+    }
+
+    #[test]
+    fn the_hop_limit_is_found_among_control_messages() {
+        let mut c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7);
+        c.extend(cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 255));
+        assert_eq!(hop_limit(&c), Some(255));
+        assert_eq!(
+            hop_limit(&cmsg(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 7)),
+            None
+        );
+        assert_eq!(hop_limit(&[]), None);
+        // A truncated buffer is not read past its end.
+        let c = cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 64);
+        assert_eq!(hop_limit(&c[..10]), None);
     }
 }

@@ -1535,21 +1535,30 @@ type RingOuter =
 fn a_vip_of_the_default_ring_size_reads_its_ring_from_the_fixed_map() {
     use lb_common::{DEFAULT_RING_SIZE, FIXED_RING_MAP_FLAGS};
     use lb_userspace::state::VipSpec;
+    /// VIP:`port`/tcp with a ring of `ring_size` slots and B2 as its backend.
+    fn add(lab: &mut Lab, port: u16, ring_size: u32) -> u32 {
+        let id = vip(VIP, port, "tcp");
+        let mut spec = VipSpec::new(id);
+        spec.ring_size = ring_size;
+        spec.backends = backends(&[B2.into()]);
+        lab.bal.set_vip(spec).unwrap();
+        lab.bal.vip_index(&id).unwrap()
+    }
+    /// A SYN from `sport` to VIP:`port` leaves encapsulated toward `backend`.
+    fn sent_to(lab: &mut Lab, port: u16, sport: u16, backend: Ipv4Addr, what: &str) {
+        let syn = syn4(CLIENT, VIP, sport, port);
+        let got = lab.run(&to_lb(&syn, ETH_IP));
+        assert_frame(&got, TX, &expect_4in4(&syn, backend), what);
+    }
     let mut lab = lab();
-    let id = vip(VIP, 8080, "tcp");
-    let mut spec = VipSpec::new(id.clone());
-    spec.ring_size = DEFAULT_RING_SIZE;
-    spec.backends = backends(&[B2.into()]);
-    lab.bal.set_vip(spec).unwrap();
-    let syn = syn4(CLIENT, VIP, 40_000, 8080);
-    let got = lab.run(&to_lb(&syn, ETH_IP));
-    assert_frame(
-        &got,
-        TX,
-        &expect_4in4(&syn, B2),
+    let index = add(&mut lab, 8080, DEFAULT_RING_SIZE);
+    sent_to(
+        &mut lab,
+        8080,
+        40_000,
+        B2,
         "SYN to the VIP of the default ring size",
     );
-    let index = lab.bal.vip_index(&id).unwrap();
     let any: RingOuter = program_map(&mut lab, "RINGS").try_into().unwrap();
     let mut fixed: RingOuter = program_map(&mut lab, "RINGS_FIXED").try_into().unwrap();
     assert!(fixed.get(&index, 0).is_ok(), "no ring in RINGS_FIXED");
@@ -1565,26 +1574,21 @@ fn a_vip_of_the_default_ring_size_reads_its_ring_from_the_fixed_map() {
         ring.set(slot, b1, 0).unwrap();
     }
     fixed.set(index, &ring, 0).unwrap();
-    let got = lab.run(&to_lb(&syn4(CLIENT, VIP, 40_001, 8080), ETH_IP));
-    assert_frame(
-        &got,
-        TX,
-        &expect_4in4(&syn4(CLIENT, VIP, 40_001, 8080), B1),
+    sent_to(
+        &mut lab,
+        8080,
+        40_001,
+        B1,
         "SYN through the swapped-in ring",
     );
     // The index, freed, goes to a VIP with a ring of another size (indices are handed out
     // oldest-freed first: VIPs come and go until one gets it).
-    lab.bal.del_vip(&id).unwrap();
+    lab.bal.del_vip(&vip(VIP, 8080, "tcp")).unwrap();
     let port = (9000..9000 + lb_common::MAX_VIPS as u16)
-        .find(|port| {
-            let other = vip(VIP, *port, "tcp");
-            let mut spec = VipSpec::new(other.clone());
-            spec.ring_size = 251;
-            spec.backends = backends(&[B2.into()]);
-            lab.bal.set_vip(spec).unwrap();
-            let got = lab.bal.vip_index(&other) == Some(index);
+        .find(|&port| {
+            let got = add(&mut lab, port, 251) == index;
             if !got {
-                lab.bal.del_vip(&other).unwrap();
+                lab.bal.del_vip(&vip(VIP, port, "tcp")).unwrap();
             }
             got
         })
@@ -1594,12 +1598,11 @@ fn a_vip_of_the_default_ring_size_reads_its_ring_from_the_fixed_map() {
         "the old ring left in RINGS_FIXED"
     );
     assert!(any.get(&index, 0).is_ok(), "no ring in RINGS");
-    let syn = syn4(CLIENT, VIP, 40_002, port);
-    let got = lab.run(&to_lb(&syn, ETH_IP));
-    assert_frame(
-        &got,
-        TX,
-        &expect_4in4(&syn, B2),
+    sent_to(
+        &mut lab,
+        port,
+        40_002,
+        B2,
         "SYN to the VIP of ring size 251",
     );
 }

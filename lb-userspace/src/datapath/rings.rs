@@ -23,7 +23,7 @@ use crate::{
 type Outer = ArrayOfMaps<MapData, Array<MapData, u32>>;
 
 /// The two outer maps, by class: `RINGS` (any size), `RINGS_FIXED` (the default size).
-pub const OUTERS: [&str; 2] = ["RINGS", "RINGS_FIXED"];
+const OUTERS: [&str; 2] = ["RINGS", "RINGS_FIXED"];
 
 /// The class (index into [`OUTERS`]) of a ring of `ring_size` slots.
 fn class(ring_size: u32) -> usize {

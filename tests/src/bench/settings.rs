@@ -121,7 +121,7 @@ const OTHER_RING: u32 = 65521;
 
 /// Gives VIP `id` (the bench's VIP:80, its backends unchanged) a ring of `size` slots.
 fn ring_size(b: &mut Balancer, id: &VipId, size: u32) -> anyhow::Result<()> {
-    let mut spec = VipSpec::new(id.clone());
+    let mut spec = VipSpec::new(*id);
     spec.ring_size = size;
     spec.backends = v4_backends();
     Ok(b.set_vip(spec)?)
