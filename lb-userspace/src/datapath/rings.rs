@@ -173,8 +173,7 @@ impl Rings {
         match indices {
             [] => return Ok(()),
             [one] => {
-                let ids = self.outer_ids;
-                install_one(&mut open_outers(ids)?, ids, *one, &self.maps[one])?;
+                install_one(&mut open_outers(self.outer_ids)?, *one, &self.maps[one])?;
             }
             many => {
                 let ids = self.outer_ids;
@@ -186,7 +185,7 @@ impl Rings {
                             s.spawn(move || -> Result<(), DatapathError> {
                                 let mut outers = open_outers(ids)?;
                                 for i in part {
-                                    install_one(&mut outers, ids, *i, &maps[i])?;
+                                    install_one(&mut outers, *i, &maps[i])?;
                                 }
                                 Ok(())
                             })
@@ -217,14 +216,24 @@ impl Rings {
     }
 }
 
-/// New handles on the two outer maps (one per installing thread).
-fn open_outers(ids: [u32; 2]) -> Result<[Outer; 2], DatapathError> {
+/// New handles on the two outer maps, one set per installing thread: each as an array of
+/// maps (to install) and as plain map data (to delete: `ArrayOfMaps` has no delete, nor
+/// lends its file descriptor).
+struct Outers {
+    maps: [Outer; 2],
+    data: [MapData; 2],
+}
+
+fn open_outers(ids: [u32; 2]) -> Result<Outers, DatapathError> {
+    let data = |c: usize| MapData::from_id(ids[c]).map_err(map_err(OUTERS[c]));
     let open = |c: usize| -> Result<Outer, DatapathError> {
-        let data = MapData::from_id(ids[c]).map_err(map_err(OUTERS[c]))?;
-        Outer::try_from(Map::from_map_data(data).map_err(map_err(OUTERS[c]))?)
+        Outer::try_from(Map::from_map_data(data(c)?).map_err(map_err(OUTERS[c]))?)
             .map_err(map_err(OUTERS[c]))
     };
-    Ok([open(0)?, open(1)?])
+    Ok(Outers {
+        maps: [open(0)?, open(1)?],
+        data: [data(0)?, data(1)?],
+    })
 }
 
 /// Installs ring map `m` at `index` of its size's outer map, after emptying that index in the
@@ -232,14 +241,11 @@ fn open_outers(ids: [u32; 2]) -> Result<[Outer; 2], DatapathError> {
 /// size changes moves to a new index), and an index is then never in both outer maps, even
 /// after a crash between the two steps.
 fn install_one(
-    outers: &mut [Outer; 2],
-    ids: [u32; 2],
+    outers: &mut Outers,
     index: u32,
     m: &Array<MapData, u32>,
 ) -> Result<(), DatapathError> {
     let c = class(m.len() / 2);
-    // `ArrayOfMaps` has no delete, nor lends its file descriptor: a handle by id.
-    let other = MapData::from_id(ids[1 - c]).map_err(map_err(OUTERS[1 - c]))?;
-    bpf_map_delete_u32(other.fd().as_fd(), index).map_err(ring_err(index))?;
-    outers[c].set(index, m, 0).map_err(map_err(OUTERS[c]))
+    bpf_map_delete_u32(outers.data[1 - c].fd().as_fd(), index).map_err(ring_err(index))?;
+    outers.maps[c].set(index, m, 0).map_err(map_err(OUTERS[c]))
 }

@@ -220,8 +220,6 @@ fn pass() -> Vec<u8> {
     )
 }
 
-/// The balancer with VIP:80/tcp, VIP:53/udp and VIP6:80/tcp, each on 100 backends with a
-/// 65537-slot ring, and a connection table of `conntrack_entries`.
 /// The IPv4 VIPs' backends.
 pub(super) fn v4_backends() -> Vec<BackendSpec> {
     (0..BACKENDS)
@@ -229,6 +227,8 @@ pub(super) fn v4_backends() -> Vec<BackendSpec> {
         .collect()
 }
 
+/// The balancer with VIP:80/tcp, VIP:53/udp and VIP6:80/tcp, each on 100 backends with a
+/// 65537-slot ring, and a connection table of `conntrack_entries`.
 fn balancer(conntrack_entries: u32) -> anyhow::Result<Balancer> {
     let mut bal = Balancer::load_with(&LoadOptions { conntrack_entries })?;
     bal.set_config(&fixture::config())?;
