@@ -56,6 +56,45 @@ pub struct ConnSet {
     pub slots: [ConnSlot; CONN_WAYS],
 }
 
+/// Slots of each CPU's flow memo (`FLOW_MEMO`): 2^15, 2 MiB per CPU.
+pub const FLOW_MEMO_SLOTS: u32 = 1 << 15;
+/// Longest a memo entry answers for its flow's connection-table entry, in clock ticks
+/// (about 134 ms; see [`memo_window`]).
+pub const FLOW_MEMO_TICKS: u32 = 128;
+
+/// One CPU's copy of a flow's connection-table entry, as that CPU last found it there
+/// (`checked`: the clock tick it did). For that CPU's next packets of the flow, within the
+/// memo's window ([`memo_window`]), it stands for the entry: a busy flow's packets read the
+/// small per-CPU memo, not a line of the large shared table (with thousands of flows, those
+/// lines are spread over more pages than the CPU's TLB covers). Only its CPU writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowMemo {
+    pub key: FlowKey,
+    pub backend: u32,
+    pub generation: u32,
+    pub vip: u32,
+    pub checked: u32,
+    pub _pad: [u32; 2],
+}
+const _: () = assert!(size_of::<FlowMemo>() == 64);
+
+/// How many clock ticks a memo entry answers for a flow whose protocol's idle timeout is
+/// `idle` ticks (0: none): [`FLOW_MEMO_TICKS`], and at most an eighth of the timeout.
+///
+/// Packets the memo answers do not stamp the table's entry, so its `last_seen` lags the
+/// flow's last packet by up to one window: a flow idle after such a packet expires up to a
+/// window early (at 7/8 of a timeout under 1 s, 134 ms early for longer ones), and a full set
+/// chooses the flow idle longest to that precision.
+#[inline(always)]
+pub fn memo_window(idle: u32) -> u32 {
+    if idle == 0 {
+        FLOW_MEMO_TICKS
+    } else {
+        (idle / 8).min(FLOW_MEMO_TICKS)
+    }
+}
+
 /// The check word of a slot holding a flow of hash `h` with entry `e` (never 0). It leaves
 /// out `last_seen`, which readers stamp in place.
 #[inline(always)]
@@ -93,6 +132,19 @@ mod tests {
             family: 2,
             _pad: [0; 2],
         }
+    }
+
+    #[test]
+    fn a_memo_answers_for_at_most_an_eighth_of_the_idle_timeout() {
+        assert_eq!(memo_window(0), FLOW_MEMO_TICKS);
+        assert_eq!(memo_window(96), 12);
+        assert_eq!(
+            memo_window(7),
+            0,
+            "a timeout under 8 ticks leaves the memo unused"
+        );
+        assert_eq!(memo_window(8 * FLOW_MEMO_TICKS), FLOW_MEMO_TICKS);
+        assert_eq!(memo_window(u32::MAX), FLOW_MEMO_TICKS);
     }
 
     #[test]

@@ -10,7 +10,10 @@ pub mod hash;
 pub mod seen;
 pub mod vip_table;
 
-pub use conntrack::{CONN_WAYS, ConnSet, ConnSlot, conn_check, conn_home, conn_set, flow_eq};
+pub use conntrack::{
+    CONN_WAYS, ConnSet, ConnSlot, FLOW_MEMO_SLOTS, FLOW_MEMO_TICKS, FlowMemo, conn_check,
+    conn_home, conn_set, flow_eq, memo_window,
+};
 use core::mem::size_of;
 
 /// Maximum number of VIPs (size of the VIP maps and of the ring outer map).
@@ -551,6 +554,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for ConnEntry {}
     unsafe impl aya::Pod for ConnSet {}
+    unsafe impl aya::Pod for FlowMemo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for BackendCounter {}

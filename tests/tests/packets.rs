@@ -1757,3 +1757,124 @@ fn the_verifier_inlines_the_default_size_ring_lookup() {
         .count();
     assert!(inlined > 0, "no inlined lookup of a RINGS_FIXED inner map");
 }
+
+/// This CPU's memo slot of `flow` in the program's `FLOW_MEMO` (its index and content).
+fn memo_slot(
+    memo: &aya::maps::Array<aya::maps::MapData, lb_common::FlowMemo>,
+    cpu: usize,
+    flow: &lb_common::FlowKey,
+) -> (u32, lb_common::FlowMemo) {
+    use lb_common::FLOW_MEMO_SLOTS;
+    let h = lb_common::hash::flow_hash(flow);
+    let i = cpu as u32 * FLOW_MEMO_SLOTS + (h & (FLOW_MEMO_SLOTS - 1));
+    (i, memo.get(&i, 0).unwrap())
+}
+
+/// An established flow's packets are answered from the CPU's memo (`FLOW_MEMO`) while its
+/// copy is recent, and from the connection table otherwise: a copy that names another
+/// backend moves the flow while it is recent and no longer once it is older than the memo's
+/// window, or than an eighth of the idle timeout; a copy with a stale backend generation is
+/// not used; another flow's recent copy is not pushed out by a flow the table answers.
+#[test]
+fn an_established_flow_is_answered_from_the_cpus_memo_while_its_copy_is_recent() {
+    use lb_common::{FLOW_MEMO_TICKS, FlowMemo, PROTO_UDP};
+    let cpu = pin_to_cpu(0).unwrap();
+    let mut lab = lab();
+    let id = vip(VIP_UDP3, 5000, "udp");
+    let flow = flow4(CLIENT, VIP_UDP3, 41000, 5000, PROTO_UDP);
+    let l3 = udp4_ip(CLIENT, VIP_UDP3, 41000, 5000, b"memo");
+    let frame = to_lb(&l3, ETH_IP);
+    // The first packet is a new flow (the table learns it), the second finds it in the table
+    // (the memo learns it).
+    let first = lab.run(&frame);
+    let table_backend = Ipv4Addr::new(first.1[30], first.1[31], first.1[32], first.1[33]);
+    assert_frame(
+        &lab.run(&frame),
+        TX,
+        &expect_4in4(&l3, table_backend),
+        "second packet",
+    );
+    let mut memo: aya::maps::Array<_, FlowMemo> =
+        program_map(&mut lab, "FLOW_MEMO").try_into().unwrap();
+    let backends: aya::maps::Array<_, lb_common::Backend> =
+        program_map(&mut lab, "BACKENDS").try_into().unwrap();
+    let other = [B1, B2, B3]
+        .into_iter()
+        .find(|b| *b != table_backend)
+        .unwrap();
+    let [table_index, other_index] =
+        [table_backend, other].map(|b| lab.bal.backend_index(&id, &b.into()).unwrap());
+    let (slot, learnt) = memo_slot(&memo, cpu, &flow);
+    assert_eq!(learnt.key, flow, "the memo holds the flow");
+    assert_eq!(learnt.backend, table_index);
+    // A recent copy naming another backend of the VIP answers instead of the table.
+    let other_gen = backends.get(&other_index, 0).unwrap().generation;
+    let copy = |checked: u32, generation: u32| FlowMemo {
+        backend: other_index,
+        generation,
+        checked,
+        ..learnt
+    };
+    // (Recent: renewed now, by the datapath's clock; a run that stalled past the window
+    // before the packet ran is tried again.)
+    let mut answered = None;
+    for _ in 0..3 {
+        let now = memo_slot(&memo, cpu, &flow).1.checked;
+        let t = std::time::Instant::now();
+        memo.set(slot, copy(now, other_gen), 0).unwrap();
+        let got = lab.run(&frame);
+        answered = Some(got);
+        if t.elapsed() < std::time::Duration::from_millis(100) {
+            break;
+        }
+    }
+    let got = answered.unwrap();
+    assert_frame(&got, TX, &expect_4in4(&l3, other), "a recent copy answers");
+    // A copy older than the window: the table answers, and the memo copies it again.
+    let now = memo_slot(&memo, cpu, &flow).1.checked;
+    memo.set(slot, copy(now.wrapping_sub(FLOW_MEMO_TICKS), other_gen), 0)
+        .unwrap();
+    let got = lab.run(&frame);
+    assert_frame(&got, TX, &expect_4in4(&l3, table_backend), "an old copy");
+    let renewed = memo_slot(&memo, cpu, &flow).1;
+    assert_eq!(renewed.backend, table_index, "copied again");
+    // A recent copy made under another generation of its backend: the table answers.
+    memo.set(slot, copy(renewed.checked, other_gen.wrapping_add(1)), 0)
+        .unwrap();
+    let got = lab.run(&frame);
+    assert_frame(
+        &got,
+        TX,
+        &expect_4in4(&l3, table_backend),
+        "a stale generation",
+    );
+    // Another flow's recent copy in the slot stays: the table answers this flow.
+    let stranger = FlowMemo {
+        key: flow4(CLIENT, VIP_UDP3, 41001, 5000, PROTO_UDP),
+        ..copy(memo_slot(&memo, cpu, &flow).1.checked, other_gen)
+    };
+    memo.set(slot, stranger, 0).unwrap();
+    let got = lab.run(&frame);
+    assert_frame(
+        &got,
+        TX,
+        &expect_4in4(&l3, table_backend),
+        "another flow's copy",
+    );
+    assert_eq!(memo.get(&slot, 0).unwrap(), stranger, "pushed out");
+    // With a UDP idle timeout of 100 ms (96 ticks), a copy 20 ticks old is past its window
+    // (12 ticks), though well inside the default one.
+    lab.bal.set_idle_timeouts(None, Some(100)).unwrap();
+    memo.set(slot, learnt, 0).unwrap();
+    lab.run(&frame);
+    let now = memo_slot(&memo, cpu, &flow).1.checked;
+    memo.set(slot, copy(now.wrapping_sub(20), other_gen), 0)
+        .unwrap();
+    let got = lab.run(&frame);
+    assert_frame(
+        &got,
+        TX,
+        &expect_4in4(&l3, table_backend),
+        "past an eighth of the timeout",
+    );
+}

@@ -165,8 +165,15 @@ const LIMITS: &str = "## What limits the missed targets
   generators sent all the flows, so every flow's set line moved between the two cores \
   with its idle stamp; each now sends its own half, as a NIC's RSS sends each flow to one \
   queue: in runs back to back, 50-57% against 39-46% with 10000 flows on two queues, and \
-  42-48% against 33-43% with 1M. When the machine is shared, both the bare and the maglb \
-  rates drop and vary between runs; the ratios are what compares.
+  42-48% against 33-43% with 1M. Since this run each CPU answers the flows it found in \
+  the table from its own flow memo for about 134 ms (`FLOW_MEMO`, 2 MiB per CPU, so \
+  within the TLB's reach): with 10000 flows, 73-75% on one queue and 75-79% on two against \
+  60% and 54-63% without it, in runs back to back; with 1M flows, where the memo mostly \
+  misses, 40-41% against 41-44% (1M flows at 3.4-4.0 Mpps against 3.4-3.5: the same). \
+  Before a flow seen once could push a busy flow's copy out of the memo, 1M flows lost \
+  more (34-42%). What is left at 10000 flows is the memo's own misses (flows sharing a \
+  slot) and the per-packet work above. When the machine is shared, both the bare and the \
+  maglb rates drop and vary between runs; the ratios are what compares.
 - **Connections.** maglb terminates nothing, so its rate stays near that of no balancer; \
   its p99 adds the balancer's hop, and on a shared 2-core machine a few ms of scheduling \
   noise decide the 1.3x p99 target. HAProxy's rate falls from round to round here (its \

@@ -4,14 +4,16 @@
 //! lookup compares its slots, an insert takes the flow's own slot, an empty one or the one
 //! idle longest. No helper call: the verifier inlines an array lookup.
 
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, CONN_WAYS, ConnEntry, ConnSet, ConnSlot,
-    FLOOD_WINDOW_SHIFT, FlowKey, PROTO_UDP, Settings, TCP_FIN, TCP_RST, conn_check, conn_home,
-    conn_set, flow_eq, hash,
+    FLOOD_WINDOW_SHIFT, FLOW_MEMO_SLOTS, FLOW_MEMO_TICKS, FlowKey, FlowMemo, PROTO_UDP, Settings,
+    TCP_FIN, TCP_RST, conn_check, conn_home, conn_set, flow_eq, hash, memo_window,
 };
 
-use crate::maps::{BACKENDS, CLOCK, CONNTRACK, FLOOD, SETTINGS, conntrack_set_mask};
+use crate::maps::{
+    BACKENDS, CLOCK, CONNTRACK, FLOOD, FLOW_MEMO, SETTINGS, conntrack_set_mask, flow_memo_cpus,
+};
 
 /// The runtime settings, read in place (all zero, i.e. no timeouts, no flood threshold,
 /// IP-in-IP, until user space writes them). `None` never happens (slot 0 of a one-slot
@@ -77,25 +79,84 @@ fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
 }
 
 /// The flow's entry while it is valid: its backend is in use with the same generation, and
-/// it has not been idle longer than its protocol's timeout. Marks it used now (a write at
-/// most once per tick). Returns (backend index, backend, VIP index). The clock is read
-/// after the lookup.
+/// it has not been idle longer than its protocol's timeout. Returns (backend index, backend,
+/// VIP index). This CPU's memo answers first (`lb_common::FlowMemo`); the table answers when
+/// the memo holds no recent copy, and its answer is then stamped and copied into the memo,
+/// unless the memo slot holds another flow's recent copy: a flow seen once does not push out
+/// a busy one (and with far more flows than slots, misses write nothing).
 #[inline(always)]
 pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> {
     let h = hash::flow_hash(flow);
-    let e = find(set_of(h)?, flow, h)?;
+    let idle = if flow.proto == PROTO_UDP {
+        s.udp_idle_ticks
+    } else {
+        s.tcp_idle_ticks
+    };
     let now = ticks(now_ns());
+    let memo = memo_of(h);
+    let mut take = false;
+    if let Some(m) = memo {
+        // SAFETY: `m` is this CPU's memo slot, a map value valid for the program's run; only
+        // this CPU writes it, and XDP does not nest on a CPU.
+        let m = unsafe { &*m };
+        let fresh = now.wrapping_sub(m.checked) < memo_window(idle);
+        let mine = flow_eq(&m.key, flow);
+        if fresh
+            && mine
+            && let Some(found) = from_memo(m)
+        {
+            return Some(found);
+        }
+        take = mine || !fresh;
+    }
+    let (entry, b) = from_table(flow, h, now, idle)?;
+    if let Some(m) = memo
+        && take
+    {
+        // SAFETY: as above.
+        unsafe {
+            (*m).key = *flow;
+            (*m).backend = entry.backend;
+            (*m).generation = entry.generation;
+            (*m).vip = entry.vip;
+            (*m).checked = now;
+        }
+    }
+    Some((entry.backend, b, entry.vip))
+}
+
+/// This CPU's memo slot for a flow of hash `h` (none when the memo has no room for this CPU).
+#[inline(always)]
+fn memo_of(h: u32) -> Option<*mut FlowMemo> {
+    // SAFETY: a helper without arguments (inlined by the verifier).
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if cpu >= flow_memo_cpus() {
+        return None;
+    }
+    FLOW_MEMO.get_ptr_mut(cpu * FLOW_MEMO_SLOTS + (h & (FLOW_MEMO_SLOTS - 1)))
+}
+
+/// A recent memo copy's answer: its backend, if still in use with that generation.
+#[inline(always)]
+fn from_memo(m: &FlowMemo) -> Option<(u32, Backend, u32)> {
+    let b = BACKENDS.get(m.backend)?;
+    if b.flags & BACKEND_F_IN_USE == 0 || b.generation != m.generation {
+        return None;
+    }
+    Some((m.backend, *b, m.vip))
+}
+
+/// The table's entry of `flow` (hash `h`) and its backend, while valid; marks it used `now`
+/// (a write at most once per tick).
+#[inline(always)]
+fn from_table(flow: &FlowKey, h: u32, now: u32, idle: u32) -> Option<(ConnEntry, Backend)> {
+    let e = find(set_of(h)?, flow, h)?;
     // SAFETY: `e` points into a map value, valid for the program's run.
     let entry = unsafe { (*e).entry };
     let b = BACKENDS.get(entry.backend)?;
     if b.flags & BACKEND_F_IN_USE == 0 || b.generation != entry.generation {
         return None;
     }
-    let idle = if flow.proto == PROTO_UDP {
-        s.udp_idle_ticks
-    } else {
-        s.tcp_idle_ticks
-    };
     // Signed: another CPU may have stamped the entry a tick after this CPU read the clock.
     let age = now.wrapping_sub(entry.last_seen) as i32;
     if age > 0 {
@@ -105,7 +166,7 @@ pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> 
         // SAFETY: as above; a racing writer's slot fails its check, whatever this stamps.
         unsafe { (*e).entry.last_seen = now };
     }
-    Some((entry.backend, *b, entry.vip))
+    Some((entry, *b))
 }
 
 /// `established`'s backend index, or `u32::MAX`. A subprogram for the ICMP error path:
@@ -156,6 +217,23 @@ pub fn remember(
         core::ptr::write_volatile(&mut (*slot).key, *flow);
         core::ptr::write_volatile(&mut (*slot).entry, entry);
         core::ptr::write_volatile(&mut (*slot).check, conn_check(h, &entry));
+    }
+    forget(flow, h, now);
+}
+
+/// Makes this CPU's memo copy of `flow` (hash `h`), if it holds one, too old to answer: the
+/// flow's entry was just written anew (a SYN starting the 5-tuple again may have chosen
+/// another backend). Other CPUs' copies age out within their window; a NIC's RSS sends a
+/// 5-tuple's packets to one CPU.
+#[inline(always)]
+fn forget(flow: &FlowKey, h: u32, now: u32) {
+    if let Some(m) = memo_of(h) {
+        // SAFETY: as in `established`.
+        unsafe {
+            if flow_eq(&(*m).key, flow) {
+                (*m).checked = now.wrapping_sub(FLOW_MEMO_TICKS);
+            }
+        }
     }
 }
 

@@ -9,9 +9,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, BackendCounter, CONN_WAYS, Config, ConnSet, Counter,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FIXED_RING_MAP_FLAGS, FloodMeter, MAX_BACKENDS,
-    MAX_VIPS, PREFIX_ENTRIES, PrefixData4, PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES,
-    SRC_SEEN_SLOTS, Settings, SrcKey, VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FIXED_RING_MAP_FLAGS, FLOW_MEMO_SLOTS,
+    FloodMeter, FlowMemo, MAX_BACKENDS, MAX_VIPS, PREFIX_ENTRIES, PrefixData4, PrefixData6,
+    RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS, Settings, SrcKey, VIP_FILTER_WORDS, VipKey,
+    VipMeta, VipPolicy, stat, vip_stat,
     vip_table::{VIP_BUCKETS, VipBucket},
 };
 
@@ -78,6 +79,26 @@ static CONNTRACK_SET_MASK: u32 = 0;
 pub fn conntrack_set_mask() -> u32 {
     // SAFETY: a read-only global, set before load.
     unsafe { core::ptr::read_volatile(&CONNTRACK_SET_MASK) }
+}
+
+/// Each CPU's flow memo (`lb_common::FlowMemo`): `FLOW_MEMO_SLOTS` slots per CPU, CPU `c`'s
+/// from `c * FLOW_MEMO_SLOTS` on, a slot picked by the flow hash. A plain array, not a
+/// per-CPU one: its lookup is one inlined index (a per-CPU array's goes through a table of
+/// pointers, one more cache line), and each CPU's slots are contiguous. Not pinned: a memo
+/// only repeats the connection table, and a new program starts with an empty one. User
+/// space sizes it at load time (`FLOW_MEMO_CPUS`).
+#[map]
+pub static FLOW_MEMO: Array<FlowMemo> = Array::with_max_entries(FLOW_MEMO_SLOTS, 0);
+
+/// CPUs that `FLOW_MEMO` has room for, set by the loader (0: no memo). A read-only global.
+#[unsafe(no_mangle)]
+static FLOW_MEMO_CPUS: u32 = 0;
+
+/// `FLOW_MEMO_CPUS` as loaded.
+#[inline(always)]
+pub fn flow_memo_cpus() -> u32 {
+    // SAFETY: a read-only global, set before load.
+    unsafe { core::ptr::read_volatile(&FLOW_MEMO_CPUS) }
 }
 
 /// Slot 0: the balancer's configuration. Written by user space.
