@@ -56,8 +56,17 @@ pub struct ConnSet {
     pub slots: [ConnSlot; CONN_WAYS],
 }
 
-/// Slots of each CPU's flow memo (`FLOW_MEMO`): 2^15, 2 MiB per CPU.
+/// Slots of each CPU's flow memo (`FLOW_MEMO`), at most: 2^15, 2 MiB per CPU.
 pub const FLOW_MEMO_SLOTS: u32 = 1 << 15;
+/// Slots of the flow memo over all CPUs, at most (beyond 32 CPUs): 2^20, 64 MiB.
+pub const FLOW_MEMO_MAX_SLOTS: u32 = 1 << 20;
+
+/// Slots per CPU of the flow memo on a machine of `cpus` CPUs (a power of two):
+/// [`FLOW_MEMO_SLOTS`] up to 32 CPUs, fewer beyond, so that all CPUs together take at most
+/// [`FLOW_MEMO_MAX_SLOTS`], but never fewer than 4096 (256 KiB).
+pub fn flow_memo_slots(cpus: u32) -> u32 {
+    (FLOW_MEMO_MAX_SLOTS / cpus.max(1).next_power_of_two()).clamp(1 << 12, FLOW_MEMO_SLOTS)
+}
 /// Longest a memo entry answers for its flow's connection-table entry, in clock ticks
 /// (about 134 ms; see [`memo_window`]).
 pub const FLOW_MEMO_TICKS: u32 = 128;
@@ -131,6 +140,15 @@ mod tests {
             proto: 6,
             family: 2,
             _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn the_memo_takes_2_mib_per_cpu_up_to_32_cpus_and_64_mib_beyond() {
+        let per_cpu = [(0, 32768), (1, 32768), (2, 32768), (32, 32768), (48, 16384)];
+        let more = [(64, 16384), (128, 8192), (256, 4096), (4096, 4096)];
+        for (cpus, slots) in per_cpu.into_iter().chain(more) {
+            assert_eq!(flow_memo_slots(cpus), slots, "{cpus} CPUs");
         }
     }
 

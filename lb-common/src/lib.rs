@@ -11,8 +11,8 @@ pub mod seen;
 pub mod vip_table;
 
 pub use conntrack::{
-    CONN_WAYS, ConnSet, ConnSlot, FLOW_MEMO_SLOTS, FLOW_MEMO_TICKS, FlowMemo, conn_check,
-    conn_home, conn_set, flow_eq, memo_window,
+    CONN_WAYS, ConnSet, ConnSlot, FLOW_MEMO_MAX_SLOTS, FLOW_MEMO_SLOTS, FLOW_MEMO_TICKS, FlowMemo,
+    conn_check, conn_home, conn_set, flow_eq, flow_memo_slots, memo_window,
 };
 use core::mem::size_of;
 

@@ -1764,9 +1764,10 @@ fn memo_slot(
     cpu: usize,
     flow: &lb_common::FlowKey,
 ) -> (u32, lb_common::FlowMemo) {
-    use lb_common::FLOW_MEMO_SLOTS;
+    let cpus = aya::util::nr_cpus().unwrap() as u32;
+    let slots = lb_common::flow_memo_slots(cpus);
     let h = lb_common::hash::flow_hash(flow);
-    let i = cpu as u32 * FLOW_MEMO_SLOTS + (h & (FLOW_MEMO_SLOTS - 1));
+    let i = cpu as u32 * slots + (h & (slots - 1));
     (i, memo.get(&i, 0).unwrap())
 }
 

@@ -26,8 +26,8 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, BackendCounter, CONN_WAYS, Config, ConnEntry, ConnSet, Counter,
-    DEFAULT_CONNTRACK_ENTRIES, FLOW_MEMO_SLOTS, FlowKey, SETTINGS_VERSION, Settings, VipKey,
-    VipMeta, conn_set, vip_stat,
+    DEFAULT_CONNTRACK_ENTRIES, FlowKey, SETTINGS_VERSION, Settings, VipKey, VipMeta, conn_set,
+    flow_memo_slots, vip_stat,
 };
 use tracing::{info, warn};
 
@@ -166,12 +166,6 @@ fn conntrack_sets(entries: u32) -> u32 {
     entries.div_ceil(CONN_WAYS as u32).next_power_of_two()
 }
 
-/// CPUs the flow memo makes room for: every possible CPU (each has its own
-/// [`FLOW_MEMO_SLOTS`] slots, 64 bytes each).
-fn memo_cpus() -> u32 {
-    aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32
-}
-
 /// The maps user space writes and reads.
 struct Maps {
     vips: HashMap<MapData, VipKey, VipMeta>,
@@ -278,9 +272,11 @@ impl Datapath {
         loader.map_max_entries("CONNTRACK", sets);
         let mask = sets - 1;
         loader.override_global("CONNTRACK_SET_MASK", &mask, true);
-        let cpus = memo_cpus();
-        loader.map_max_entries("FLOW_MEMO", cpus * FLOW_MEMO_SLOTS);
-        loader.override_global("FLOW_MEMO_CPUS", &cpus, true);
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+        let memo_slots = flow_memo_slots(cpus);
+        loader.map_max_entries("FLOW_MEMO", cpus * memo_slots);
+        let memo_mask = memo_slots - 1;
+        loader.override_global("FLOW_MEMO_MASK", &memo_mask, true);
         let paths: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),

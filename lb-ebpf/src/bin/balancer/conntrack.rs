@@ -7,12 +7,12 @@
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, CONN_WAYS, ConnEntry, ConnSet, ConnSlot,
-    FLOOD_WINDOW_SHIFT, FLOW_MEMO_SLOTS, FLOW_MEMO_TICKS, FlowKey, FlowMemo, PROTO_UDP, Settings,
-    TCP_FIN, TCP_RST, conn_check, conn_home, conn_set, flow_eq, hash, memo_window,
+    FLOOD_WINDOW_SHIFT, FLOW_MEMO_TICKS, FlowKey, FlowMemo, PROTO_UDP, Settings, TCP_FIN, TCP_RST,
+    conn_check, conn_home, conn_set, flow_eq, hash, memo_window,
 };
 
 use crate::maps::{
-    BACKENDS, CLOCK, CONNTRACK, FLOOD, FLOW_MEMO, SETTINGS, conntrack_set_mask, flow_memo_cpus,
+    BACKENDS, CLOCK, CONNTRACK, FLOOD, FLOW_MEMO, SETTINGS, conntrack_set_mask, flow_memo_mask,
 };
 
 /// The runtime settings, read in place (all zero, i.e. no timeouts, no flood threshold,
@@ -125,15 +125,14 @@ pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> 
     Some((entry.backend, b, entry.vip))
 }
 
-/// This CPU's memo slot for a flow of hash `h` (none when the memo has no room for this CPU).
+/// This CPU's memo slot for a flow of hash `h` (none when the memo has no room for this
+/// CPU: the index is then past the map's end).
 #[inline(always)]
 fn memo_of(h: u32) -> Option<*mut FlowMemo> {
     // SAFETY: a helper without arguments (inlined by the verifier).
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    if cpu >= flow_memo_cpus() {
-        return None;
-    }
-    FLOW_MEMO.get_ptr_mut(cpu * FLOW_MEMO_SLOTS + (h & (FLOW_MEMO_SLOTS - 1)))
+    let mask = flow_memo_mask();
+    FLOW_MEMO.get_ptr_mut(cpu * (mask + 1) + (h & mask))
 }
 
 /// A recent memo copy's answer: its backend, if still in use with that generation.

@@ -81,24 +81,25 @@ pub fn conntrack_set_mask() -> u32 {
     unsafe { core::ptr::read_volatile(&CONNTRACK_SET_MASK) }
 }
 
-/// Each CPU's flow memo (`lb_common::FlowMemo`): `FLOW_MEMO_SLOTS` slots per CPU, CPU `c`'s
-/// from `c * FLOW_MEMO_SLOTS` on, a slot picked by the flow hash. A plain array, not a
-/// per-CPU one: its lookup is one inlined index (a per-CPU array's goes through a table of
-/// pointers, one more cache line), and each CPU's slots are contiguous. Not pinned: a memo
-/// only repeats the connection table, and a new program starts with an empty one. User
-/// space sizes it at load time (`FLOW_MEMO_CPUS`).
+/// Each CPU's flow memo (`lb_common::FlowMemo`): `FLOW_MEMO_MASK + 1` slots per CPU, CPU
+/// `c`'s from `c * (FLOW_MEMO_MASK + 1)` on, a slot picked by the flow hash. A plain array,
+/// not a per-CPU one: its lookup is one inlined index (a per-CPU array's goes through a
+/// table of pointers, one more cache line), and each CPU's slots are contiguous. Not pinned:
+/// a memo only repeats the connection table, and a new program starts with an empty one.
+/// User space sizes it at load time (`lb_common::flow_memo_slots` per possible CPU).
 #[map]
 pub static FLOW_MEMO: Array<FlowMemo> = Array::with_max_entries(FLOW_MEMO_SLOTS, 0);
 
-/// CPUs that `FLOW_MEMO` has room for, set by the loader (0: no memo). A read-only global.
+/// Slots per CPU of `FLOW_MEMO` minus one (a power of two minus one), set by the loader. A
+/// read-only global.
 #[unsafe(no_mangle)]
-static FLOW_MEMO_CPUS: u32 = 0;
+static FLOW_MEMO_MASK: u32 = 0;
 
-/// `FLOW_MEMO_CPUS` as loaded.
+/// `FLOW_MEMO_MASK` as loaded.
 #[inline(always)]
-pub fn flow_memo_cpus() -> u32 {
+pub fn flow_memo_mask() -> u32 {
     // SAFETY: a read-only global, set before load.
-    unsafe { core::ptr::read_volatile(&FLOW_MEMO_CPUS) }
+    unsafe { core::ptr::read_volatile(&FLOW_MEMO_MASK) }
 }
 
 /// Slot 0: the balancer's configuration. Written by user space.
