@@ -169,8 +169,9 @@ const LIMITS: &str = "## What limits the missed targets
   the table from its own flow memo for about 134 ms (`FLOW_MEMO`, 2 MiB per CPU, so \
   within the TLB's reach): with 10000 flows, 73-75% on one queue and 75-79% on two against \
   60% and 54-63% without it, in runs back to back; with 1M flows, where the memo mostly \
-  misses, 40-41% against 41-44% (1M flows at 3.4-4.0 Mpps against 3.4-3.5: the same). \
-  Before a flow seen once could push a busy flow's copy out of the memo, 1M flows lost \
+  misses, 33-42% over three runs against 41-50% without (3.0-4.0 Mpps against \
+  3.4-3.5): about a tenth less, as nearly every packet reads a memo line for nothing; \
+  flows that all send alike, as here, are the memo's worst case. Before a flow seen once could push a busy flow's copy out of the memo, 1M flows lost \
   more (34-42%). What is left at 10000 flows is the memo's own misses (flows sharing a \
   slot) and the per-packet work above. When the machine is shared, both the bare and the \
   maglb rates drop and vary between runs; the ratios are what compares.
