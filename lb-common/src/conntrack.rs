@@ -104,6 +104,43 @@ pub fn memo_window(idle: u32) -> u32 {
     }
 }
 
+/// Each CPU's count of how well its memo answers (`MEMO_METER`), in windows of
+/// 2^[`MEMO_METER_SHIFT`] clock ticks. With far more busy flows than slots (a million flows
+/// all sending alike), nearly every packet reads a memo line for nothing, and that costs
+/// more than the memo saves: the memo is then off for the next window, but for the flows of
+/// one slot in 16 ([`memo_sampled`]), whose hits say when it pays again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoMeter {
+    /// The window counted: clock tick >> [`MEMO_METER_SHIFT`].
+    pub window: u32,
+    /// Memo lookups in the window, and how many the memo answered.
+    pub looked: u32,
+    pub hits: u32,
+    /// 1: off in this window (the last one counted answered too few, [`memo_pays`]).
+    pub off: u32,
+}
+const _: () = assert!(size_of::<MemoMeter>() == 16);
+
+/// Clock ticks per memo meter window, as a shift: 16 ticks, about 17 ms.
+pub const MEMO_METER_SHIFT: u32 = 4;
+
+/// Whether the memo is used for every flow in the window after one in which it made
+/// `looked` lookups and answered `hits`: unless it answered fewer than a quarter of at least
+/// 64.
+#[inline(always)]
+pub fn memo_pays(looked: u32, hits: u32) -> bool {
+    looked < 64 || hits.saturating_mul(4) >= looked
+}
+
+/// Whether a flow of hash `h` uses the memo while it is off: the flows whose slot is one in
+/// 16 (the hash's low four bits, which the slot's index starts with). They load those slots
+/// as all flows load all slots, so their hit rate is the memo's.
+#[inline(always)]
+pub fn memo_sampled(h: u32) -> bool {
+    h & 15 == 0
+}
+
 /// The check word of a slot holding a flow of hash `h` with entry `e` (never 0). It leaves
 /// out `last_seen`, which readers stamp in place.
 #[inline(always)]
@@ -150,6 +187,26 @@ mod tests {
         for (cpus, slots) in per_cpu.into_iter().chain(more) {
             assert_eq!(flow_memo_slots(cpus), slots, "{cpus} CPUs");
         }
+    }
+
+    #[test]
+    fn the_memo_goes_off_below_a_quarter_of_hits_and_samples_one_slot_in_16() {
+        assert!(memo_pays(0, 0), "no lookups: on");
+        assert!(memo_pays(63, 0), "too few lookups to judge");
+        assert!(!memo_pays(64, 15));
+        assert!(memo_pays(64, 16));
+        assert!(!memo_pays(u32::MAX, u32::MAX / 5));
+        assert!(memo_pays(u32::MAX, u32::MAX / 2));
+        let mask = FLOW_MEMO_SLOTS - 1;
+        let sampled: Vec<u32> = (0..4096u32)
+            .map(|i| i.wrapping_mul(0x9e37_79b9))
+            .filter(|h| memo_sampled(*h))
+            .collect();
+        assert_eq!(sampled.len(), 256, "one flow in 16");
+        assert!(
+            sampled.iter().all(|h| (h & mask).is_multiple_of(16)),
+            "one slot in 16"
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@ pub mod vip_table;
 
 pub use conntrack::{
     CONN_WAYS, ConnSet, ConnSlot, FLOW_MEMO_MAX_SLOTS, FLOW_MEMO_SLOTS, FLOW_MEMO_TICKS, FlowMemo,
-    conn_check, conn_home, conn_set, flow_eq, flow_memo_slots, memo_window,
+    MEMO_METER_SHIFT, MemoMeter, conn_check, conn_home, conn_set, flow_eq, flow_memo_slots,
+    memo_pays, memo_sampled, memo_window,
 };
 use core::mem::size_of;
 
@@ -555,6 +556,7 @@ mod pod {
     unsafe impl aya::Pod for ConnEntry {}
     unsafe impl aya::Pod for ConnSet {}
     unsafe impl aya::Pod for FlowMemo {}
+    unsafe impl aya::Pod for MemoMeter {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for BackendCounter {}

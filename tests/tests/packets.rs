@@ -1879,3 +1879,69 @@ fn an_established_flow_is_answered_from_the_cpus_memo_while_its_copy_is_recent()
         "past an eighth of the timeout",
     );
 }
+
+/// The memo goes off for a window after one in which it answered under a quarter of its
+/// lookups (thousands of flows seen once each): a flow that is not one of its samples then
+/// neither reads nor fills it. With a busy flow alone it is on again, and answers.
+#[test]
+fn the_memo_is_off_while_it_answers_few_and_on_again_once_it_pays() {
+    use lb_common::{FlowMemo, MemoMeter, PROTO_UDP, memo_sampled};
+    use std::time::{Duration, Instant};
+    let cpu = pin_to_cpu(0).unwrap();
+    let mut lab = lab();
+    let meter = |lab: &mut Lab| -> MemoMeter {
+        let m: aya::maps::PerCpuArray<_, MemoMeter> =
+            program_map(lab, "MEMO_METER").try_into().unwrap();
+        m.get(&0, 0).unwrap()[cpu]
+    };
+    let memo: aya::maps::Array<_, FlowMemo> =
+        program_map(&mut lab, "FLOW_MEMO").try_into().unwrap();
+    let flow = |sport: u16| flow4(CLIENT, VIP_UDP3, sport, 5000, PROTO_UDP);
+    let sport = (42000..43000)
+        .find(|p| !memo_sampled(lb_common::hash::flow_hash(&flow(*p))))
+        .unwrap();
+    let busy = to_lb(&udp4_ip(CLIENT, VIP_UDP3, sport, 5000, b"busy"), ETH_IP);
+    let copied = |memo: &aya::maps::Array<_, FlowMemo>| {
+        memo_slot(memo, cpu, &flow(sport)).1.key == flow(sport)
+    };
+    lab.run(&busy);
+    // 2000 flows seen once each, then a window later the busy flow (which the table knows).
+    // (A burst split over two windows may leave too few lookups in the second to judge:
+    // then again.)
+    let mut went_off = false;
+    for round in 0..3u32 {
+        for i in 0..2000u32 {
+            let src = Ipv4Addr::from(0x0a70_0000 + round * 2000 + i);
+            lab.run(&to_lb(&udp4_ip(src, VIP_UDP3, 1000, 5000, b"once"), ETH_IP));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        lab.run(&busy);
+        if meter(&mut lab).off == 1 {
+            assert!(
+                !copied(&memo),
+                "the memo was off, yet the busy flow was copied into it"
+            );
+            went_off = true;
+            break;
+        }
+    }
+    assert!(went_off, "the memo never went off: {:?}", meter(&mut lab));
+    // The busy flow alone: no sampled lookups to judge by, so the memo is on again in the
+    // next window, copies the flow and answers its packets.
+    let t = Instant::now();
+    while meter(&mut lab).off == 1 || !copied(&memo) {
+        assert!(t.elapsed() < Duration::from_secs(1), "the memo stayed off");
+        std::thread::sleep(Duration::from_millis(5));
+        lab.run(&busy);
+    }
+    let before = meter(&mut lab);
+    for _ in 0..10 {
+        lab.run(&busy);
+    }
+    let after = meter(&mut lab);
+    assert_eq!(after.off, 0);
+    assert!(
+        after.window != before.window || after.hits >= before.hits + 10,
+        "the memo did not answer: {before:?} -> {after:?}"
+    );
+}

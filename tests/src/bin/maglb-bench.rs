@@ -170,8 +170,13 @@ const LIMITS: &str = "## What limits the missed targets
   within the TLB's reach): with 10000 flows, 73-75% on one queue and 75-79% on two against \
   60% and 54-63% without it, in runs back to back; with 1M flows, where the memo mostly \
   misses, 33-42% over three runs against 41-50% without (3.0-4.0 Mpps against \
-  3.4-3.5): about a tenth less, as nearly every packet reads a memo line for nothing; \
-  flows that all send alike, as here, are the memo's worst case. Before a flow seen once could push a busy flow's copy out of the memo, 1M flows lost \
+  3.4-3.5): about a tenth less, as nearly every packet read a memo line for nothing. So \
+  each CPU now meters its memo (`MEMO_METER`): in a window of about 17 ms in which it \
+  answered under a quarter of its lookups, the memo is off for the next window, but for \
+  the flows of one slot in 16, whose hit rate says when it pays again. With the meter, \
+  in runs back to back: 1M flows 39-46% (3.0-3.7 Mpps, the memo off, as its meter showed \
+  during the run: no sampled lookup answered), 10000 flows 68-74% on one queue and \
+  66-85% on two. Before a flow seen once could push a busy flow's copy out of the memo, 1M flows lost \
   more (34-42%). What is left at 10000 flows is the memo's own misses (flows sharing a \
   slot) and the per-packet work above. When the machine is shared, both the bare and the \
   maglb rates drop and vary between runs; the ratios are what compares.

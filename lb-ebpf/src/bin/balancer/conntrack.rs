@@ -7,12 +7,14 @@
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, CONN_WAYS, ConnEntry, ConnSet, ConnSlot,
-    FLOOD_WINDOW_SHIFT, FLOW_MEMO_TICKS, FlowKey, FlowMemo, PROTO_UDP, Settings, TCP_FIN, TCP_RST,
-    conn_check, conn_home, conn_set, flow_eq, hash, memo_window,
+    FLOOD_WINDOW_SHIFT, FLOW_MEMO_TICKS, FlowKey, FlowMemo, MEMO_METER_SHIFT, PROTO_UDP, Settings,
+    TCP_FIN, TCP_RST, conn_check, conn_home, conn_set, flow_eq, hash, memo_pays, memo_sampled,
+    memo_window,
 };
 
 use crate::maps::{
-    BACKENDS, CLOCK, CONNTRACK, FLOOD, FLOW_MEMO, SETTINGS, conntrack_set_mask, flow_memo_mask,
+    BACKENDS, CLOCK, CONNTRACK, FLOOD, FLOW_MEMO, MEMO_METER, SETTINGS, conntrack_set_mask,
+    flow_memo_mask,
 };
 
 /// The runtime settings, read in place (all zero, i.e. no timeouts, no flood threshold,
@@ -83,7 +85,8 @@ fn find(set: *mut ConnSet, flow: &FlowKey, h: u32) -> Option<*mut ConnSlot> {
 /// VIP index). This CPU's memo answers first (`lb_common::FlowMemo`); the table answers when
 /// the memo holds no recent copy, and its answer is then stamped and copied into the memo,
 /// unless the memo slot holds another flow's recent copy: a flow seen once does not push out
-/// a busy one (and with far more flows than slots, misses write nothing).
+/// a busy one (and with far more flows than slots, misses write nothing). While the memo
+/// answers too few, it is off but for its samples (`lb_common::MemoMeter`).
 #[inline(always)]
 pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> {
     let h = hash::flow_hash(flow);
@@ -93,7 +96,7 @@ pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> 
         s.tcp_idle_ticks
     };
     let now = ticks(now_ns());
-    let memo = memo_of(h);
+    let memo = if memo_on(h, now) { memo_of(h) } else { None };
     let mut take = false;
     if let Some(m) = memo {
         // SAFETY: `m` is this CPU's memo slot, a map value valid for the program's run; only
@@ -101,11 +104,10 @@ pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> 
         let m = unsafe { &*m };
         let fresh = now.wrapping_sub(m.checked) < memo_window(idle);
         let mine = flow_eq(&m.key, flow);
-        if fresh
-            && mine
-            && let Some(found) = from_memo(m)
-        {
-            return Some(found);
+        let found = if fresh && mine { from_memo(m) } else { None };
+        count_memo(found.is_some());
+        if found.is_some() {
+            return found;
         }
         take = mine || !fresh;
     }
@@ -133,6 +135,40 @@ fn memo_of(h: u32) -> Option<*mut FlowMemo> {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let mask = flow_memo_mask();
     FLOW_MEMO.get_ptr_mut(cpu * (mask + 1) + (h & mask))
+}
+
+/// Whether a flow of hash `h` uses this CPU's memo now: while the memo is on, or if the flow
+/// is one of its samples (`lb_common::memo_sampled`). In a new window, first decides from the
+/// last window counted whether the memo is on (`lb_common::memo_pays`).
+#[inline(always)]
+fn memo_on(h: u32, now: u32) -> bool {
+    let Some(meter) = MEMO_METER.get_ptr_mut(0) else {
+        return false;
+    };
+    let window = now >> MEMO_METER_SHIFT;
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run; XDP does not
+    // nest on a CPU.
+    unsafe {
+        if (*meter).window != window {
+            (*meter).off = !memo_pays((*meter).looked, (*meter).hits) as u32;
+            (*meter).window = window;
+            (*meter).looked = 0;
+            (*meter).hits = 0;
+        }
+        (*meter).off == 0 || memo_sampled(h)
+    }
+}
+
+/// Counts one memo lookup on this CPU's meter, answered or not.
+#[inline(always)]
+fn count_memo(hit: bool) {
+    if let Some(meter) = MEMO_METER.get_ptr_mut(0) {
+        // SAFETY: as in `memo_on`.
+        unsafe {
+            (*meter).looked += 1;
+            (*meter).hits += hit as u32;
+        }
+    }
 }
 
 /// A recent memo copy's answer: its backend, if still in use with that generation.

@@ -10,9 +10,9 @@ use aya_ebpf::{
 use lb_common::{
     AddrKey, Backend, BackendCounter, CONN_WAYS, Config, ConnSet, Counter,
     DEFAULT_CONNTRACK_ENTRIES, DEFAULT_RING_SIZE, FIXED_RING_MAP_FLAGS, FLOW_MEMO_SLOTS,
-    FloodMeter, FlowMemo, MAX_BACKENDS, MAX_VIPS, PREFIX_ENTRIES, PrefixData4, PrefixData6,
-    RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS, Settings, SrcKey, VIP_FILTER_WORDS, VipKey,
-    VipMeta, VipPolicy, stat, vip_stat,
+    FloodMeter, FlowMemo, MAX_BACKENDS, MAX_VIPS, MemoMeter, PREFIX_ENTRIES, PrefixData4,
+    PrefixData6, RING_MAP_FLAGS, SRC_LIMIT_ENTRIES, SRC_SEEN_SLOTS, Settings, SrcKey,
+    VIP_FILTER_WORDS, VipKey, VipMeta, VipPolicy, stat, vip_stat,
     vip_table::{VIP_BUCKETS, VipBucket},
 };
 
@@ -101,6 +101,11 @@ pub fn flow_memo_mask() -> u32 {
     // SAFETY: a read-only global, set before load.
     unsafe { core::ptr::read_volatile(&FLOW_MEMO_MASK) }
 }
+
+/// Each CPU's memo meter (`lb_common::MemoMeter`): whether its memo is on, and how well it
+/// answered in the current window. Not pinned, like the memo.
+#[map]
+pub static MEMO_METER: PerCpuArray<MemoMeter> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot 0: the balancer's configuration. Written by user space.
 #[map]
