@@ -60,6 +60,9 @@ pub struct ConnSet {
 pub const FLOW_MEMO_SLOTS: u32 = 1 << 15;
 /// Slots of the flow memo over all CPUs, at most (beyond 32 CPUs): 2^20, 64 MiB.
 pub const FLOW_MEMO_MAX_SLOTS: u32 = 1 << 20;
+/// Longest a memo entry answers for its flow's connection-table entry, in clock ticks
+/// (about 134 ms; see [`memo_window`]).
+pub const FLOW_MEMO_TICKS: u32 = 128;
 
 /// Slots per CPU of the flow memo on a machine of `cpus` CPUs (a power of two):
 /// [`FLOW_MEMO_SLOTS`] up to 32 CPUs, fewer beyond, so that all CPUs together take at most
@@ -67,9 +70,6 @@ pub const FLOW_MEMO_MAX_SLOTS: u32 = 1 << 20;
 pub fn flow_memo_slots(cpus: u32) -> u32 {
     (FLOW_MEMO_MAX_SLOTS / cpus.max(1).next_power_of_two()).clamp(1 << 12, FLOW_MEMO_SLOTS)
 }
-/// Longest a memo entry answers for its flow's connection-table entry, in clock ticks
-/// (about 134 ms; see [`memo_window`]).
-pub const FLOW_MEMO_TICKS: u32 = 128;
 
 /// One CPU's copy of a flow's connection-table entry, as that CPU last found it there
 /// (`checked`: the clock tick it did). For that CPU's next packets of the flow, within the

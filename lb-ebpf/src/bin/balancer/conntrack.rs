@@ -174,11 +174,16 @@ fn count_memo(hit: bool) {
 /// A recent memo copy's answer: its backend, if still in use with that generation.
 #[inline(always)]
 fn from_memo(m: &FlowMemo) -> Option<(u32, Backend, u32)> {
-    let b = BACKENDS.get(m.backend)?;
-    if b.flags & BACKEND_F_IN_USE == 0 || b.generation != m.generation {
-        return None;
-    }
+    let b = live_backend(m.backend, m.generation)?;
     Some((m.backend, *b, m.vip))
+}
+
+/// Backend slot `index` while it is in use with `generation`: an entry made under another
+/// generation (the backend left, went down, or the slot was reused) is no longer honoured.
+#[inline(always)]
+fn live_backend(index: u32, generation: u32) -> Option<&'static Backend> {
+    let b = BACKENDS.get(index)?;
+    (b.flags & BACKEND_F_IN_USE != 0 && b.generation == generation).then_some(b)
 }
 
 /// The table's entry of `flow` (hash `h`) and its backend, while valid; marks it used `now`
@@ -188,10 +193,7 @@ fn from_table(flow: &FlowKey, h: u32, now: u32, idle: u32) -> Option<(ConnEntry,
     let e = find(set_of(h)?, flow, h)?;
     // SAFETY: `e` points into a map value, valid for the program's run.
     let entry = unsafe { (*e).entry };
-    let b = BACKENDS.get(entry.backend)?;
-    if b.flags & BACKEND_F_IN_USE == 0 || b.generation != entry.generation {
-        return None;
-    }
+    let b = live_backend(entry.backend, entry.generation)?;
     // Signed: another CPU may have stamped the entry a tick after this CPU read the clock.
     let age = now.wrapping_sub(entry.last_seen) as i32;
     if age > 0 {
