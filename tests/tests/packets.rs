@@ -1833,51 +1833,44 @@ fn an_established_flow_is_answered_from_the_cpus_memo_while_its_copy_is_recent()
     assert_frame(&got, TX, &expect_4in4(&l3, other), "a recent copy answers");
     // A copy older than the window: the table answers, and the memo copies it again.
     let now = memo_slot(&memo, cpu, &flow).1.checked;
-    memo.set(slot, copy(now.wrapping_sub(FLOW_MEMO_TICKS), other_gen), 0)
-        .unwrap();
-    let got = lab.run(&frame);
-    assert_frame(&got, TX, &expect_4in4(&l3, table_backend), "an old copy");
+    let old = copy(now.wrapping_sub(FLOW_MEMO_TICKS), other_gen);
+    let from_table = expect_4in4(&l3, table_backend);
+    let got = with_memo(&mut lab, &mut memo, slot, old, &frame);
+    assert_frame(&got, TX, &from_table, "an old copy");
     let renewed = memo_slot(&memo, cpu, &flow).1;
     assert_eq!(renewed.backend, table_index, "copied again");
     // A recent copy made under another generation of its backend: the table answers.
-    memo.set(slot, copy(renewed.checked, other_gen.wrapping_add(1)), 0)
-        .unwrap();
-    let got = lab.run(&frame);
-    assert_frame(
-        &got,
-        TX,
-        &expect_4in4(&l3, table_backend),
-        "a stale generation",
-    );
+    let stale = copy(renewed.checked, other_gen.wrapping_add(1));
+    let got = with_memo(&mut lab, &mut memo, slot, stale, &frame);
+    assert_frame(&got, TX, &from_table, "a stale generation");
     // Another flow's recent copy in the slot stays: the table answers this flow.
     let stranger = FlowMemo {
         key: flow4(CLIENT, VIP_UDP3, 41001, 5000, PROTO_UDP),
         ..copy(memo_slot(&memo, cpu, &flow).1.checked, other_gen)
     };
-    memo.set(slot, stranger, 0).unwrap();
-    let got = lab.run(&frame);
-    assert_frame(
-        &got,
-        TX,
-        &expect_4in4(&l3, table_backend),
-        "another flow's copy",
-    );
+    let got = with_memo(&mut lab, &mut memo, slot, stranger, &frame);
+    assert_frame(&got, TX, &from_table, "another flow's copy");
     assert_eq!(memo.get(&slot, 0).unwrap(), stranger, "pushed out");
     // With a UDP idle timeout of 100 ms (96 ticks), a copy 20 ticks old is past its window
     // (12 ticks), though well inside the default one.
     lab.bal.set_idle_timeouts(None, Some(100)).unwrap();
-    memo.set(slot, learnt, 0).unwrap();
-    lab.run(&frame);
+    with_memo(&mut lab, &mut memo, slot, learnt, &frame);
     let now = memo_slot(&memo, cpu, &flow).1.checked;
-    memo.set(slot, copy(now.wrapping_sub(20), other_gen), 0)
-        .unwrap();
-    let got = lab.run(&frame);
-    assert_frame(
-        &got,
-        TX,
-        &expect_4in4(&l3, table_backend),
-        "past an eighth of the timeout",
-    );
+    let aged = copy(now.wrapping_sub(20), other_gen);
+    let got = with_memo(&mut lab, &mut memo, slot, aged, &frame);
+    assert_frame(&got, TX, &from_table, "past an eighth of the timeout");
+}
+
+/// Writes `entry` into memo slot `slot`, then runs the balancer on `frame`.
+fn with_memo(
+    lab: &mut Lab,
+    memo: &mut aya::maps::Array<aya::maps::MapData, lb_common::FlowMemo>,
+    slot: u32,
+    entry: lb_common::FlowMemo,
+    frame: &[u8],
+) -> (u32, Vec<u8>) {
+    memo.set(slot, entry, 0).unwrap();
+    lab.run(frame)
 }
 
 /// The memo goes off for a window after one in which it answered under a quarter of its

@@ -167,8 +167,8 @@ const LIMITS: &str = "## What limits the missed targets
   queue: in runs back to back, 50-57% against 39-46% with 10000 flows on two queues, and \
   42-48% against 33-43% with 1M. Since this run each CPU answers the flows it found in \
   the table from its own flow memo for about 134 ms (`FLOW_MEMO`, 2 MiB per CPU, so \
-  within the TLB's reach): with 10000 flows, 73-75% on one queue and 75-79% on two against \
-  60% and 54-63% without it, in runs back to back; with 1M flows, where the memo mostly \
+  within the TLB's reach): with 10000 flows, 68-75% on one queue and 67-79% on two against \
+  50-60% and 54-63% without it, over three runs of each; with 1M flows, where the memo mostly \
   misses, 33-42% over three runs against 41-50% without (3.0-4.0 Mpps against \
   3.4-3.5): about a tenth less, as nearly every packet read a memo line for nothing. So \
   each CPU now meters its memo (`MEMO_METER`): in a window of about 17 ms in which it \
