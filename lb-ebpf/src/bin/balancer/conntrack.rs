@@ -7,9 +7,9 @@
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_F_IN_USE, Backend, CLOCK_SHIFT, CONN_WAYS, ConnEntry, ConnSet, ConnSlot,
-    FLOOD_WINDOW_SHIFT, FLOW_MEMO_TICKS, FlowKey, FlowMemo, MEMO_METER_SHIFT, PROTO_UDP, Settings,
-    TCP_FIN, TCP_RST, conn_check, conn_home, conn_set, flow_eq, hash, memo_pays, memo_sampled,
-    memo_window,
+    FLOOD_WINDOW_SHIFT, FLOW_MEMO_TICKS, FlowKey, FlowMemo, MEMO_METER_SHIFT, MemoMeter, PROTO_UDP,
+    Settings, TCP_FIN, TCP_RST, conn_check, conn_home, conn_set, flow_eq, hash, memo_pays,
+    memo_sampled, memo_window,
 };
 
 use crate::maps::{
@@ -96,16 +96,17 @@ pub fn established(flow: &FlowKey, s: &Settings) -> Option<(u32, Backend, u32)> 
         s.tcp_idle_ticks
     };
     let now = ticks(now_ns());
-    let memo = if memo_on(h, now) { memo_of(h) } else { None };
+    let meter = memo_meter(h, now);
+    let memo = if meter.is_some() { memo_of(h) } else { None };
     let mut take = false;
-    if let Some(m) = memo {
+    if let (Some(m), Some(meter)) = (memo, meter) {
         // SAFETY: `m` is this CPU's memo slot, a map value valid for the program's run; only
         // this CPU writes it, and XDP does not nest on a CPU.
         let m = unsafe { &*m };
         let fresh = now.wrapping_sub(m.checked) < memo_window(idle);
         let mine = flow_eq(&m.key, flow);
         let found = if fresh && mine { from_memo(m) } else { None };
-        count_memo(found.is_some());
+        count_memo(meter, found.is_some());
         if found.is_some() {
             return found;
         }
@@ -137,14 +138,12 @@ fn memo_of(h: u32) -> Option<*mut FlowMemo> {
     FLOW_MEMO.get_ptr_mut(cpu * (mask + 1) + (h & mask))
 }
 
-/// Whether a flow of hash `h` uses this CPU's memo now: while the memo is on, or if the flow
-/// is one of its samples (`lb_common::memo_sampled`). In a new window, first decides from the
-/// last window counted whether the memo is on (`lb_common::memo_pays`).
+/// This CPU's memo meter, if a flow of hash `h` uses the memo now: while the memo is on, or
+/// if the flow is one of its samples (`lb_common::memo_sampled`). In a new window, first
+/// decides from the last window counted whether the memo is on (`lb_common::memo_pays`).
 #[inline(always)]
-fn memo_on(h: u32, now: u32) -> bool {
-    let Some(meter) = MEMO_METER.get_ptr_mut(0) else {
-        return false;
-    };
+fn memo_meter(h: u32, now: u32) -> Option<*mut MemoMeter> {
+    let meter = MEMO_METER.get_ptr_mut(0)?;
     let window = now >> MEMO_METER_SHIFT;
     // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run; XDP does not
     // nest on a CPU.
@@ -155,19 +154,17 @@ fn memo_on(h: u32, now: u32) -> bool {
             (*meter).looked = 0;
             (*meter).hits = 0;
         }
-        (*meter).off == 0 || memo_sampled(h)
+        ((*meter).off == 0 || memo_sampled(h)).then_some(meter)
     }
 }
 
-/// Counts one memo lookup on this CPU's meter, answered or not.
+/// Counts one memo lookup on this CPU's meter (from `memo_meter`), answered or not.
 #[inline(always)]
-fn count_memo(hit: bool) {
-    if let Some(meter) = MEMO_METER.get_ptr_mut(0) {
-        // SAFETY: as in `memo_on`.
-        unsafe {
-            (*meter).looked += 1;
-            (*meter).hits += hit as u32;
-        }
+fn count_memo(meter: *mut MemoMeter, hit: bool) {
+    // SAFETY: as in `memo_meter`.
+    unsafe {
+        (*meter).looked += 1;
+        (*meter).hits += hit as u32;
     }
 }
 
