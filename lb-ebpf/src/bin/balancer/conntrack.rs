@@ -142,30 +142,25 @@ fn memo_of(h: u32) -> Option<*mut FlowMemo> {
 /// if the flow is one of its samples (`lb_common::memo_sampled`). In a new window, first
 /// decides from the last window counted whether the memo is on (`lb_common::memo_pays`).
 #[inline(always)]
-fn memo_meter(h: u32, now: u32) -> Option<*mut MemoMeter> {
-    let meter = MEMO_METER.get_ptr_mut(0)?;
-    let window = now >> MEMO_METER_SHIFT;
+fn memo_meter(h: u32, now: u32) -> Option<&'static mut MemoMeter> {
     // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run; XDP does not
-    // nest on a CPU.
-    unsafe {
-        if (*meter).window != window {
-            (*meter).off = !memo_pays((*meter).looked, (*meter).hits) as u32;
-            (*meter).window = window;
-            (*meter).looked = 0;
-            (*meter).hits = 0;
-        }
-        ((*meter).off == 0 || memo_sampled(h)).then_some(meter)
+    // nest on a CPU, and `established`, which holds the one reference, calls this once.
+    let meter = unsafe { &mut *MEMO_METER.get_ptr_mut(0)? };
+    let window = now >> MEMO_METER_SHIFT;
+    if meter.window != window {
+        meter.off = !memo_pays(meter.looked, meter.hits) as u32;
+        meter.window = window;
+        meter.looked = 0;
+        meter.hits = 0;
     }
+    (meter.off == 0 || memo_sampled(h)).then_some(meter)
 }
 
-/// Counts one memo lookup on this CPU's meter (from `memo_meter`), answered or not.
+/// Counts one memo lookup on this CPU's meter, answered or not.
 #[inline(always)]
-fn count_memo(meter: *mut MemoMeter, hit: bool) {
-    // SAFETY: as in `memo_meter`.
-    unsafe {
-        (*meter).looked += 1;
-        (*meter).hits += hit as u32;
-    }
+fn count_memo(meter: &mut MemoMeter, hit: bool) {
+    meter.looked += 1;
+    meter.hits += hit as u32;
 }
 
 /// A recent memo copy's answer: its backend, if still in use with that generation.
