@@ -751,13 +751,16 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
     let log = traffic.stop();
     result?;
 
-    // Every failed request against the windows.
+    // Every failed request against the windows. Windows overlap (each ends with a slack
+    // that reaches into the next event's): a request inside several counts for the event
+    // made last, the one its failure followed.
     let inside = |r: &Request| -> Option<Kind> {
         windows
             .iter()
-            .find(|w| {
+            .filter(|w| {
                 r.start <= w.end && r.end >= w.start && w.target.is_none_or(|t| t == r.target)
             })
+            .max_by_key(|w| w.start)
             .map(|w| w.kind)
     };
     let mut failed_in: BTreeMap<Kind, usize> = BTreeMap::new();
@@ -865,7 +868,9 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
     }
     let _ = writeln!(
         r,
-        "| **failed outside every window** | **{}** |",
+        "| **failed outside every window** | **{}** |\n\nWindows overlap: each ends with a \
+         slack that can reach into the next event's. A failed request inside several counts \
+         for the event made last.",
         outside.len()
     );
     let _ = writeln!(
