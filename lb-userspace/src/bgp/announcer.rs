@@ -27,12 +27,12 @@ use rtnetlink::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::{Hold, ROUTE_PROTOCOL, decide, live_set};
+use super::{Decision, Hold, ROUTE_PROTOCOL, live_set};
 use crate::{
     api::{BgpAddress, BgpStatus},
     health::supervisor::HealthViews,
     netlink::{self, NetlinkError},
-    state::VipId,
+    state::{BgpConfig, VipId},
     writer::Snapshot,
 };
 
@@ -219,9 +219,11 @@ fn probed(snap: &Snapshot, health: &HealthViews, vip: &VipId) -> bool {
     })
 }
 
+/// The announcer's task: a round (the table made equal to what [`super::decide`] says, the
+/// status published, waiting requests answered), then a wait for what may change it.
 async fn run(
-    mut snap: watch::Receiver<Arc<Snapshot>>,
-    mut health: watch::Receiver<Arc<HealthViews>>,
+    snap: watch::Receiver<Arc<Snapshot>>,
+    health: watch::Receiver<Arc<HealthViews>>,
     mut rx: mpsc::Receiver<Request>,
     status: watch::Sender<Option<BgpStatus>>,
 ) {
@@ -232,161 +234,239 @@ async fn run(
             return;
         }
     };
-    let mut operator = false;
-    let mut leaving: Option<String> = None;
-    // Per address: announced, since when.
-    let mut seen: BTreeMap<IpAddr, (bool, Instant)> = BTreeMap::new();
-    // The table our routes were last written to (to clean it when the config changes).
-    let mut last_table: Option<u32> = None;
+    let mut a = Announcer {
+        nl,
+        snap,
+        health,
+        status,
+        operator: false,
+        leaving: None,
+        seen: BTreeMap::new(),
+        last_table: None,
+        live: BTreeMap::new(),
+        wake: None,
+        wants_verdict: false,
+        last_error: String::new(),
+    };
     let mut pending: Vec<(oneshot::Sender<Result<usize, String>>, usize)> = Vec::new();
-    let mut last_error = String::new();
-    // Per VIP: its live backends, and since when they have been these.
-    let mut live: BTreeMap<VipId, (BTreeSet<IpAddr>, Instant)> = BTreeMap::new();
-    // When the next VIP settles (to wake up for it).
-    let mut wake: Option<Instant> = None;
-    // Some address waits for the probes' verdict (wake up when they report).
-    let mut wants_verdict = false;
     loop {
-        let s = snap.borrow_and_update().clone();
-        let hold = match (&leaving, operator) {
-            (Some(why), _) => Hold::Leaving(why.clone()),
-            (None, true) => Hold::Operator,
-            (None, false) => Hold::None,
-        };
-        let mut result: Result<(), String> = Ok(());
-        match &s.state.bgp {
-            None => {
-                if let Some(t) = last_table.take() {
-                    result = sync(&nl, t, None, &BTreeSet::new()).await.map(drop);
-                    info!(table = t, "BGP announcements off; routes removed");
-                }
-                seen.clear();
-                status.send_replace(None);
-            }
-            Some(cfg) => {
-                if let Some(t) = last_table.filter(|t| *t != cfg.table) {
-                    let _ = sync(&nl, t, None, &BTreeSet::new()).await;
-                }
-                last_table = Some(cfg.table);
-                let t = Instant::now();
-                live.retain(|id, _| s.specs.iter().any(|v| v.id == *id));
-                for v in s.specs.iter() {
-                    let set = live_set(v);
-                    let e = live.entry(v.id).or_insert_with(|| (set.clone(), t));
-                    if e.0 != set {
-                        *e = (set, t);
-                    }
-                }
-                let hold_for = Duration::from_millis(cfg.announce_hold_ms as u64);
-                let probes = health.borrow_and_update().clone();
-                let settled = |id: &VipId| {
-                    live.get(id)
-                        .is_some_and(|(_, since)| t >= *since + hold_for)
-                        && probed(&s, &probes, id)
-                };
-                wake = live
-                    .values()
-                    .map(|(_, since)| *since + hold_for)
-                    .filter(|w| *w > t)
-                    .min();
-                // What the table holds is what is announced now, also what an agent before
-                // this one left there: a restart withdraws nothing.
-                let announced: BTreeSet<IpAddr> = owned(&nl, cfg.table)
-                    .await
-                    .map(|m| m.keys().copied().collect())
-                    .unwrap_or_default();
-                let decisions = decide(&s, cfg, &hold, &announced, &settled);
-                wants_verdict = decisions
-                    .iter()
-                    .any(|d| !d.announce && d.reason.contains("settle"));
-                let iface = cfg
-                    .interface
-                    .clone()
-                    .or_else(|| s.state.balancer.interface.clone());
-                let ifindex = match &iface {
-                    Some(i) => netlink::link(&nl, i).await.ok().map(|l| l.index),
-                    None => None,
-                };
-                let want: BTreeSet<IpAddr> = decisions
-                    .iter()
-                    .filter(|d| d.announce)
-                    .map(|d| d.address)
-                    .collect();
-                let now = match sync(&nl, cfg.table, ifindex, &want).await {
-                    Ok(now) => now,
-                    Err(e) => {
-                        result = Err(e);
-                        owned(&nl, cfg.table)
-                            .await
-                            .map(|m| m.keys().copied().collect())
-                            .unwrap_or_default()
-                    }
-                };
-                let t = Instant::now();
-                seen.retain(|a, _| decisions.iter().any(|d| d.address == *a));
-                let mut addresses = Vec::new();
-                for d in &decisions {
-                    let on = now.contains(&d.address);
-                    let e = seen.entry(d.address).or_insert((!on, t));
-                    if e.0 != on {
-                        *e = (on, t);
-                        info!(address = %d.address, announced = on, reason = %d.reason, "BGP announcement");
-                    }
-                    addresses.push(BgpAddress {
-                        address: d.address,
-                        vips: d.vips.clone(),
-                        announced: on,
-                        reason: d.reason.clone(),
-                        since_s: t.duration_since(e.1).as_secs_f64(),
-                    });
-                }
-                status.send_replace(Some(BgpStatus {
-                    table: cfg.table,
-                    protocol: ROUTE_PROTOCOL,
-                    interface: iface,
-                    min_live_backends: cfg.min_live_backends,
-                    withdraw_wait_ms: cfg.withdraw_wait_ms,
-                    withdrawn_by_operator: operator,
-                    leaving: leaving.is_some(),
-                    addresses,
-                    error: result.as_ref().err().cloned(),
-                }));
-            }
-        }
-        match &result {
-            Err(e) if *e != last_error => {
-                warn!(error = %e, "writing the BGP routes");
-                last_error = e.clone();
-            }
-            Ok(()) => last_error.clear(),
-            _ => {}
-        }
+        let result = a.round().await;
+        a.log_error(&result);
         for (reply, before) in pending.drain(..) {
             let _ = reply.send(result.clone().map(|()| before));
         }
-        tokio::select! {
-            r = snap.changed() => if r.is_err() { return },
-            r = health.changed(), if wants_verdict => if r.is_err() { return },
-            req = rx.recv() => {
-                let Some(req) = req else { return };
-                let before = status
-                    .borrow()
-                    .as_ref()
-                    .map_or(0, |st| st.addresses.iter().filter(|a| a.announced).count());
-                match req.op {
-                    Op::Withdraw => operator = true,
-                    Op::Announce => operator = false,
-                    Op::Leave(why) => leaving = Some(why),
-                    Op::Rejoin => leaving = None,
-                }
-                pending.push((req.reply, before));
+        match a.next(&mut rx).await {
+            Next::Stop => return,
+            Next::Round => {}
+            Next::Request(req) => {
+                pending.push((req.reply, a.announced()));
+                a.take(req.op);
             }
-            _ = tokio::time::sleep_until(
-                wake.map_or(Instant::now() + Duration::from_secs(1), |w| {
-                    w.min(Instant::now() + Duration::from_secs(1))
-                })
-                .into(),
-            ) => {}
         }
+    }
+}
+
+/// The announcer's state; the task owns it.
+struct Announcer {
+    nl: Handle,
+    snap: watch::Receiver<Arc<Snapshot>>,
+    health: watch::Receiver<Arc<HealthViews>>,
+    status: watch::Sender<Option<BgpStatus>>,
+    /// `maglb bgp withdraw` holds everything back (until `maglb bgp announce`).
+    operator: bool,
+    /// The agent leaves, for this reason.
+    leaving: Option<String>,
+    /// Per address: announced, since when.
+    seen: BTreeMap<IpAddr, (bool, Instant)>,
+    /// The table our routes were last written to (to clean it when the config changes).
+    last_table: Option<u32>,
+    /// Per VIP: its live backends, and since when they have been these.
+    live: BTreeMap<VipId, (BTreeSet<IpAddr>, Instant)>,
+    /// When the next VIP settles (to wake up for it).
+    wake: Option<Instant>,
+    /// Some address waits for the probes' verdict (wake up when they report).
+    wants_verdict: bool,
+    /// The last error logged (an error is logged when it changes).
+    last_error: String,
+}
+
+/// What woke the announcer.
+enum Next {
+    Stop,
+    Round,
+    Request(Request),
+}
+
+impl Announcer {
+    fn hold(&self) -> Hold {
+        match (&self.leaving, self.operator) {
+            (Some(why), _) => Hold::Leaving(why.clone()),
+            (None, true) => Hold::Operator,
+            (None, false) => Hold::None,
+        }
+    }
+
+    /// How many addresses the last round announced.
+    fn announced(&self) -> usize {
+        self.status
+            .borrow()
+            .as_ref()
+            .map_or(0, |st| st.addresses.iter().filter(|a| a.announced).count())
+    }
+
+    fn take(&mut self, op: Op) {
+        match op {
+            Op::Withdraw => self.operator = true,
+            Op::Announce => self.operator = false,
+            Op::Leave(why) => self.leaving = Some(why),
+            Op::Rejoin => self.leaving = None,
+        }
+    }
+
+    fn log_error(&mut self, result: &Result<(), String>) {
+        match result {
+            Err(e) if *e != self.last_error => {
+                warn!(error = %e, "writing the BGP routes");
+                self.last_error = e.clone();
+            }
+            Ok(()) => self.last_error.clear(),
+            _ => {}
+        }
+    }
+
+    /// Waits for a new snapshot, the probes' verdict (if a VIP waits for it), a request, the
+    /// next VIP to settle, or a second (the table is re-read).
+    async fn next(&mut self, rx: &mut mpsc::Receiver<Request>) -> Next {
+        let now = Instant::now();
+        let until = self.wake.map_or(now + Duration::from_secs(1), |w| {
+            w.min(now + Duration::from_secs(1))
+        });
+        tokio::select! {
+            r = self.snap.changed() => if r.is_err() { Next::Stop } else { Next::Round },
+            r = self.health.changed(), if self.wants_verdict => {
+                if r.is_err() { Next::Stop } else { Next::Round }
+            }
+            req = rx.recv() => req.map_or(Next::Stop, Next::Request),
+            _ = tokio::time::sleep_until(until.into()) => Next::Round,
+        }
+    }
+
+    /// One round on the latest snapshot.
+    async fn round(&mut self) -> Result<(), String> {
+        let s = self.snap.borrow_and_update().clone();
+        let Some(cfg) = &s.state.bgp else {
+            let mut r = Ok(());
+            if let Some(t) = self.last_table.take() {
+                r = sync(&self.nl, t, None, &BTreeSet::new()).await.map(drop);
+                info!(table = t, "BGP announcements off; routes removed");
+            }
+            self.seen.clear();
+            self.status.send_replace(None);
+            return r;
+        };
+        if let Some(t) = self.last_table.filter(|t| *t != cfg.table) {
+            let _ = sync(&self.nl, t, None, &BTreeSet::new()).await;
+        }
+        self.last_table = Some(cfg.table);
+        let decisions = self.decide(&s, cfg).await;
+        let iface = cfg
+            .interface
+            .clone()
+            .or_else(|| s.state.balancer.interface.clone());
+        let ifindex = match &iface {
+            Some(i) => netlink::link(&self.nl, i).await.ok().map(|l| l.index),
+            None => None,
+        };
+        let want: BTreeSet<IpAddr> = decisions
+            .iter()
+            .filter(|d| d.announce)
+            .map(|d| d.address)
+            .collect();
+        let (result, now) = match sync(&self.nl, cfg.table, ifindex, &want).await {
+            Ok(now) => (Ok(()), now),
+            Err(e) => (Err(e), self.in_table(cfg.table).await),
+        };
+        let addresses = self.addresses(&decisions, &now);
+        self.status.send_replace(Some(BgpStatus {
+            table: cfg.table,
+            protocol: ROUTE_PROTOCOL,
+            interface: iface,
+            min_live_backends: cfg.min_live_backends,
+            withdraw_wait_ms: cfg.withdraw_wait_ms,
+            withdrawn_by_operator: self.operator,
+            leaving: self.leaving.is_some(),
+            addresses,
+            error: result.as_ref().err().cloned(),
+        }));
+        result
+    }
+
+    /// The addresses our routes in `table` announce now (none if it cannot be read).
+    async fn in_table(&self, table: u32) -> BTreeSet<IpAddr> {
+        owned(&self.nl, table)
+            .await
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// What to announce, with each VIP's live backends followed (a VIP settles once they
+    /// have not changed for `announce_hold_ms` and the probes have a verdict on each).
+    async fn decide(&mut self, s: &Snapshot, cfg: &BgpConfig) -> Vec<Decision> {
+        let t = Instant::now();
+        self.live
+            .retain(|id, _| s.specs.iter().any(|v| v.id == *id));
+        for v in s.specs.iter() {
+            let set = live_set(v);
+            let e = self.live.entry(v.id).or_insert_with(|| (set.clone(), t));
+            if e.0 != set {
+                *e = (set, t);
+            }
+        }
+        let hold_for = Duration::from_millis(cfg.announce_hold_ms as u64);
+        self.wake = self
+            .live
+            .values()
+            .map(|(_, since)| *since + hold_for)
+            .filter(|w| *w > t)
+            .min();
+        let probes = self.health.borrow_and_update().clone();
+        let live = &self.live;
+        let settled = |id: &VipId| {
+            live.get(id)
+                .is_some_and(|(_, since)| t >= *since + hold_for)
+                && probed(s, &probes, id)
+        };
+        // What the table holds is what is announced now, also what an agent before this
+        // one left there: a restart withdraws nothing.
+        let announced = self.in_table(cfg.table).await;
+        let decisions = super::decide(s, cfg, &self.hold(), &announced, &settled);
+        self.wants_verdict = decisions
+            .iter()
+            .any(|d| !d.announce && d.reason.contains("settle"));
+        decisions
+    }
+
+    /// The status of each address, with announcements that changed logged.
+    fn addresses(&mut self, decisions: &[Decision], now: &BTreeSet<IpAddr>) -> Vec<BgpAddress> {
+        let t = Instant::now();
+        self.seen
+            .retain(|a, _| decisions.iter().any(|d| d.address == *a));
+        let mut addresses = Vec::new();
+        for d in decisions {
+            let on = now.contains(&d.address);
+            let e = self.seen.entry(d.address).or_insert((!on, t));
+            if e.0 != on {
+                *e = (on, t);
+                info!(address = %d.address, announced = on, reason = %d.reason, "BGP announcement");
+            }
+            addresses.push(BgpAddress {
+                address: d.address,
+                vips: d.vips.clone(),
+                announced: on,
+                reason: d.reason.clone(),
+                since_s: t.duration_since(e.1).as_secs_f64(),
+            });
+        }
+        addresses
     }
 }
