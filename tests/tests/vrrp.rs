@@ -733,8 +733,12 @@ fn ipv6_vrrp_fails_over_and_keeps_ipv6_connections() {
         v["master"].as_str().unwrap().starts_with("fe80:"),
         "IPv6 advertisements come from the link-local address: {v}"
     );
+    // The backup may have started listening after the master's last advertisement.
     assert!(
-        vrrp_json(&p.a2)["adverts_received"].as_u64().unwrap() > 0,
+        wait_for(
+            Duration::from_secs(2),
+            || vrrp_json(&p.a2)["adverts_received"].as_u64().unwrap() > 0
+        ),
         "the backup heard no IPv6 advertisement"
     );
     assert!(
