@@ -432,31 +432,71 @@ impl Speak<'_> {
 
     /// Ok(true): shut down; Ok(false): reconfigured, start again.
     async fn speak(&mut self, cmds: &mut watch::Receiver<Command>) -> io::Result<bool> {
-        let cfg = self.cfg;
         let link = self.link().await?;
         let sock = crate::sys::async_socket(open_socket(self.iface, &link)?)?;
-        let interval = Duration::from_millis(cfg.advert_interval_cs as u64 * 10);
-        let mut router = Router::new(
+        let mut st = self.session(link).await;
+        let mut actions = st.router.start(Instant::now());
+        let mut buf = vec![0u8; 2048];
+        let mut track = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            self.act(&mut st, &mut actions, sock.get_ref()).await;
+            self.publish(&st);
+            let deadline = st
+                .router
+                .next_deadline()
+                .unwrap_or(Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                r = sock.readable() => {
+                    let mut guard = r?;
+                    let got = match guard.try_io(|s| receive(s.get_ref(), &mut buf, st.link.local)) {
+                        Ok(r) => r?,
+                        Err(_) => continue,
+                    };
+                    let Some((n, src, dst, ttl, ihl)) = got else { continue };
+                    if let Some(new) = self.received(&mut st, &buf[ihl..n], (src, dst, ttl)) {
+                        actions = new;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    actions = st.router.tick(Instant::now());
+                }
+                _ = track.tick() => {
+                    if self.reconfigured() {
+                        // Reconfigured: hand over cleanly and start again.
+                        actions = st.router.shutdown(Instant::now());
+                        self.finish(&mut actions, &st, sock.get_ref()).await;
+                        return Ok(false);
+                    }
+                    actions = self.track(&mut st).await;
+                }
+                _ = cmds.changed() => {
+                    let cmd = *cmds.borrow_and_update();
+                    if cmd == Command::Shutdown {
+                        actions = st.router.shutdown(Instant::now());
+                        self.finish(&mut actions, &st, sock.get_ref()).await;
+                        return Ok(true);
+                    }
+                    actions = st.command(cmd);
+                }
+            }
+        }
+    }
+
+    /// A new run's state, a backup's until the state machine starts.
+    async fn session(&self, link: Link) -> Session {
+        let cfg = self.cfg;
+        let router = Router::new(
             Settings {
                 priority: cfg.priority,
-                interval,
+                interval: Duration::from_millis(cfg.advert_interval_cs as u64 * 10),
                 preempt: cfg.preempt,
                 preempt_delay: Duration::from_millis(cfg.preempt_delay_ms as u64),
             },
             Instant::now(),
         );
-        let mut released = false;
-        let mut status = VrrpStatus {
-            vrid: cfg.vrid,
-            interface: self.iface.to_owned(),
-            priority: cfg.priority,
-            ..VrrpStatus::default()
-        };
-        let mut burst = Burst::default();
-        let mut running = netlink::link(self.nl, self.iface)
+        let running = netlink::link(self.nl, self.iface)
             .await
             .is_ok_and(|l| l.running);
-        let mut warned: BTreeSet<(IpAddr, u8)> = BTreeSet::new();
         info!(
             iface = self.iface,
             vrid = cfg.vrid,
@@ -464,142 +504,126 @@ impl Speak<'_> {
             from = %link.local,
             "VRRP started"
         );
-        let mut actions = router.start(Instant::now());
-        let mut buf = vec![0u8; 2048];
-        let mut track = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            for a in actions.drain(..) {
-                match a {
-                    Action::Advertise(p) => match advertise(sock.get_ref(), cfg, &link, p) {
-                        Ok(()) => status.adverts_sent += 1,
-                        Err(e) => warn!(error = %e, "sending a VRRP advertisement"),
-                    },
-                    Action::BecomeMaster | Action::Announce => {
-                        add_addresses(self.nl, link.index, &cfg.addresses).await;
-                        if let Err(e) = announce(&link, self.iface, &cfg.addresses) {
-                            warn!(error = %e, "announcing the VRRP addresses");
-                        }
-                        burst.start(Instant::now());
-                        if a == Action::BecomeMaster {
-                            status.transitions += 1;
-                            info!(vrid = cfg.vrid, reason = %router.reason, "VRRP master");
-                        } else {
-                            status.announcements += 1;
-                            info!(vrid = cfg.vrid, reason = %router.reason, "VRRP master announces its addresses again");
-                        }
-                    }
-                    Action::BecomeBackup => {
-                        del_addresses(self.nl, link.index, &cfg.addresses).await;
-                        burst = Burst::default();
-                        if router.state != State::Initialize || status.transitions > 0 {
-                            status.transitions += 1;
-                        }
-                        info!(vrid = cfg.vrid, reason = %router.reason, "VRRP backup");
-                    }
-                }
-            }
-            status.state = router.state;
-            status.effective_priority = router.s.priority;
-            status.master = match router.state {
-                State::Master => Some(link.local.to_string()),
-                _ => router.master.map(|m| m.to_string()),
-            };
-            status.reason = router.reason.clone();
-            status.since_s = router.since.elapsed().as_secs_f64();
-            status.released = released;
-            self.status.send_replace(Some(status.clone()));
+        Session {
+            link,
+            router,
+            released: false,
+            status: VrrpStatus {
+                vrid: cfg.vrid,
+                interface: self.iface.to_owned(),
+                priority: cfg.priority,
+                ..VrrpStatus::default()
+            },
+            burst: Burst::default(),
+            running,
+            warned: BTreeSet::new(),
+        }
+    }
 
-            let deadline = router
-                .next_deadline()
-                .unwrap_or(Instant::now() + Duration::from_secs(1));
-            tokio::select! {
-                r = sock.readable() => {
-                    let mut guard = r?;
-                    let got = match guard.try_io(|s| receive(s.get_ref(), &mut buf, link.local)) {
-                        Ok(r) => r?,
-                        Err(_) => continue,
-                    };
-                    let Some((n, src, dst, ttl, ihl)) = got else { continue };
-                    if let Some(new) = self.received(&mut router, &mut status, &buf[ihl..n], (src, dst, ttl), link.local, &mut warned) {
-                        actions = new;
+    /// Carries out what the state machine asked for: adverts sent, addresses taken (and
+    /// announced) or given up.
+    async fn act(&self, st: &mut Session, actions: &mut Vec<Action>, sock: &Socket) {
+        let cfg = self.cfg;
+        for a in actions.drain(..) {
+            match a {
+                Action::Advertise(p) => match advertise(sock, cfg, &st.link, p) {
+                    Ok(()) => st.status.adverts_sent += 1,
+                    Err(e) => warn!(error = %e, "sending a VRRP advertisement"),
+                },
+                Action::BecomeMaster | Action::Announce => {
+                    add_addresses(self.nl, st.link.index, &cfg.addresses).await;
+                    if let Err(e) = announce(&st.link, self.iface, &cfg.addresses) {
+                        warn!(error = %e, "announcing the VRRP addresses");
+                    }
+                    st.burst.start(Instant::now());
+                    let reason = &st.router.reason;
+                    if a == Action::BecomeMaster {
+                        st.status.transitions += 1;
+                        info!(vrid = cfg.vrid, %reason, "VRRP master");
+                    } else {
+                        st.status.announcements += 1;
+                        info!(vrid = cfg.vrid, %reason, "VRRP master announces its addresses again");
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    actions = router.tick(Instant::now());
-                }
-                _ = track.tick() => {
-                    let snap = self.snap.borrow().clone();
-                    if snap.state.vrrp.as_ref() != Some(cfg) {
-                        // Reconfigured: hand over cleanly and start again.
-                        actions = router.shutdown(Instant::now());
-                        self.finish(&mut actions, &router, sock.get_ref(), &link).await;
-                        return Ok(false);
+                Action::BecomeBackup => {
+                    del_addresses(self.nl, st.link.index, &cfg.addresses).await;
+                    st.burst = Burst::default();
+                    if st.router.state != State::Initialize || st.status.transitions > 0 {
+                        st.status.transitions += 1;
                     }
-                    let now_running = netlink::link(self.nl, self.iface).await.is_ok_and(|l| l.running);
-                    let p = effective_priority(cfg, &snap, now_running, released);
-                    let now = Instant::now();
-                    actions = router.set_priority(p, now);
-                    if now_running && !running {
-                        info!(iface = self.iface, "VRRP interface up again");
-                        if router.state == State::Master {
-                            router.reason = "interface up again; announcing".into();
-                        }
-                        if !actions.contains(&Action::Announce) {
-                            actions.extend(router.link_up(now));
-                        }
-                    }
-                    running = now_running;
-                    if burst.due(now) && router.state == State::Master {
-                        let _ = announce(&link, self.iface, &cfg.addresses);
-                    }
-                }
-                _ = cmds.changed() => {
-                    let cmd = *cmds.borrow_and_update();
-                    match cmd {
-                        Command::Shutdown => {
-                            actions = router.shutdown(Instant::now());
-                            self.finish(&mut actions, &router, sock.get_ref(), &link).await;
-                            return Ok(true);
-                        }
-                        Command::Release => {
-                            released = true;
-                            let now = Instant::now();
-                            actions = router.shutdown(now);
-                            router.s.priority = 1;
-                            actions.extend(router.start(now));
-                            router.reason = "released by the operator".into();
-                        }
-                        Command::Claim => released = false,
-                        Command::None => {}
-                    }
+                    info!(vrid = cfg.vrid, reason = %st.router.reason, "VRRP backup");
                 }
             }
         }
     }
 
+    /// Publishes the run's status.
+    fn publish(&self, st: &Session) {
+        let mut status = st.status.clone();
+        let router = &st.router;
+        status.state = router.state;
+        status.effective_priority = router.s.priority;
+        status.master = match router.state {
+            State::Master => Some(st.link.local.to_string()),
+            _ => router.master.map(|m| m.to_string()),
+        };
+        status.reason = router.reason.clone();
+        status.since_s = router.since.elapsed().as_secs_f64();
+        status.released = st.released;
+        self.status.send_replace(Some(status));
+    }
+
+    /// Whether the `[vrrp]` section changed since this run began.
+    fn reconfigured(&self) -> bool {
+        self.snap.borrow().state.vrrp.as_ref() != Some(self.cfg)
+    }
+
+    /// Every 100 ms: the priority follows what is tracked (the interface, the VIPs), an
+    /// interface up again makes a master announce, and the burst's announcements go out.
+    async fn track(&self, st: &mut Session) -> Vec<Action> {
+        let snap = self.snap.borrow().clone();
+        let now_running = netlink::link(self.nl, self.iface)
+            .await
+            .is_ok_and(|l| l.running);
+        let p = effective_priority(self.cfg, &snap, now_running, st.released);
+        let now = Instant::now();
+        let mut actions = st.router.set_priority(p, now);
+        if now_running && !st.running {
+            info!(iface = self.iface, "VRRP interface up again");
+            if st.router.state == State::Master {
+                st.router.reason = "interface up again; announcing".into();
+            }
+            if !actions.contains(&Action::Announce) {
+                actions.extend(st.router.link_up(now));
+            }
+        }
+        st.running = now_running;
+        if st.burst.due(now) && st.router.state == State::Master {
+            let _ = announce(&st.link, self.iface, &self.cfg.addresses);
+        }
+        actions
+    }
+
     /// An advertisement received: checked, counted, and handed to the state machine.
     fn received(
         &self,
-        router: &mut Router,
-        status: &mut VrrpStatus,
+        st: &mut Session,
         msg: &[u8],
         (src, dst, ttl): (IpAddr, IpAddr, u8),
-        local: IpAddr,
-        warned: &mut BTreeSet<(IpAddr, u8)>,
     ) -> Option<Vec<Action>> {
         match Advert::decode(msg, src, dst, ttl, self.cfg.vrid) {
             Ok(adv) => {
-                status.adverts_received += 1;
-                if warned.insert((src, adv.priority))
+                st.status.adverts_received += 1;
+                if st.warned.insert((src, adv.priority))
                     && let Some(w) = tie_warning(self.cfg, src, adv.priority)
                 {
                     warn!(vrid = self.cfg.vrid, "{w}");
-                    status.warnings.push(w);
+                    st.status.warnings.push(w);
                 }
-                Some(router.advert(&adv, src, local, Instant::now()))
+                Some(st.router.advert(&adv, src, st.link.local, Instant::now()))
             }
             Err(why) => {
-                *status.invalid.entry(why.name().to_owned()).or_default() += 1;
+                *st.status.invalid.entry(why.name().to_owned()).or_default() += 1;
                 if why != Invalid::Vrid {
                     warn!(from = %src, reason = why.name(), "invalid VRRP advertisement ignored");
                 }
@@ -609,19 +633,57 @@ impl Speak<'_> {
     }
 
     /// Sends what `shutdown` asked for (priority 0) and gives the addresses up.
-    async fn finish(&self, actions: &mut Vec<Action>, router: &Router, sock: &Socket, link: &Link) {
+    async fn finish(&self, actions: &mut Vec<Action>, st: &Session, sock: &Socket) {
         for a in actions.drain(..) {
             match a {
                 Action::Advertise(p) => {
-                    let _ = advertise(sock, self.cfg, link, p);
+                    let _ = advertise(sock, self.cfg, &st.link, p);
                 }
                 Action::BecomeBackup => {
-                    del_addresses(self.nl, link.index, &self.cfg.addresses).await
+                    del_addresses(self.nl, st.link.index, &self.cfg.addresses).await
                 }
                 Action::BecomeMaster | Action::Announce => {}
             }
         }
-        info!(vrid = self.cfg.vrid, reason = %router.reason, "VRRP stopped");
+        info!(vrid = self.cfg.vrid, reason = %st.router.reason, "VRRP stopped");
+    }
+}
+
+/// The state of one run of the speaker; `Speak::speak` owns it.
+struct Session {
+    link: Link,
+    router: Router,
+    /// `maglb vrrp release` holds the priority at 1 (until `maglb vrrp claim`).
+    released: bool,
+    /// Counters and warnings; the rest is filled from the router when published.
+    status: VrrpStatus,
+    burst: Burst,
+    /// Whether the interface was running at the last look.
+    running: bool,
+    /// (peer, priority) pairs already checked for a tie.
+    warned: BTreeSet<(IpAddr, u8)>,
+}
+
+impl Session {
+    /// The operator's release (hand over: priority 0, then a backup of priority 1) or claim
+    /// (the configured priority back, at the next tracking round). Shutdown is the caller's.
+    fn command(&mut self, cmd: Command) -> Vec<Action> {
+        match cmd {
+            Command::Release => {
+                self.released = true;
+                let now = Instant::now();
+                let mut actions = self.router.shutdown(now);
+                self.router.s.priority = 1;
+                actions.extend(self.router.start(now));
+                self.router.reason = "released by the operator".into();
+                actions
+            }
+            Command::Claim => {
+                self.released = false;
+                vec![]
+            }
+            Command::None | Command::Shutdown => vec![],
+        }
     }
 }
 
