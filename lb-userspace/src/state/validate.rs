@@ -10,8 +10,8 @@ use lb_common::{
 };
 
 use super::{
-    BgpConfig, HealthCheck, MAX_WEIGHT, Policy, ProbeKind, Refusal, STATE_VERSION, State, Vip,
-    VrrpConfig,
+    BackendEntry, BalancerSettings, BgpConfig, HealthCheck, MAX_WEIGHT, Policy, ProbeKind, Refusal,
+    STATE_VERSION, State, Vip, VipId, VrrpConfig,
     vip_id::{backend_addr_problem, vip_addr_problem},
 };
 use crate::{addr, maglev};
@@ -28,27 +28,7 @@ impl State {
                 ),
             ));
         }
-        let b = &self.balancer;
-        if let Some(i) = &b.interface {
-            check_ifname(i).map_err(|m| Refusal::invalid("balancer.interface", m))?;
-        }
-        if let Some(mtu) = b.mtu
-            && !(576..=9216).contains(&mtu)
-        {
-            return Err(Refusal::invalid(
-                "balancer.mtu",
-                format!("{mtu} is out of range 576-9216 (the MTU of the link toward the backends)"),
-            ));
-        }
-        if let Some(mac) = &b.nexthop_mac
-            && addr::parse_mac(mac).is_none()
-        {
-            return Err(Refusal::invalid(
-                "balancer.nexthop_mac",
-                format!("{mac:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"),
-            ));
-        }
-        validate_datapath_settings(b)?;
+        validate_balancer(&self.balancer)?;
         if self.vips.len() > MAX_VIPS as usize {
             return Err(Refusal::invalid(
                 "vip",
@@ -56,7 +36,6 @@ impl State {
             ));
         }
         let mut seen = BTreeSet::new();
-        let mut pairs = 0usize;
         for (i, v) in self.vips.iter().enumerate() {
             let field = format!("vip[{i}] {}", v.address);
             if !seen.insert(v.address) {
@@ -65,104 +44,157 @@ impl State {
                     "listed twice; keep one entry per VIP",
                 ));
             }
-            let a = v.address.addr;
-            if let Some(why) = vip_addr_problem(a) {
-                return Err(Refusal::invalid(field, why));
-            }
-            if v.ring_size < 3 || v.ring_size > MAX_RING_SIZE || !maglev::is_prime(v.ring_size) {
-                return Err(Refusal::invalid(
-                    format!("{field}: ring_size"),
-                    format!(
-                        "{} must be a prime between 3 and {MAX_RING_SIZE} (e.g. 65537)",
-                        v.ring_size
-                    ),
-                ));
-            }
-            let mut mine = BTreeSet::new();
-            for b in &v.backends {
-                // Named only when something is wrong: a VIP may have thousands of backends.
-                let bf = || format!("{field}: backend {}", b.address);
-                if !mine.insert(b.address) {
-                    return Err(Refusal::invalid(bf(), "listed twice for this VIP"));
-                }
-                if b.weight > MAX_WEIGHT {
-                    return Err(Refusal::invalid(
-                        bf(),
-                        format!("weight {} is out of range 0-{MAX_WEIGHT}", b.weight),
-                    ));
-                }
-                if let Some(why) = backend_addr_problem(b.address) {
-                    return Err(Refusal::invalid(bf(), why));
-                }
-                if a.is_ipv6() && b.address.is_ipv4() {
-                    return Err(Refusal::invalid(
-                        bf(),
-                        "an IPv4 backend cannot carry an IPv6 VIP's traffic; use an IPv6 address",
-                    ));
-                }
-                if let Some(p) = &b.pool {
-                    check_pool(p).map_err(|m| Refusal::invalid(format!("{}: pool", bf()), m))?;
-                }
-                if let Some(h) = &b.health {
-                    h.validate(&format!("{}: health", bf()), v.address.port)?;
-                }
-                pairs += 1;
-            }
-            if let Some(h) = &v.health {
-                h.validate(&format!("{field}: health"), v.address.port)?;
-            }
-            validate_policy(&v.policy(), v.address.addr.is_ipv4(), &field)?;
-            for (pool, share) in &v.pools {
-                check_pool(pool).map_err(|m| Refusal::invalid(format!("{field}: pools"), m))?;
-                if *share > 1000 {
-                    return Err(Refusal::invalid(
-                        format!("{field}: pools.{pool}"),
-                        format!("share {share} is out of range 0-1000"),
-                    ));
-                }
-                if !v.backends.iter().any(|b| b.pool() == pool) {
-                    return Err(Refusal::invalid(
-                        format!("{field}: pools.{pool}"),
-                        format!(
-                            "no backend of this VIP is in pool {pool}; add one with `--pool {pool}`"
-                        ),
-                    ));
-                }
-            }
-            if !v.pools.is_empty() && v.pools.values().all(|w| *w == 0) {
-                return Err(Refusal::invalid(
-                    format!("{field}: pools"),
-                    "every share is 0; give one pool a share",
-                ));
-            }
+            v.validate(&field)?;
         }
-        for (family, max) in [(4, PREFIX_ENTRIES), (6, PREFIX_ENTRIES)] {
-            let n: usize = self
-                .vips
-                .iter()
-                .flat_map(|v| v.allow.iter().chain(&v.deny))
-                .filter(|p| (p.addr.is_ipv4()) == (family == 4))
-                .count();
-            if n > max as usize {
-                return Err(Refusal::invalid(
-                    "vip",
-                    format!(
-                        "{n} IPv{family} source prefixes (allow and deny), at most {max} over all VIPs"
-                    ),
-                ));
-            }
-        }
+        validate_prefix_totals(&self.vips)?;
         if let Some(v) = &self.vrrp {
             v.validate(&self.vips)?;
         }
         if let Some(b) = &self.bgp {
             b.validate()?;
         }
+        let pairs: usize = self.vips.iter().map(|v| v.backends.len()).sum();
         if pairs > MAX_BACKENDS as usize {
             return Err(Refusal::invalid(
                 "vip",
                 format!("{pairs} VIP-backend pairs, at most {MAX_BACKENDS}"),
             ));
+        }
+        Ok(())
+    }
+}
+
+/// The `[balancer]` section.
+fn validate_balancer(b: &BalancerSettings) -> Result<(), Refusal> {
+    if let Some(i) = &b.interface {
+        check_ifname(i).map_err(|m| Refusal::invalid("balancer.interface", m))?;
+    }
+    if let Some(mtu) = b.mtu
+        && !(576..=9216).contains(&mtu)
+    {
+        return Err(Refusal::invalid(
+            "balancer.mtu",
+            format!("{mtu} is out of range 576-9216 (the MTU of the link toward the backends)"),
+        ));
+    }
+    if let Some(mac) = &b.nexthop_mac
+        && addr::parse_mac(mac).is_none()
+    {
+        return Err(Refusal::invalid(
+            "balancer.nexthop_mac",
+            format!("{mac:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"),
+        ));
+    }
+    validate_datapath_settings(b)
+}
+
+/// The source prefixes (allow and deny) of all VIPs, per family, against the datapath's
+/// prefix tries.
+fn validate_prefix_totals(vips: &[Vip]) -> Result<(), Refusal> {
+    for (family, max) in [(4, PREFIX_ENTRIES), (6, PREFIX_ENTRIES)] {
+        let n: usize = vips
+            .iter()
+            .flat_map(|v| v.allow.iter().chain(&v.deny))
+            .filter(|p| (p.addr.is_ipv4()) == (family == 4))
+            .count();
+        if n > max as usize {
+            return Err(Refusal::invalid(
+                "vip",
+                format!(
+                    "{n} IPv{family} source prefixes (allow and deny), at most {max} over all VIPs"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Vip {
+    /// One VIP (`field` names it in errors): its address, ring, backends, check, policy
+    /// and pools.
+    fn validate(&self, field: &str) -> Result<(), Refusal> {
+        if let Some(why) = vip_addr_problem(self.address.addr) {
+            return Err(Refusal::invalid(field, why));
+        }
+        if self.ring_size < 3 || self.ring_size > MAX_RING_SIZE || !maglev::is_prime(self.ring_size)
+        {
+            return Err(Refusal::invalid(
+                format!("{field}: ring_size"),
+                format!(
+                    "{} must be a prime between 3 and {MAX_RING_SIZE} (e.g. 65537)",
+                    self.ring_size
+                ),
+            ));
+        }
+        let mut mine = BTreeSet::new();
+        for b in &self.backends {
+            if !mine.insert(b.address) {
+                let bf = format!("{field}: backend {}", b.address);
+                return Err(Refusal::invalid(bf, "listed twice for this VIP"));
+            }
+            b.validate(field, self.address)?;
+        }
+        if let Some(h) = &self.health {
+            h.validate(&format!("{field}: health"), self.address.port)?;
+        }
+        validate_policy(&self.policy(), self.address.addr.is_ipv4(), field)?;
+        self.validate_pools(field)
+    }
+
+    /// The pools' shares, each for a pool that has a backend of this VIP.
+    fn validate_pools(&self, field: &str) -> Result<(), Refusal> {
+        for (pool, share) in &self.pools {
+            check_pool(pool).map_err(|m| Refusal::invalid(format!("{field}: pools"), m))?;
+            if *share > 1000 {
+                return Err(Refusal::invalid(
+                    format!("{field}: pools.{pool}"),
+                    format!("share {share} is out of range 0-1000"),
+                ));
+            }
+            if !self.backends.iter().any(|b| b.pool() == pool) {
+                return Err(Refusal::invalid(
+                    format!("{field}: pools.{pool}"),
+                    format!(
+                        "no backend of this VIP is in pool {pool}; add one with `--pool {pool}`"
+                    ),
+                ));
+            }
+        }
+        if !self.pools.is_empty() && self.pools.values().all(|w| *w == 0) {
+            return Err(Refusal::invalid(
+                format!("{field}: pools"),
+                "every share is 0; give one pool a share",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BackendEntry {
+    /// One backend of the VIP `vip` (`field` names the VIP in errors).
+    fn validate(&self, field: &str, vip: VipId) -> Result<(), Refusal> {
+        // Named only when something is wrong: a VIP may have thousands of backends.
+        let bf = || format!("{field}: backend {}", self.address);
+        if self.weight > MAX_WEIGHT {
+            return Err(Refusal::invalid(
+                bf(),
+                format!("weight {} is out of range 0-{MAX_WEIGHT}", self.weight),
+            ));
+        }
+        if let Some(why) = backend_addr_problem(self.address) {
+            return Err(Refusal::invalid(bf(), why));
+        }
+        if vip.addr.is_ipv6() && self.address.is_ipv4() {
+            return Err(Refusal::invalid(
+                bf(),
+                "an IPv4 backend cannot carry an IPv6 VIP's traffic; use an IPv6 address",
+            ));
+        }
+        if let Some(p) = &self.pool {
+            check_pool(p).map_err(|m| Refusal::invalid(format!("{}: pool", bf()), m))?;
+        }
+        if let Some(h) = &self.health {
+            h.validate(&format!("{}: health", bf()), vip.port)?;
         }
         Ok(())
     }
@@ -396,7 +428,7 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
 }
 
 /// The datapath's settings in `[balancer]`.
-fn validate_datapath_settings(b: &super::BalancerSettings) -> Result<(), Refusal> {
+fn validate_datapath_settings(b: &BalancerSettings) -> Result<(), Refusal> {
     if let Some(n) = b.conntrack_entries
         && !(MIN_CONNTRACK_ENTRIES..=MAX_CONNTRACK_ENTRIES).contains(&n)
     {
