@@ -52,39 +52,9 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
     let sock = cli.socket.as_path();
     let read = reader(&cli);
     let read = read.as_path();
+    let post = |path: &str| send(sock, "POST", path, &());
     match cli.cmd {
-        Cmd::Agent {
-            state_dir,
-            bpffs,
-            log_format,
-            metrics_listen,
-            read_socket_path,
-            initial_config,
-            start_empty,
-        } => {
-            let metrics = match metrics_listen.as_str() {
-                "off" => None,
-                a => Some(a.parse().map_err(|_| {
-                    format!(
-                        "--metrics-listen {a:?}: expected ADDR:PORT (e.g. 127.0.0.1:9477) or off"
-                    )
-                })?),
-            };
-            init_logs(log_format);
-            agent::run(agent::Options {
-                socket: cli.socket.clone(),
-                read_socket: match read_socket_path.as_deref() {
-                    Some("off") => None,
-                    Some(p) => Some(p.into()),
-                    None => Some(api::read_socket_for(&cli.socket)),
-                },
-                state_dir,
-                bpffs,
-                metrics,
-                initial_config,
-                start_empty,
-            })?;
-        }
+        Cmd::Agent { .. } => run_agent(cli)?,
         Cmd::Attach { iface, mode } => {
             let req = api::AttachRequest {
                 iface,
@@ -92,38 +62,24 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
             };
             output::changes(out, &send(sock, "POST", "/v1/attach", &req)?)?;
         }
-        Cmd::Detach => output::changes(out, &send(sock, "POST", "/v1/detach", &())?)?,
+        Cmd::Detach => output::changes(out, &post("/v1/detach")?)?,
         Cmd::Vip { cmd } => vip(sock, read, cmd, out)?,
         Cmd::Backend { cmd } => backend(sock, read, cmd, out)?,
-        Cmd::Health { output } => {
-            let body = client::call(read, "GET", "/v1/health", None)?;
-            match output {
-                Output::Json => output::json(out, &body)?,
-                Output::Table => {
-                    output::probes(out, &serde_json::from_str::<Vec<api::ProbeView>>(&body)?)?
-                }
-            }
-        }
+        Cmd::Health { output } => show(
+            read,
+            "/v1/health",
+            output,
+            out,
+            |o, p: &Vec<api::ProbeView>| output::probes(o, p),
+        )?,
         Cmd::Stats {
             watch: true,
             interval_ms,
             count,
             ..
         } => watch(read, Duration::from_millis(interval_ms), count, out)?,
-        Cmd::Stats { output, .. } => {
-            let body = client::call(read, "GET", "/v1/stats", None)?;
-            match output {
-                Output::Json => output::json(out, &body)?,
-                Output::Table => output::stats(out, &serde_json::from_str(&body)?)?,
-            }
-        }
-        Cmd::Status { output } => {
-            let body = client::call(read, "GET", "/v1/status", None)?;
-            match output {
-                Output::Json => output::json(out, &body)?,
-                Output::Table => output::status(out, &serde_json::from_str(&body)?)?,
-            }
-        }
+        Cmd::Stats { output, .. } => show(read, "/v1/stats", output, out, output::stats)?,
+        Cmd::Status { output } => show(read, "/v1/status", output, out, output::status)?,
         Cmd::Apply { file } => {
             let text = read_file(&file)?;
             // Checked here first: a bad file never reaches the agent.
@@ -133,32 +89,14 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
         }
         Cmd::Validate { file } => validate(read, &file, out)?,
         Cmd::Vrrp { cmd } => match cmd {
-            VrrpCmd::Status { output } => {
-                let body = client::call(read, "GET", "/v1/vrrp", None)?;
-                match output {
-                    Output::Json => output::json(out, &body)?,
-                    Output::Table => output::vrrp(out, &serde_json::from_str(&body)?)?,
-                }
-            }
-            VrrpCmd::Release => {
-                output::changes(out, &send(sock, "POST", "/v1/vrrp/release", &())?)?
-            }
-            VrrpCmd::Claim => output::changes(out, &send(sock, "POST", "/v1/vrrp/claim", &())?)?,
+            VrrpCmd::Status { output } => show(read, "/v1/vrrp", output, out, output::vrrp)?,
+            VrrpCmd::Release => output::changes(out, &post("/v1/vrrp/release")?)?,
+            VrrpCmd::Claim => output::changes(out, &post("/v1/vrrp/claim")?)?,
         },
         Cmd::Bgp { cmd } => match cmd {
-            BgpCmd::Status { output } => {
-                let body = client::call(read, "GET", "/v1/bgp", None)?;
-                match output {
-                    Output::Json => output::json(out, &body)?,
-                    Output::Table => output::bgp(out, &serde_json::from_str(&body)?)?,
-                }
-            }
-            BgpCmd::Withdraw => {
-                output::changes(out, &send(sock, "POST", "/v1/bgp/withdraw", &())?)?
-            }
-            BgpCmd::Announce => {
-                output::changes(out, &send(sock, "POST", "/v1/bgp/announce", &())?)?
-            }
+            BgpCmd::Status { output } => show(read, "/v1/bgp", output, out, output::bgp)?,
+            BgpCmd::Withdraw => output::changes(out, &post("/v1/bgp/withdraw")?)?,
+            BgpCmd::Announce => output::changes(out, &post("/v1/bgp/announce")?)?,
         },
         Cmd::Config {
             cmd: ConfigCmd::Export,
@@ -166,19 +104,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
             let c: api::ConfigText = client::get(read, "/v1/config")?;
             write!(out, "{}", c.config)?;
         }
-        Cmd::Verify => {
-            let v: api::Verification = client::get(sock, "/v1/verify")?;
-            for d in &v.differences {
-                writeln!(out, "{d}")?;
-            }
-            if !v.differences.is_empty() {
-                return Err(format!(
-                    "{} differences between the maps and the state",
-                    v.differences.len()
-                )
-                .into());
-            }
-        }
+        Cmd::Verify => verify(sock, out)?,
         Cmd::Decap { cmd } => decap_cmd(cmd, out)?,
         Cmd::Completions { shell } => {
             // clap_complete panics on a failed write (`maglb completions bash | head`):
@@ -197,6 +123,75 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `maglb agent`: runs the agent until it is stopped.
+fn run_agent(cli: Cli) -> Result<(), Error> {
+    let Cmd::Agent {
+        state_dir,
+        bpffs,
+        log_format,
+        metrics_listen,
+        read_socket_path,
+        initial_config,
+        start_empty,
+    } = cli.cmd
+    else {
+        unreachable!("run_agent is called for `maglb agent` only")
+    };
+    let metrics = match metrics_listen.as_str() {
+        "off" => None,
+        a => Some(a.parse().map_err(|_| {
+            format!("--metrics-listen {a:?}: expected ADDR:PORT (e.g. 127.0.0.1:9477) or off")
+        })?),
+    };
+    init_logs(log_format);
+    agent::run(agent::Options {
+        read_socket: match read_socket_path.as_deref() {
+            Some("off") => None,
+            Some(p) => Some(p.into()),
+            None => Some(api::read_socket_for(&cli.socket)),
+        },
+        socket: cli.socket,
+        state_dir,
+        bpffs,
+        metrics,
+        initial_config,
+        start_empty,
+    })?;
+    Ok(())
+}
+
+/// A GET of `path` on the read socket, printed as JSON or as the table `table` makes of it.
+fn show<T: serde::de::DeserializeOwned, W: Write>(
+    read: &Path,
+    path: &str,
+    output: Output,
+    out: &mut W,
+    table: impl FnOnce(&mut W, &T) -> std::io::Result<()>,
+) -> Result<(), Error> {
+    let body = client::call(read, "GET", path, None)?;
+    match output {
+        Output::Json => output::json(out, &body)?,
+        Output::Table => table(out, &serde_json::from_str(&body)?)?,
+    }
+    Ok(())
+}
+
+/// `maglb verify`: the differences between the maps and the state, an error if any.
+fn verify(sock: &Path, out: &mut impl Write) -> Result<(), Error> {
+    let v: api::Verification = client::get(sock, "/v1/verify")?;
+    for d in &v.differences {
+        writeln!(out, "{d}")?;
+    }
+    if !v.differences.is_empty() {
+        return Err(format!(
+            "{} differences between the maps and the state",
+            v.differences.len()
+        )
+        .into());
+    }
     Ok(())
 }
 
