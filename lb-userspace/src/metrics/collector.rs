@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use crate::{views::Views, writer::Snapshot};
+use crate::{datapath::Reading, views::Views, writer::Snapshot};
 
 pub struct Scrape(pub Views);
 
@@ -117,34 +117,54 @@ impl Collector for Scrape {
             "1 when the datapath forwards (next hop known)",
             [(no_labels(), i64::from(s.forwarding()))],
         )?;
+        let reading = c.read(&s.owners);
+        self.vip_families(&mut enc, &s, &reading)?;
+        self.backend_families(&mut enc, &s, &reading)?;
+        self.weights(&mut enc, &s)?;
+        self.global_families(&mut enc, &s, &reading)?;
+        self.datapath(&mut enc, &s)?;
+        self.probe_tunnel(&mut enc)?;
+        self.vrrp(&mut enc)?;
+        self.bgp(&mut enc)
+    }
+}
+
+impl Scrape {
+    /// Per VIP: packets, bytes, new flows, drops by reason.
+    fn vip_families(
+        &self,
+        enc: &mut DescriptorEncoder,
+        s: &Snapshot,
+        reading: &Reading,
+    ) -> fmt::Result {
+        let c = &self.0.counters;
         let vips: Vec<(String, u32)> = s
             .placement
             .iter()
             .map(|(id, p)| (id.to_string(), p.index))
             .collect();
-        let reading = c.read(&s.owners);
         let vip = |v: &str| vec![("vip", v.to_owned())];
         counters(
-            &mut enc,
+            enc,
             "maglb_vip_packets",
             "Packets to a VIP sent to a backend",
             vips.iter().map(|(v, i)| (vip(v), reading.vip(*i).packets)),
         )?;
         counters(
-            &mut enc,
+            enc,
             "maglb_vip_bytes",
             "Bytes (IP packets, before encapsulation) to a VIP sent to a backend",
             vips.iter().map(|(v, i)| (vip(v), reading.vip(*i).bytes)),
         )?;
         counters(
-            &mut enc,
+            enc,
             "maglb_vip_new_flows",
             "Flows that got a backend from the Maglev table",
             vips.iter()
                 .map(|(v, i)| (vip(v), reading.vip(*i).new_flows)),
         )?;
         counters(
-            &mut enc,
+            enc,
             "maglb_vip_dropped_packets",
             "Packets to a VIP that were not forwarded, by reason (no_backend, src_rate, vip_cap, denied, not_allowed, ...)",
             vips.iter().flat_map(|(v, i)| {
@@ -157,6 +177,16 @@ impl Collector for Scrape {
                 })
             }),
         )?;
+        Ok(())
+    }
+
+    /// Per VIP and backend: packets, bytes, health.
+    fn backend_families(
+        &self,
+        enc: &mut DescriptorEncoder,
+        s: &Snapshot,
+        reading: &Reading,
+    ) -> fmt::Result {
         let backends: Vec<(Labels, u32, bool)> = s
             .placement
             .iter()
@@ -169,7 +199,7 @@ impl Collector for Scrape {
             })
             .collect();
         counters(
-            &mut enc,
+            enc,
             "maglb_backend_packets",
             "Packets sent to a backend of a VIP",
             backends
@@ -177,7 +207,7 @@ impl Collector for Scrape {
                 .map(|(l, slot, _)| (l.clone(), reading.slot(*slot).packets)),
         )?;
         counters(
-            &mut enc,
+            enc,
             "maglb_backend_bytes",
             "Bytes sent to a backend of a VIP",
             backends
@@ -185,15 +215,26 @@ impl Collector for Scrape {
                 .map(|(l, slot, _)| (l.clone(), reading.slot(*slot).bytes)),
         )?;
         gauges(
-            &mut enc,
+            enc,
             "maglb_backend_up",
             "1 when the backend passes its health check (or has none)",
             backends
                 .iter()
                 .map(|(l, _, up)| (l.clone(), i64::from(*up))),
         )?;
-        self.weights(&mut enc, &s)?;
-        let globals = c.globals(&reading, &s.owners);
+        Ok(())
+    }
+
+    /// The balancer's own counters: connection table, encapsulation, drops and passes by
+    /// reason.
+    fn global_families(
+        &self,
+        enc: &mut DescriptorEncoder,
+        s: &Snapshot,
+        reading: &Reading,
+    ) -> fmt::Result {
+        let c = &self.0.counters;
+        let globals = c.globals(reading, &s.owners);
         let get = |n: &str| {
             globals
                 .iter()
@@ -223,11 +264,11 @@ impl Collector for Scrape {
                 get("tx_encap").bytes,
             ),
         ] {
-            counters(&mut enc, name, help, [(no_labels(), value)])?;
+            counters(enc, name, help, [(no_labels(), value)])?;
         }
         for (prefix, family, label, help) in GROUPS {
             counters(
-                &mut enc,
+                enc,
                 family,
                 help,
                 globals.iter().filter_map(|(name, c)| {
@@ -236,14 +277,9 @@ impl Collector for Scrape {
                 }),
             )?;
         }
-        self.datapath(&mut enc, &s)?;
-        self.probe_tunnel(&mut enc)?;
-        self.vrrp(&mut enc)?;
-        self.bgp(&mut enc)
+        Ok(())
     }
-}
 
-impl Scrape {
     /// Each backend's configured weight and its weight now (adaptive weights).
     fn weights(&self, enc: &mut DescriptorEncoder, s: &Snapshot) -> fmt::Result {
         let weights: Vec<(Labels, u32, u32)> = s
