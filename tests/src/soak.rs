@@ -433,10 +433,11 @@ fn ms(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e3)
 }
 
-fn median_ms(mut v: Vec<Duration>) -> String {
+fn median_ms(v: &[Duration]) -> String {
     if v.is_empty() {
         return "-".into();
     }
+    let mut v = v.to_vec();
     v.sort();
     format!(
         "{} / {} / {}",
@@ -454,292 +455,31 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_before = load();
     let s = [Scratch::new("sk1"), Scratch::new("sk2")];
     let t = Topology::build_pair("sk", BACKENDS)?;
     attach_decaps(bin, &t, &s[0]);
     let _port2 = Port2Servers::start(&t)?;
-    let mut p = Pair {
+    let p = Pair {
         a: [None, None],
         t,
         s,
         bin: bin.to_owned(),
     };
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut m = Model {
-        weights: [1; BACKENDS],
-        present: [true; BACKENDS],
-        port2: true,
-        idle: vec![(1, 10), (2, 20)],
-    };
-    let mut peak_bound = m.pairs();
-    for i in 0..2 {
-        p.start(i)?;
-    }
-    p.apply(&m)?;
-    p.agent(0).wait_ready();
-    p.agent(1).wait_ready();
-    // The router learns the VRRP address with its first packet toward the VIP.
-    let main = SocketAddr::new(IpAddr::V4(VIP), TCP_PORT);
-    let second = SocketAddr::new(IpAddr::V4(VIP), PORT2);
-    p.t.client
-        .run(move || crate::topology::tcp_request(main, Duration::from_secs(3)))?
-        .context("first request")?;
-    p.settle(0)?;
-    p.all_up()?;
-
-    let targets = Arc::new(Mutex::new(vec![main, second]));
+    let mut c = Churn::start(p, opts.every_kind_each_cycle)?;
     let traffic = Requests::start_shared(
-        &p.t.client,
-        targets.clone(),
+        &c.p.t.client,
+        c.targets.clone(),
         REQUEST_TIMEOUT,
         Duration::from_millis(3),
     );
     let t0 = Instant::now();
-    let mut windows: Vec<Window> = Vec::new();
-    let mut ops: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let mut samples: Vec<Sample> = Vec::new();
-    let mut detect: Vec<Duration> = Vec::new();
-    let mut recover: Vec<Duration> = Vec::new();
-    let mut handover: Vec<Duration> = Vec::new();
-    let mut problems: Vec<String> = Vec::new();
-    let mut cycle = 0usize;
-    let health_limit = Duration::from_millis(FALL * INTERVAL_MS + TIMEOUT_MS) + SLACK;
-
     let result = (|| -> anyhow::Result<()> {
         while t0.elapsed() < opts.duration {
-            // 1. A backend's server stops, and comes back.
-            let b = cycle % BACKENDS;
-            let at = Instant::now();
-            p.t.ctl[b].serving.store(false, Ordering::Relaxed);
-            windows.push(Window {
-                kind: Kind::HealthFlap,
-                start: at,
-                end: at + health_limit,
-                target: Some(main),
-            });
-            let key = (format!("{VIP}:{TCP_PORT}/tcp"), backend_addr(b).to_string());
-            let down = wait_for(Duration::from_secs(10), || {
-                (0..2).all(|i| p.probes(i).get(&key) == Some(&false))
-            });
-            ensure!(down, "b{b} not taken down by both balancers");
-            detect.push(at.elapsed());
-            std::thread::sleep(Duration::from_millis(500));
-            let back = Instant::now();
-            p.t.ctl[b].serving.store(true, Ordering::Relaxed);
-            p.all_up()?;
-            recover.push(back.elapsed());
-            *ops.entry("health flaps (server stopped, then started)")
-                .or_default() += 1;
-
-            // 2. Config churn through `maglb apply` on both: weights and idle VIPs.
-            let prev = m.pairs();
-            for w in m.weights.iter_mut() {
-                *w = 1 + rng.below(3) as u32;
-            }
-            let n = rng.below(6) as u32;
-            m.idle = (0..n)
-                .map(|k| (10 + ((cycle as u32 * 7 + k) % 40), 1 + rng.below(40) as u32))
-                .collect::<BTreeMap<_, _>>()
-                .into_iter()
-                .collect();
-            peak_bound = peak_bound.max(prev + m.pairs());
-            p.apply(&m)?;
-            *ops.entry("applies of a changed config (both balancers)")
-                .or_default() += 1;
-
-            // 3. The VIP with traffic on port 81 deleted and added again (every other cycle).
-            if cycle.is_multiple_of(2) || opts.every_kind_each_cycle {
-                targets.lock().unwrap().retain(|t| *t != second);
-                let at = Instant::now();
-                // Requests to it already sent finish first (or fail inside the window).
-                std::thread::sleep(REQUEST_TIMEOUT / 4);
-                let id = format!("{VIP}:{PORT2}/tcp");
-                p.both(&["vip", "del", &id])?;
-                m.port2 = false;
-                windows.push(Window {
-                    kind: Kind::VipDel,
-                    start: at,
-                    end: Instant::now() + Duration::from_millis(300),
-                    target: Some(second),
-                });
-                std::thread::sleep(Duration::from_millis(300));
-                p.both(&["vip", "add", &id])?;
-                for i in 0..BACKENDS {
-                    p.both(&["backend", "add", &id, &backend_addr(i).to_string()])?;
-                }
-                m.port2 = true;
-                peak_bound = peak_bound.max(m.pairs());
-                targets.lock().unwrap().push(second);
-                *ops.entry("deletes and adds of the VIP with traffic (port 81)")
-                    .or_default() += 1;
-            }
-
-            // 4. VIPs without traffic added and deleted through the CLI.
-            for k in 0..3u32 {
-                let id = format!("10.204.0.{}:80/tcp", 1 + (cycle as u32 * 3 + k) % 200);
-                p.both(&["vip", "add", &id])?;
-                p.both(&["vip", "health", &id, "--kind", "none"])?;
-                for b in 0..5u32 {
-                    p.both(&["backend", "add", &id, &format!("10.205.{k}.{}", b + 1)])?;
-                }
-                peak_bound = peak_bound.max(m.pairs() + 5 * (k as usize + 1));
-            }
-            for k in 0..3u32 {
-                let id = format!("10.204.0.{}:80/tcp", 1 + (cycle as u32 * 3 + k) % 200);
-                p.both(&["vip", "del", &id])?;
-            }
-            *ops.entry("VIP adds and deletes without traffic (CLI)")
-                .or_default() += 6;
-
-            // 5. A backend removed, and added back: its flows end.
-            let b = (cycle + 1) % BACKENDS;
-            let at = Instant::now();
-            p.both(&[
-                "backend",
-                "del",
-                &format!("{VIP}:{TCP_PORT}/tcp"),
-                &backend_addr(b).to_string(),
-            ])?;
-            m.present[b] = false;
-            windows.push(Window {
-                kind: Kind::BackendDel,
-                start: at,
-                end: Instant::now() + Duration::from_millis(300),
-                target: Some(main),
-            });
-            std::thread::sleep(Duration::from_millis(300));
-            p.both(&[
-                "backend",
-                "add",
-                &format!("{VIP}:{TCP_PORT}/tcp"),
-                &backend_addr(b).to_string(),
-                "--weight",
-                &m.weights[b].to_string(),
-            ])?;
-            m.present[b] = true;
-            *ops.entry("backend removals and re-adds (both balancers)")
-                .or_default() += 1;
-
-            // 6. A planned handover and back (every other cycle).
-            if cycle % 2 == 1 || opts.every_kind_each_cycle {
-                let at = Instant::now();
-                p.agent(0).ok(&["vrrp", "release"]);
-                let settled = p.settle(1)?;
-                handover.push(settled - at);
-                windows.push(Window {
-                    kind: Kind::Handover,
-                    start: at,
-                    end: settled + SLACK,
-                    target: None,
-                });
-                std::thread::sleep(Duration::from_millis(500));
-                let at = Instant::now();
-                p.agent(0).ok(&["vrrp", "claim"]);
-                let settled = p.settle(0)?;
-                handover.push(settled - at);
-                windows.push(Window {
-                    kind: Kind::Handover,
-                    start: at,
-                    end: settled + SLACK,
-                    target: None,
-                });
-                *ops.entry("planned handovers and back (vrrp release, claim)")
-                    .or_default() += 1;
-            }
-
-            // 7. Agent restarts: the backup's (SIGKILL), the master's (SIGKILL: failover,
-            // then failback when it returns) and the master's (SIGTERM: priority 0).
-            let kinds: Vec<usize> = if opts.every_kind_each_cycle {
-                vec![0, 1, 2]
-            } else if cycle.is_multiple_of(2) {
-                vec![(cycle / 2) % 3]
-            } else {
-                vec![]
-            };
-            for k in kinds {
-                match k {
-                    0 => {
-                        p.a[1].as_mut().expect("lb2").kill9();
-                        p.start(1)?;
-                        p.settle(0)?;
-                        *ops.entry("backup agent SIGKILL and restart").or_default() += 1;
-                    }
-                    _ => {
-                        let at = Instant::now();
-                        if k == 1 {
-                            p.a[0].as_mut().expect("lb1").kill9();
-                        } else {
-                            p.a[0].as_mut().expect("lb1").stop();
-                        }
-                        let settled = p.settle(1)?;
-                        handover.push(settled - at);
-                        windows.push(Window {
-                            kind: Kind::Handover,
-                            start: at,
-                            end: settled + SLACK,
-                            target: None,
-                        });
-                        std::thread::sleep(Duration::from_millis(500));
-                        let at = Instant::now();
-                        p.start(0)?;
-                        let settled = p.settle(0)?;
-                        handover.push(settled - at);
-                        windows.push(Window {
-                            kind: Kind::Handover,
-                            start: at,
-                            end: settled + SLACK,
-                            target: None,
-                        });
-                        *ops.entry(if k == 1 {
-                            "master agent SIGKILL and restart (failover, failback)"
-                        } else {
-                            "master agent SIGTERM and restart (handover, failback)"
-                        })
-                        .or_default() += 1;
-                    }
-                }
-            }
-
-            // Quiet: every probe up on both; sample both agents.
-            p.all_up()?;
-            std::thread::sleep(Duration::from_millis(200));
-            for i in 0..2 {
-                let s = p.sample(i, true)?;
-                if !s.verify_clean {
-                    problems.push(format!(
-                        "cycle {cycle}: `maglb verify` on lb{} found differences",
-                        i + 1
-                    ));
-                }
-                if !s.pinned_equal {
-                    problems.push(format!(
-                        "cycle {cycle}: lb{}'s pinned maps differ from its state on disk",
-                        i + 1
-                    ));
-                }
-                if s.in_use != s.pairs || s.vip_entries != s.vips {
-                    problems.push(format!(
-                        "cycle {cycle}: lb{}: {} slots in use for {} pairs, {} VIP entries for {} VIPs",
-                        i + 1,
-                        s.in_use,
-                        s.pairs,
-                        s.vip_entries,
-                        s.vips
-                    ));
-                }
-                if s.touched > lb_common::MAX_BACKENDS as usize {
-                    problems.push(format!(
-                        "cycle {cycle}: lb{}: {} slots ever used, more than the map has",
-                        i + 1,
-                        s.touched
-                    ));
-                }
-                samples.push(s);
-            }
-            cycle += 1;
+            c.cycle()?;
             println!(
-                "soak: cycle {cycle} done at {:.0} s, {} requests so far",
+                "soak: cycle {} done at {:.0} s, {} requests so far",
+                c.rec.cycle,
                 t0.elapsed().as_secs_f64(),
                 traffic.count()
             );
@@ -751,9 +491,374 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
     let log = traffic.stop();
     result?;
 
-    // Every failed request against the windows. Windows overlap (each ends with a slack
-    // that reaches into the next event's): a request inside several counts for the event
-    // made last, the one its failure followed.
+    let mut rec = c.rec;
+    let (failed_in, outside) = classify(&log, &rec.windows, t0);
+    let growth = per_agent(&rec.samples, &mut rec.problems);
+    let facts = Facts {
+        started_at,
+        load_before,
+        load_after: load(),
+        minutes: opts.duration.as_secs_f64() / 60.0,
+        churn,
+    };
+    let mut r = String::new();
+    report_requests(&mut r, &facts, &rec, &log, &failed_in, outside.len());
+    report_samples(&mut r, &rec, &growth);
+    if !outside.is_empty() || !rec.problems.is_empty() {
+        let _ = writeln!(r, "Problems:\n");
+        for o in outside.iter().take(20) {
+            let _ = writeln!(r, "- failed outside every window: {o}");
+        }
+        for pr in &rec.problems {
+            let _ = writeln!(r, "- {pr}");
+        }
+        r.push('\n');
+    }
+    Ok(Summary {
+        report: r,
+        failed_outside: outside.len(),
+        problems: rec.problems,
+    })
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The main VIP's address, and the churned one's (port 81).
+const MAIN: SocketAddr = SocketAddr::new(IpAddr::V4(VIP), TCP_PORT);
+const SECOND: SocketAddr = SocketAddr::new(IpAddr::V4(VIP), PORT2);
+
+/// What the events of a run recorded.
+#[derive(Default)]
+struct Record {
+    /// Cycles done.
+    cycle: usize,
+    windows: Vec<Window>,
+    ops: BTreeMap<&'static str, usize>,
+    samples: Vec<Sample>,
+    /// Server stopped -> down on both; started -> up on both; handover -> settled.
+    detect: Vec<Duration>,
+    recover: Vec<Duration>,
+    handover: Vec<Duration>,
+    problems: Vec<String>,
+    /// The most VIP-backend pairs needed at once (a change's old and new pairs together).
+    peak_bound: usize,
+}
+
+impl Record {
+    fn window(&mut self, kind: Kind, start: Instant, end: Instant, target: Option<SocketAddr>) {
+        self.windows.push(Window {
+            kind,
+            start,
+            end,
+            target,
+        });
+    }
+
+    fn op(&mut self, what: &'static str, n: usize) {
+        *self.ops.entry(what).or_default() += n;
+    }
+}
+
+/// The churn of one run: the pair, the state both carry, and what the events recorded.
+struct Churn {
+    p: Pair,
+    m: Model,
+    rng: Rng,
+    /// Every kind of event in every cycle (see `Options`).
+    every_kind: bool,
+    /// What the client sends to (the port-81 VIP leaves it while deleted).
+    targets: Arc<Mutex<Vec<SocketAddr>>>,
+    rec: Record,
+}
+
+impl Churn {
+    /// Both agents started with the first state, ready, lb1 the master, every probe up.
+    fn start(mut p: Pair, every_kind: bool) -> anyhow::Result<Self> {
+        let m = Model {
+            weights: [1; BACKENDS],
+            present: [true; BACKENDS],
+            port2: true,
+            idle: vec![(1, 10), (2, 20)],
+        };
+        for i in 0..2 {
+            p.start(i)?;
+        }
+        p.apply(&m)?;
+        p.agent(0).wait_ready();
+        p.agent(1).wait_ready();
+        // The router learns the VRRP address with its first packet toward the VIP.
+        p.t.client
+            .run(|| crate::topology::tcp_request(MAIN, Duration::from_secs(3)))?
+            .context("first request")?;
+        p.settle(0)?;
+        p.all_up()?;
+        let rec = Record {
+            peak_bound: m.pairs(),
+            ..Record::default()
+        };
+        Ok(Self {
+            p,
+            m,
+            rng: Rng(0x9e37_79b9_7f4a_7c15),
+            every_kind,
+            targets: Arc::new(Mutex::new(vec![MAIN, SECOND])),
+            rec,
+        })
+    }
+
+    /// One cycle: every event in turn (some every other cycle), then a quiet sample.
+    fn cycle(&mut self) -> anyhow::Result<()> {
+        let cycle = self.rec.cycle;
+        self.health_flap(cycle % BACKENDS)?;
+        self.apply_changed()?;
+        if cycle.is_multiple_of(2) || self.every_kind {
+            self.port2_deleted_and_added()?;
+        }
+        self.idle_vips_through_the_cli()?;
+        self.backend_removed_and_added((cycle + 1) % BACKENDS)?;
+        if cycle % 2 == 1 || self.every_kind {
+            self.planned_handover()?;
+        }
+        // Agent restarts: the backup's (SIGKILL), the master's (SIGKILL: failover, then
+        // failback when it returns) and the master's (SIGTERM: priority 0).
+        let kinds: Vec<usize> = if self.every_kind {
+            vec![0, 1, 2]
+        } else if cycle.is_multiple_of(2) {
+            vec![(cycle / 2) % 3]
+        } else {
+            vec![]
+        };
+        for k in kinds {
+            match k {
+                0 => self.backup_killed()?,
+                _ => self.master_restarted(k == 1)?,
+            }
+        }
+        self.quiet_sample()?;
+        self.rec.cycle += 1;
+        Ok(())
+    }
+
+    /// Backend `b`'s server stops until both balancers take it down, and comes back.
+    fn health_flap(&mut self, b: usize) -> anyhow::Result<()> {
+        let health_limit = Duration::from_millis(FALL * INTERVAL_MS + TIMEOUT_MS) + SLACK;
+        let at = Instant::now();
+        self.p.t.ctl[b].serving.store(false, Ordering::Relaxed);
+        self.rec
+            .window(Kind::HealthFlap, at, at + health_limit, Some(MAIN));
+        let key = (format!("{VIP}:{TCP_PORT}/tcp"), backend_addr(b).to_string());
+        let p = &self.p;
+        let down = wait_for(Duration::from_secs(10), || {
+            (0..2).all(|i| p.probes(i).get(&key) == Some(&false))
+        });
+        ensure!(down, "b{b} not taken down by both balancers");
+        self.rec.detect.push(at.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        let back = Instant::now();
+        self.p.t.ctl[b].serving.store(true, Ordering::Relaxed);
+        self.p.all_up()?;
+        self.rec.recover.push(back.elapsed());
+        self.rec
+            .op("health flaps (server stopped, then started)", 1);
+        Ok(())
+    }
+
+    /// Config churn through `maglb apply` on both: weights and idle VIPs.
+    fn apply_changed(&mut self) -> anyhow::Result<()> {
+        let prev = self.m.pairs();
+        for w in self.m.weights.iter_mut() {
+            *w = 1 + self.rng.below(3) as u32;
+        }
+        let n = self.rng.below(6) as u32;
+        let cycle = self.rec.cycle as u32;
+        let rng = &mut self.rng;
+        self.m.idle = (0..n)
+            .map(|k| (10 + ((cycle * 7 + k) % 40), 1 + rng.below(40) as u32))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        self.rec.peak_bound = self.rec.peak_bound.max(prev + self.m.pairs());
+        self.p.apply(&self.m)?;
+        self.rec
+            .op("applies of a changed config (both balancers)", 1);
+        Ok(())
+    }
+
+    /// The VIP with traffic on port 81 deleted and added again.
+    fn port2_deleted_and_added(&mut self) -> anyhow::Result<()> {
+        self.targets.lock().unwrap().retain(|t| *t != SECOND);
+        let at = Instant::now();
+        // Requests to it already sent finish first (or fail inside the window).
+        std::thread::sleep(REQUEST_TIMEOUT / 4);
+        let id = format!("{VIP}:{PORT2}/tcp");
+        self.p.both(&["vip", "del", &id])?;
+        self.m.port2 = false;
+        let end = Instant::now() + Duration::from_millis(300);
+        self.rec.window(Kind::VipDel, at, end, Some(SECOND));
+        std::thread::sleep(Duration::from_millis(300));
+        self.p.both(&["vip", "add", &id])?;
+        for i in 0..BACKENDS {
+            self.p
+                .both(&["backend", "add", &id, &backend_addr(i).to_string()])?;
+        }
+        self.m.port2 = true;
+        self.rec.peak_bound = self.rec.peak_bound.max(self.m.pairs());
+        self.targets.lock().unwrap().push(SECOND);
+        self.rec
+            .op("deletes and adds of the VIP with traffic (port 81)", 1);
+        Ok(())
+    }
+
+    /// Three VIPs without traffic added (five backends each) and deleted through the CLI.
+    fn idle_vips_through_the_cli(&mut self) -> anyhow::Result<()> {
+        let cycle = self.rec.cycle as u32;
+        let id = |k: u32| format!("10.204.0.{}:80/tcp", 1 + (cycle * 3 + k) % 200);
+        for k in 0..3u32 {
+            self.p.both(&["vip", "add", &id(k)])?;
+            self.p.both(&["vip", "health", &id(k), "--kind", "none"])?;
+            for b in 0..5u32 {
+                self.p
+                    .both(&["backend", "add", &id(k), &format!("10.205.{k}.{}", b + 1)])?;
+            }
+            let peak = self.m.pairs() + 5 * (k as usize + 1);
+            self.rec.peak_bound = self.rec.peak_bound.max(peak);
+        }
+        for k in 0..3u32 {
+            self.p.both(&["vip", "del", &id(k)])?;
+        }
+        self.rec.op("VIP adds and deletes without traffic (CLI)", 6);
+        Ok(())
+    }
+
+    /// Backend `b` removed, and added back: its flows end.
+    fn backend_removed_and_added(&mut self, b: usize) -> anyhow::Result<()> {
+        let vip = format!("{VIP}:{TCP_PORT}/tcp");
+        let addr = backend_addr(b).to_string();
+        let at = Instant::now();
+        self.p.both(&["backend", "del", &vip, &addr])?;
+        self.m.present[b] = false;
+        let end = Instant::now() + Duration::from_millis(300);
+        self.rec.window(Kind::BackendDel, at, end, Some(MAIN));
+        std::thread::sleep(Duration::from_millis(300));
+        let weight = self.m.weights[b].to_string();
+        self.p
+            .both(&["backend", "add", &vip, &addr, "--weight", &weight])?;
+        self.m.present[b] = true;
+        self.rec
+            .op("backend removals and re-adds (both balancers)", 1);
+        Ok(())
+    }
+
+    /// Waits until the router sends to `master`; a handover window from `at` until then.
+    fn handed_over(&mut self, at: Instant, master: usize) -> anyhow::Result<()> {
+        let settled = self.p.settle(master)?;
+        self.rec.handover.push(settled - at);
+        self.rec.window(Kind::Handover, at, settled + SLACK, None);
+        Ok(())
+    }
+
+    /// A planned handover (`vrrp release`) and back (`vrrp claim`).
+    fn planned_handover(&mut self) -> anyhow::Result<()> {
+        let at = Instant::now();
+        self.p.agent(0).ok(&["vrrp", "release"]);
+        self.handed_over(at, 1)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let at = Instant::now();
+        self.p.agent(0).ok(&["vrrp", "claim"]);
+        self.handed_over(at, 0)?;
+        self.rec
+            .op("planned handovers and back (vrrp release, claim)", 1);
+        Ok(())
+    }
+
+    /// The backup's agent killed and started again.
+    fn backup_killed(&mut self) -> anyhow::Result<()> {
+        self.p.a[1].as_mut().expect("lb2").kill9();
+        self.p.start(1)?;
+        self.p.settle(0)?;
+        self.rec.op("backup agent SIGKILL and restart", 1);
+        Ok(())
+    }
+
+    /// The master's agent killed (`kill9`) or stopped, then started again: a failover and
+    /// a failback.
+    fn master_restarted(&mut self, kill9: bool) -> anyhow::Result<()> {
+        let at = Instant::now();
+        let lb1 = self.p.a[0].as_mut().expect("lb1");
+        if kill9 {
+            lb1.kill9();
+        } else {
+            lb1.stop();
+        }
+        self.handed_over(at, 1)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let at = Instant::now();
+        self.p.start(0)?;
+        self.handed_over(at, 0)?;
+        self.rec.op(
+            if kill9 {
+                "master agent SIGKILL and restart (failover, failback)"
+            } else {
+                "master agent SIGTERM and restart (handover, failback)"
+            },
+            1,
+        );
+        Ok(())
+    }
+
+    /// Quiet (every probe up on both): both agents sampled, and the samples checked.
+    fn quiet_sample(&mut self) -> anyhow::Result<()> {
+        self.p.all_up()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let cycle = self.rec.cycle;
+        for i in 0..2 {
+            let s = self.p.sample(i, true)?;
+            let lb = i + 1;
+            let problems = &mut self.rec.problems;
+            if !s.verify_clean {
+                problems.push(format!(
+                    "cycle {cycle}: `maglb verify` on lb{lb} found differences"
+                ));
+            }
+            if !s.pinned_equal {
+                problems.push(format!(
+                    "cycle {cycle}: lb{lb}'s pinned maps differ from its state on disk"
+                ));
+            }
+            if s.in_use != s.pairs || s.vip_entries != s.vips {
+                problems.push(format!(
+                    "cycle {cycle}: lb{lb}: {} slots in use for {} pairs, {} VIP entries for {} VIPs",
+                    s.in_use, s.pairs, s.vip_entries, s.vips
+                ));
+            }
+            if s.touched > lb_common::MAX_BACKENDS as usize {
+                problems.push(format!(
+                    "cycle {cycle}: lb{lb}: {} slots ever used, more than the map has",
+                    s.touched
+                ));
+            }
+            self.rec.samples.push(s);
+        }
+        Ok(())
+    }
+}
+
+/// Every failed request against the windows: per kind, and those outside every window.
+/// Windows overlap (each ends with a slack that reaches into the next event's): a request
+/// inside several counts for the event made last, the one its failure followed.
+fn classify(
+    log: &[Request],
+    windows: &[Window],
+    t0: Instant,
+) -> (BTreeMap<Kind, usize>, Vec<String>) {
     let inside = |r: &Request| -> Option<Kind> {
         windows
             .iter()
@@ -777,9 +882,18 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
             )),
         }
     }
-    // Bounded: per agent process, the spread of RSS and fds over its samples.
+    (failed_in, outside)
+}
+
+/// One agent process over its samples: (lb number, pid, samples, spread of open fds, RSS
+/// change in kB).
+type Growth = (usize, u32, usize, usize, i64);
+
+/// Bounded: per agent process, the spread of its open fds and its RSS over its samples;
+/// what passes the bounds is a problem.
+fn per_agent(samples: &[Sample], problems: &mut Vec<String>) -> Vec<Growth> {
     let mut by_pid: BTreeMap<(usize, u32), Vec<&Sample>> = BTreeMap::new();
-    for s in &samples {
+    for s in samples {
         by_pid.entry((s.agent, s.pid)).or_default().push(s);
     }
     let mut growth = Vec::new();
@@ -802,32 +916,44 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
     {
         problems.push(format!("an agent reached {} MB RSS", max / 1024));
     }
-    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    growth
+}
 
-    // The report.
+/// Facts of a run for its report.
+struct Facts {
+    started_at: String,
+    load_before: String,
+    load_after: String,
+    /// How long the churn was asked to last, and how long it took.
+    minutes: f64,
+    churn: Duration,
+}
+
+/// The report's head: the run, the operations, the requests and where they failed, and the
+/// timings.
+fn report_requests(
+    r: &mut String,
+    f: &Facts,
+    rec: &Record,
+    log: &[Request],
+    failed_in: &BTreeMap<Kind, usize>,
+    outside: usize,
+) {
+    let _ = writeln!(
+        r,
+        "## Soak (cargo xtask soak)\n\nWritten by `cargo xtask soak --minutes {:.0}` on {} ({} \
+         cycles of churn in {:.1} min; load average {} before, {} after, on this 2-core \
+         machine shared with other builds). `cargo xtask bench` keeps this section.\n",
+        f.minutes,
+        f.started_at,
+        rec.cycle,
+        f.churn.as_secs_f64() / 60.0,
+        f.load_before,
+        f.load_after,
+    );
     let total = log.len();
     let failed = log.iter().filter(|r| !r.ok()).count();
     let per_target = |t: SocketAddr| log.iter().filter(|r| r.target == t).count();
-    let mut r = String::new();
-    let _ = writeln!(
-        r,
-        "## Soak (cargo xtask soak)\n\nWritten by `cargo xtask soak --minutes {:.0}` on \
-         {started_at} ({} cycles of churn in {:.1} min; load average {} before, {} after, on this \
-         2-core machine shared with other builds). `cargo xtask bench` keeps this section.\n",
-        opts.duration.as_secs_f64() / 60.0,
-        cycle,
-        churn.as_secs_f64() / 60.0,
-        load_before
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-        load_after
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    );
     let _ = writeln!(
         r,
         "A VRRP pair (priorities 150 and 100, adverts every 100 ms) in namespaces, {BACKENDS} \
@@ -839,14 +965,14 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
         REQUEST_TIMEOUT.as_secs()
     );
     let _ = writeln!(r, "| operation | count |\n|---|---|");
-    for (k, n) in &ops {
+    for (k, n) in &rec.ops {
         let _ = writeln!(r, "| {k} | {n} |");
     }
     let _ = writeln!(
         r,
         "\n| requests | count |\n|---|---|\n| sent | {total} ({} to port {TCP_PORT}, {} to port {PORT2}) |\n| failed | {failed} |",
-        per_target(main),
-        per_target(second)
+        per_target(MAIN),
+        per_target(SECOND)
     );
     for (k, what) in [
         (
@@ -871,7 +997,7 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
         "| **failed outside every window** | **{}** |\n\nWindows overlap: each ends with a \
          slack that can reach into the next event's. A failed request inside several counts \
          for the event made last.",
-        outside.len()
+        outside
     );
     let _ = writeln!(
         r,
@@ -879,17 +1005,22 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
          | server stopped -> down on both balancers | {} |\n\
          | server started -> up on both balancers | {} |\n\
          | handover: event -> router sends to the new master | {} |\n",
-        median_ms(detect),
-        median_ms(recover),
-        median_ms(handover)
+        median_ms(&rec.detect),
+        median_ms(&rec.recover),
+        median_ms(&rec.handover)
     );
+}
+
+/// The report's samples: per agent, the ranges over the run, and per agent process its
+/// growth.
+fn report_samples(r: &mut String, rec: &Record, growth: &[Growth]) {
     let _ = writeln!(
         r,
         "| sampled after every cycle (quiet: every probe up) | lb1 | lb2 |\n|---|---|---|"
     );
     let col = |i: usize, f: &dyn Fn(&Sample) -> f64, d: usize| {
         fmt_range(
-            samples
+            rec.samples
                 .iter()
                 .filter(|s| s.agent == i)
                 .map(f)
@@ -915,7 +1046,7 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
         let _ = writeln!(r, "| {name} | {} | {} |", col(0, f, d), col(1, f, d));
     }
     let clean = |i: usize, f: &dyn Fn(&Sample) -> bool| {
-        let v: Vec<&Sample> = samples.iter().filter(|s| s.agent == i).collect();
+        let v: Vec<&Sample> = rec.samples.iter().filter(|s| s.agent == i).collect();
         format!("{}/{}", v.iter().filter(|s| f(s)).count(), v.len())
     };
     let _ = writeln!(
@@ -931,7 +1062,7 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
         "\nPer agent process (agents are restarted during the run): samples, spread of open \
          fds, RSS change from its first to its last sample:\n"
     );
-    for (agent, pid, n, fds, rss) in &growth {
+    for (agent, pid, n, fds, rss) in growth {
         let _ = writeln!(
             r,
             "- lb{agent} pid {pid}: {n} samples, fds varied by {fds}, RSS {rss:+} kB"
@@ -940,28 +1071,14 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
     let _ = writeln!(
         r,
         "\nNo slot leaks: after every cycle the slots in use equal the VIP-backend pairs of the \
-         state on disk, on both balancers (at most {peak_bound} pairs were needed at once, \
+         state on disk, on both balancers (at most {} pairs were needed at once, \
          counting a change's old and new pairs together). Slots ever used grow by design: \
          freed slots go to the back of a first-in first-out list over all {} slots, so a \
          freed slot is reused as late as possible (a packet still reading an old table never \
          meets it reused at once); the control test reuses every slot.\n",
+        rec.peak_bound,
         lb_common::MAX_BACKENDS
     );
-    if !outside.is_empty() || !problems.is_empty() {
-        let _ = writeln!(r, "Problems:\n");
-        for o in outside.iter().take(20) {
-            let _ = writeln!(r, "- failed outside every window: {o}");
-        }
-        for pr in &problems {
-            let _ = writeln!(r, "- {pr}");
-        }
-        r.push('\n');
-    }
-    Ok(Summary {
-        report: r,
-        failed_outside: outside.len(),
-        problems,
-    })
 }
 
 /// The `## Soak` section of a BENCHMARKS.md, if it has one (up to the next `## ` heading).
