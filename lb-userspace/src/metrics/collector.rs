@@ -137,7 +137,6 @@ impl Scrape {
         s: &Snapshot,
         reading: &Reading,
     ) -> fmt::Result {
-        let c = &self.0.counters;
         let vips: Vec<(String, u32)> = s
             .placement
             .iter()
@@ -168,13 +167,17 @@ impl Scrape {
             "maglb_vip_dropped_packets",
             "Packets to a VIP that were not forwarded, by reason (no_backend, src_rate, vip_cap, denied, not_allowed, ...)",
             vips.iter().flat_map(|(v, i)| {
-                c.vip_drops(*i).into_iter().map(move |(name, n)| {
-                    let reason = name.split_once('_').map_or(name, |(_, r)| r);
-                    (
-                        vec![("vip", v.clone()), ("reason", reason.to_owned())],
-                        n.packets,
-                    )
-                })
+                self.0
+                    .counters
+                    .vip_drops(*i)
+                    .into_iter()
+                    .map(move |(name, n)| {
+                        let reason = name.split_once('_').map_or(name, |(_, r)| r);
+                        (
+                            vec![("vip", v.clone()), ("reason", reason.to_owned())],
+                            n.packets,
+                        )
+                    })
             }),
         )?;
         Ok(())
