@@ -463,8 +463,7 @@ impl Speak<'_> {
                 _ = track.tick() => {
                     if self.reconfigured() {
                         // Reconfigured: hand over cleanly and start again.
-                        actions = st.router.shutdown(Instant::now());
-                        self.finish(&mut actions, &st, sock.get_ref()).await;
+                        self.finish(&mut st, sock.get_ref()).await;
                         return Ok(false);
                     }
                     actions = self.track(&mut st).await;
@@ -472,8 +471,7 @@ impl Speak<'_> {
                 _ = cmds.changed() => {
                     let cmd = *cmds.borrow_and_update();
                     if cmd == Command::Shutdown {
-                        actions = st.router.shutdown(Instant::now());
-                        self.finish(&mut actions, &st, sock.get_ref()).await;
+                        self.finish(&mut st, sock.get_ref()).await;
                         return Ok(true);
                     }
                     actions = st.command(cmd);
@@ -632,9 +630,10 @@ impl Speak<'_> {
         }
     }
 
-    /// Sends what `shutdown` asked for (priority 0) and gives the addresses up.
-    async fn finish(&self, actions: &mut Vec<Action>, st: &Session, sock: &Socket) {
-        for a in actions.drain(..) {
+    /// Ends the run: the state machine shuts down, and what it asks for is done (a master
+    /// advertises priority 0 and gives the addresses up).
+    async fn finish(&self, st: &mut Session, sock: &Socket) {
+        for a in st.router.shutdown(Instant::now()) {
             match a {
                 Action::Advertise(p) => {
                     let _ = advertise(sock, self.cfg, &st.link, p);
