@@ -32,6 +32,7 @@ use lb_userspace::{
 
 use crate::{
     agent::{Agent, Scratch, attach_decaps},
+    bench::load_average,
     netns::{Netns, require_root},
     topology::{LB_IF, TCP_PORT, Topology, VIP, VRRP_ADDR, backend_addr, wait_for},
     traffic::{Request, Requests},
@@ -455,7 +456,7 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    let load_before = load();
+    let load_before = load_average(" ");
     let s = [Scratch::new("sk1"), Scratch::new("sk2")];
     let t = Topology::build_pair("sk", BACKENDS)?;
     attach_decaps(bin, &t, &s[0]);
@@ -497,7 +498,7 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
     let facts = Facts {
         started_at,
         load_before,
-        load_after: load(),
+        load_after: load_average(" "),
         minutes: opts.duration.as_secs_f64() / 60.0,
         churn,
     };
@@ -519,16 +520,6 @@ pub fn run(bin: &Path, opts: &Options) -> anyhow::Result<Summary> {
         failed_outside: outside.len(),
         problems: rec.problems,
     })
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The main VIP's address, and the churned one's (port 81).

@@ -52,6 +52,16 @@ impl Report {
     }
 }
 
+/// The 1, 5 and 15 minute load averages, joined by `sep`.
+pub fn load_average(sep: &str) -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
 /// "met" / "missed" against a limit.
 pub fn verdict(ok: bool) -> String {
     if ok { "met".into() } else { "missed".into() }

@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     // measuring one thing); without arguments every section runs and BENCHMARKS.md is written.
     let only: Vec<String> = std::env::args().skip(1).collect();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
-    let start_load = load();
+    let start_load = bench::load_average(", ");
     let mut r = bench::Report(String::from(
         "# maglb benchmarks\n\nWritten by `cargo xtask bench` on this machine (2 cores). Every \
          comparison is measured in the same run.\n\n",
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     r.0.push_str(&format!(
         "Load average (1, 5, 15 min) when the run began: {start_load}; when it ended: {}. \
          Above 2 on this 2-core machine, other work shared the cores with the benchmarks.\n\n",
-        load()
+        bench::load_average(", ")
     ));
     r.0.push_str(LIMITS);
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
@@ -48,13 +48,6 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(path, &r.0)?;
     println!("written to BENCHMARKS.md");
     Ok(())
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
-        .unwrap_or_default()
 }
 
 /// What limits the targets these benchmarks miss, and what would fix it (measured reasoning,
